@@ -100,7 +100,8 @@ def _split_member_name(name: str) -> tuple[str, str]:
     return (os.path.join(directory, stem) if directory else stem), ext.lower()
 
 
-def _finish(key: str, url: str, members: dict[str, bytes]) -> ShardSample:
+def sample_from_members(key: str, url: str, members: dict[str, bytes]) -> ShardSample:
+    """Build a ``ShardSample`` from the raw members (extension -> bytes) of one WebDataset sample."""
     sample = ShardSample(key=key, url=url)
     for ext in IMAGE_EXTENSIONS:
         if ext in members:
@@ -139,13 +140,13 @@ def iter_shard(url: str) -> Iterator[ShardSample]:
                 continue
             key, ext = _split_member_name(info.name)
             if current_key is not None and key != current_key:
-                yield _finish(current_key, url, members)
+                yield sample_from_members(current_key, url, members)
                 members = {}
             current_key = key
             handle = tar.extractfile(info)
             members[ext] = handle.read() if handle is not None else b""
     if current_key is not None:
-        yield _finish(current_key, url, members)
+        yield sample_from_members(current_key, url, members)
 
 
 def iter_samples(spec: str | list[str]) -> Iterator[ShardSample]:
@@ -174,3 +175,28 @@ def decode_image(data: bytes, mode: str = "RGB"):
             return image.convert(mode)
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"unreadable image: {error}") from error
+
+
+def count_samples(urls: list[str]) -> int:
+    """Number of samples in ``urls``: from the ``manifest.json`` beside them when it lists every shard,
+    else by reading the tar headers (distinct keys)."""
+    total = 0
+    for url in urls:
+        manifest_path = os.path.join(os.path.dirname(url), "manifest.json")
+        counted = None
+        if os.path.exists(manifest_path):
+            with open(manifest_path, encoding="utf-8") as handle:
+                manifest = json.load(handle)
+            for entries in manifest.get("splits", {}).values():
+                for entry in entries:
+                    if entry.get("file") == os.path.basename(url):
+                        counted = int(entry["samples"])
+        if counted is None:
+            keys = set()
+            with tarfile.open(url, "r:*") as tar:
+                for info in tar:
+                    if info.isfile():
+                        keys.add(_split_member_name(info.name)[0])
+            counted = len(keys)
+        total += counted
+    return total

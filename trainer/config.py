@@ -1,0 +1,165 @@
+"""Typed run configuration: defaults < YAML recipe < command-line flags.
+
+Each component gets its own small dataclass; the objective's own options stay a plain mapping that the
+objective validates itself (``objective_options``), so the loop never needs to know them.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes")
+
+
+@dataclass
+class DataConfig:
+    train_data: str = ""
+    image_size: int = 32
+    num_workers: int = 2
+    shuffle_buffer: int = 2000
+    mean: list[float] | None = None  # None: the backbone family's default
+    std: list[float] | None = None
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"  # sgd | adamw | lars
+    lr: float = 0.3  # base lr for a batch of 256; scaled linearly by global batch / 256
+    scale_lr: bool = True
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    objective: str = "simclr"
+    backbone: str = "resnet18-cifar"
+    output: str = "runs/run"
+    batch_size: int = 256  # per process
+    max_steps: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    resume: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    objective_options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A recipe or flag that cannot be used; the message says which and why."""
+
+
+def _merge_section(section: Any, values: dict, where: str) -> None:
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{where}: unknown option {key!r}; known: {sorted(names)}")
+        if isinstance(getattr(section, key), tuple) and isinstance(value, list):
+            value = tuple(value)
+        setattr(section, key, value)
+
+
+def recipe_path(objective: str) -> str:
+    return os.path.join(RECIPES_DIR, f"{objective}.yaml")
+
+
+def load_recipe(path: str, config: TrainConfig) -> TrainConfig:
+    """Apply a YAML recipe: top-level train options, plus ``data:``, ``optim:`` and ``objective:`` sections."""
+    if not os.path.exists(path):
+        raise ConfigError(f"recipe {path!r} does not exist")
+    with open(path, encoding="utf-8") as handle:
+        recipe = yaml.safe_load(handle) or {}
+    if not isinstance(recipe, dict):
+        raise ConfigError(f"recipe {path!r} must be a mapping")
+    data = recipe.pop("data", {}) or {}
+    optim = recipe.pop("optim", {}) or {}
+    options = recipe.pop("objective", {}) or {}
+    _merge_section(config.data, data, f"{path} [data]")
+    _merge_section(config.optim, optim, f"{path} [optim]")
+    config.objective_options.update(options)
+    _merge_section(config, recipe, path)
+    return config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line flags; every default is None so that only given flags override the recipe."""
+    add = parser.add_argument
+    add("--objective", help="registry key (see --list-objectives)")
+    add("--list-objectives", action="store_true", help="print the registered objectives and exit")
+    add("--config", help="YAML recipe (default: trainer/recipes/<objective>.yaml)")
+    add("--train-data", help="shards: brace pattern, glob, directory, or several joined by '::'")
+    add("--output", help="run directory (checkpoints/, model/, metrics.jsonl)")
+    add("--backbone", help="resnet18-cifar | resnet18/34/50 | timm:<name> | open_clip:<name>")
+    add("--batch-size", type=int, help="per-process batch size")
+    add("--max-steps", type=int, help="optimizer steps (0 writes the randomly initialised model)")
+    add("--epochs", type=float, help="passes over the training set (alternative to --max-steps)")
+    add("--lr", type=float, help="base learning rate for a global batch of 256")
+    add("--optimizer", choices=["sgd", "adamw", "lars"])
+    add("--weight-decay", type=float)
+    add("--warmup-steps", type=int)
+    add("--grad-clip", type=float, help="max gradient norm; 0 disables")
+    add("--mixed-precision", choices=["no", "fp16", "bf16"])
+    add("--image-size", type=int)
+    add("--num-workers", type=int, help="data loader workers per process")
+    add("--checkpoint-every", type=int, help="save resumable state every N steps")
+    add("--log-every", type=int)
+    add("--seed", type=int)
+    add("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    add("--set", action="append", default=[], metavar="KEY=VALUE",
+        help="objective option override, e.g. --set temperature=0.2 (YAML value syntax)")
+
+
+_FLAG_TARGETS = {
+    "objective": ("", "objective"), "backbone": ("", "backbone"), "output": ("", "output"),
+    "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"),
+    "seed": ("", "seed"), "mixed_precision": ("", "mixed_precision"),
+    "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),
+    "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),
+    "num_workers": ("data", "num_workers"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
+    "weight_decay": ("optim", "weight_decay"), "warmup_steps": ("optim", "warmup_steps"),
+    "grad_clip": ("optim", "grad_clip"),
+}
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Build the run config: defaults, then the objective's recipe (or --config), then the flags."""
+    if not args.objective:
+        raise ConfigError("--objective is required (see --list-objectives)")
+    config = TrainConfig(objective=args.objective)
+    path = args.config or recipe_path(args.objective)
+    if args.config or os.path.exists(path):
+        load_recipe(path, config)
+    config.objective = args.objective
+    for flag, (section, name) in _FLAG_TARGETS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(getattr(config, section) if section else config, name, value)
+    config.resume = bool(args.resume)
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        config.objective_options[key.strip()] = yaml.safe_load(raw)
+    if not config.data.train_data:
+        raise ConfigError("--train-data is required")
+    if config.max_steps is None and config.epochs is None:
+        raise ConfigError("give --max-steps or --epochs")
+    if config.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    return config

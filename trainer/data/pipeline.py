@@ -1,0 +1,119 @@
+"""WebDataset pipelines: an endless, per-rank training stream of objective views, and an ordered eval pass.
+
+Training draws shards with replacement (``ResampledShards``, seeded by rank and worker), so every rank
+yields batches forever and the loop decides the step count: ranks never wait on an uneven shard split.
+Data workers decode and build the objective's views; undecodable images are skipped, logged and counted
+(``batch["skipped"]`` carries the count since the previous batch of that worker).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from .preprocess import Preprocess, preprocess_image
+from .shards import ShardSample, decode_image, sample_from_members
+
+log = logging.getLogger(__name__)
+
+ViewRecipe = Callable[[object, ShardSample], dict]  # (PIL image, sample) -> {name: tensor | number}
+
+
+def _members(raw: dict) -> dict[str, bytes]:
+    return {k: v for k, v in raw.items() if not k.startswith("__") and isinstance(v, (bytes, bytearray))}
+
+
+class BuildViews:
+    """Pipeline stage: raw tar samples -> dicts of views + ``label`` + ``id`` (+ ``skipped``)."""
+
+    def __init__(self, views: ViewRecipe, image_mode: str = "RGB"):
+        self.views = views
+        self.image_mode = image_mode
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        skipped = 0
+        for raw in source:
+            sample = sample_from_members(raw["__key__"], raw.get("__url__", ""), _members(raw))
+            if sample.image is None:
+                skipped += 1
+                log.warning("sample %s in %s has no image; skipped", sample.key, sample.url)
+                continue
+            try:
+                image = decode_image(sample.image, self.image_mode)
+            except ValueError as error:
+                skipped += 1
+                log.warning("sample %s in %s: %s; skipped", sample.key, sample.url, error)
+                continue
+            out = self.views(image, sample)
+            out["label"] = sample.label
+            out["id"] = sample.sample_id
+            out["skipped"] = skipped
+            skipped = 0
+            yield out
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; numbers become int64 tensors; ``skipped`` is summed."""
+    batch: dict = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if key == "skipped":
+            batch[key] = int(sum(values))
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(values[0], np.ndarray):
+            batch[key] = torch.from_numpy(np.stack(values))
+        else:
+            batch[key] = torch.as_tensor(values, dtype=torch.int64)
+    return batch
+
+
+def train_batches(
+    urls: list[str],
+    views: ViewRecipe,
+    batch_size: int,
+    num_workers: int = 2,
+    seed: int = 0,
+    shuffle_buffer: int = 2000,
+) -> Iterable[dict]:
+    """An endless iterable of training batches for this rank (rank and worker come from torch/env)."""
+    pipeline = wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)),
+        BuildViews(views),
+        wds.batched(batch_size, collation_fn=collate, partial=False),
+    )
+    return wds.WebLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+class EvalView:
+    """The deterministic evaluation view: ``Preprocess`` (resize, centre crop, normalise)."""
+
+    def __init__(self, spec: Preprocess):
+        self.spec = spec
+
+    def __call__(self, image, sample: ShardSample) -> dict:
+        return {"image": torch.from_numpy(preprocess_image(image, self.spec))}
+
+
+def eval_batches(urls: list[str], spec: Preprocess, batch_size: int = 256, num_workers: int = 2) -> Iterable[dict]:
+    """One ordered pass over ``urls`` (each shard read once, by one worker), evaluation preprocessing."""
+    num_workers = max(0, min(num_workers, len(urls)))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        BuildViews(EvalView(spec), "L" if spec.channels == 1 else "RGB"),
+        wds.batched(batch_size, collation_fn=collate, partial=True),
+    )
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=num_workers)

@@ -1,0 +1,80 @@
+"""View recipes: what the data workers make of one decoded image (and its caption) for an objective.
+
+Each recipe is a picklable callable ``(PIL image, ShardSample) -> {name: tensor}`` so that it runs inside
+data-loader worker processes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torchvision import transforms as T
+
+
+@dataclass
+class AugmentConfig:
+    """SimCLR's augmentation family, scaled for small images (blur off at 32 px as in the paper)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    flip: float = 0.5
+    jitter_strength: float = 0.5  # s in the paper: brightness/contrast/saturation 0.8s, hue 0.2s
+    jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    channels: int = 3
+
+
+def augmentation(size: int, mean, std, config: AugmentConfig) -> T.Compose:
+    """Random resized crop, flip, colour jitter, grayscale, optional blur, then normalise."""
+    s = config.jitter_strength
+    steps: list = [T.RandomResizedCrop(size, scale=tuple(config.crop_scale), antialias=True)]
+    if config.flip > 0:
+        steps.append(T.RandomHorizontalFlip(config.flip))
+    if config.jitter_prob > 0 and s > 0:
+        steps.append(T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=config.jitter_prob))
+    if config.grayscale_prob > 0:
+        steps.append(T.RandomGrayscale(config.grayscale_prob))
+    if config.blur_prob > 0:
+        kernel = max(3, (size // 10) | 1)  # ~10% of the image side, odd
+        steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=config.blur_prob))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class TwoViews:
+    """Two independently augmented views ``view0``/``view1`` of the same image (SimCLR, MoCo, BYOL, ...)."""
+
+    def __init__(self, size: int, mean, std, config: AugmentConfig | None = None):
+        self.transform = augmentation(size, mean, std, config or AugmentConfig())
+
+    def __call__(self, image, sample) -> dict:
+        return {"view0": self.transform(image), "view1": self.transform(image)}
+
+
+class ImageText:
+    """One lightly augmented image and its tokenized caption (CLIP)."""
+
+    def __init__(self, size: int, mean, std, context_length: int, crop_scale=(0.8, 1.0)):
+        self.transform = T.Compose([
+            T.RandomResizedCrop(size, scale=tuple(crop_scale), antialias=True),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ])
+        self.context_length = context_length
+        self._tokenizer = None  # built lazily in each worker: the BPE tables are large to pickle
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None
+        return state
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        if self._tokenizer is None:
+            from trainer.models.text import build_tokenizer
+
+            self._tokenizer = build_tokenizer(self.context_length)
+        return self._tokenizer([text])[0]
+
+    def __call__(self, image, sample) -> dict:
+        caption = sample.caption or (sample.meta.get("label") if isinstance(sample.meta, dict) else "") or ""
+        return {"image": self.transform(image), "tokens": self.tokenize(caption)}

@@ -1,0 +1,98 @@
+"""The objective interface the one training loop relies on, and the registry of objectives.
+
+An objective is an ``nn.Module`` that owns an ``EmbeddingModel`` (what gets exported) plus its
+training-only parts, builds its own data views, and turns a batch into losses. The loop calls only:
+``Objective.build(spec)``, ``views()``, ``forward(batch) -> {"loss": ..., **metrics}``,
+``after_step(step, total_steps)`` and ``parameter_groups(weight_decay)``; it never names an objective.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from trainer.models import EmbeddingModel, ModelConfig
+
+
+@dataclass
+class ObjectiveSpec:
+    """What every objective is built from: the shared model settings and its own options mapping."""
+
+    backbone: str = "resnet18-cifar"
+    image_size: int = 32
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_options(options_type: type, options: dict[str, Any], objective: str):
+    """Turn an options mapping into the objective's typed dataclass; unknown keys are an error."""
+    names = {f.name for f in dataclasses.fields(options_type)}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        raise ValueError(f"objective {objective!r}: unknown option(s) {unknown}; known: {sorted(names)}")
+    return options_type(**options)
+
+
+class Objective(nn.Module):
+    """Base class: subclasses set ``key``, ``Options``, build ``self.encoder`` and implement ``forward``."""
+
+    key: ClassVar[str] = ""
+    Options: ClassVar[type] = object
+
+    def __init__(self, spec: ObjectiveSpec, model_config: ModelConfig):
+        super().__init__()
+        self.spec = spec
+        self.encoder = EmbeddingModel(model_config)
+
+    @classmethod
+    def build(cls, spec: ObjectiveSpec) -> "Objective":
+        return cls(spec, parse_options(cls.Options, spec.options, cls.key))
+
+    def views(self):
+        """The picklable view recipe the data workers apply to each (image, sample)."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (momentum encoders, queues, temperature schedules)."""
+
+    def parameter_groups(self, weight_decay: float) -> list[dict]:
+        """Weight decay on weights only: biases, norm parameters and scalars (logit scale) are exempt."""
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True},
+        ]
+
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: add an objective under its ``key``."""
+    if not cls.key:
+        raise ValueError(f"{cls.__name__} has no registry key")
+    if cls.key in _REGISTRY and _REGISTRY[cls.key] is not cls:
+        raise ValueError(f"objective key {cls.key!r} registered twice")
+    _REGISTRY[cls.key] = cls
+    return cls
+
+
+def get_objective(key: str) -> type[Objective]:
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown objective {key!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[key]
+
+
+def list_objectives() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,59 @@
+"""CLIP (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision").
+
+An image tower (any registered backbone + linear projection, or an open_clip visual tower) and a causal
+text transformer over open_clip's BPE tokens, trained with the symmetric cross-entropy over the global
+batch. Features are gathered across processes with gradient; the learnable logit scale starts at 1/0.07
+and is clamped at 100, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trainer.data.views import ImageText
+from trainer.distributed import gather_with_grad
+from trainer.losses import clip_loss
+from trainer.models import ModelConfig, TextConfig
+
+from .base import Objective, ObjectiveSpec, register
+
+
+@dataclass
+class CLIPOptions:
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    text: dict = field(default_factory=dict)  # TextConfig fields
+
+
+@register
+class CLIP(Objective):
+    key = "clip"
+    Options = CLIPOptions
+
+    def __init__(self, spec: ObjectiveSpec, options: CLIPOptions):
+        text = TextConfig(**options.text)
+        # open_clip visual towers project themselves; other backbones get a linear projection.
+        projection = None if spec.backbone.startswith("open_clip:") else options.embed_dim
+        config = ModelConfig(
+            backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+            image_projection=projection, text=text,
+        )
+        super().__init__(spec, config)
+        self.options = options
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / options.init_temperature)))
+
+    def views(self) -> ImageText:
+        config = self.encoder.config
+        return ImageText(config.image_size, config.mean, config.std, config.text.context_length, self.options.crop_scale)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        image = self.encoder.encode_image(batch["image"])
+        text = self.encoder.encode_text(batch["tokens"])
+        scale = self.logit_scale.exp().clamp(max=self.options.max_logit_scale)
+        loss = clip_loss(gather_with_grad(image), gather_with_grad(text), scale)
+        return {"loss": loss, "logit_scale": scale.detach()}

@@ -1,0 +1,221 @@
+"""The one training loop: ``accelerate launch trainer/pretrain.py --objective KEY --train-data ... --output RUN``.
+
+The loop knows nothing of any objective: it builds one from the registry, feeds it batches of the views
+it asked for, and steps the optimizer on the ``loss`` it returns.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_args
+from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
+from trainer.optim import build_optimizer, lr_at, scaled_lr
+
+log = logging.getLogger("manyview.pretrain")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def total_steps_for(config: TrainConfig, urls: list[str], world_size: int) -> int:
+    if config.max_steps is not None:
+        return int(config.max_steps)
+    samples = count_samples(urls)
+    return max(1, math.ceil(config.epochs * samples / (config.batch_size * world_size)))
+
+
+def model_card(config: TrainConfig, encoder, step: int) -> dict:
+    model = encoder.config
+    return {
+        "objective": config.objective,
+        "backbone": model.backbone,
+        "embed_dim": encoder.embed_dim,
+        "image_size": model.image_size,
+        "channels": model.channels,
+        "mean": model.mean,
+        "std": model.std,
+        "text_model": model.text.to_dict() if model.text else None,
+        "steps": step,
+        "train_data": config.data.train_data,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_model(accelerator, objective, config: TrainConfig, step: int) -> None:
+    from trainer.models import save_model
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        encoder = accelerator.unwrap_model(objective).encoder
+        save_model(encoder, os.path.join(config.output, "model"), model_card(config, encoder, step))
+        log.info("wrote %s", os.path.join(config.output, "model"))
+    accelerator.wait_for_everyone()
+
+
+def append_metrics(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns the final step's metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from trainer.data.pipeline import train_batches
+    from trainer.objectives import ObjectiveSpec, get_objective
+
+    urls = expand_patterns(config.data.train_data)
+    objective_cls = get_objective(config.objective)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    set_seed(config.seed)  # identical initial weights on every process
+    objective = objective_cls.build(ObjectiveSpec(
+        backbone=config.backbone, image_size=config.data.image_size,
+        mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
+    ))
+    if accelerator.num_processes > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
+        # The papers' global batch includes global BN statistics.
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    global_batch = config.batch_size * accelerator.num_processes
+    total_steps = total_steps_for(config, urls, accelerator.num_processes)
+    base_lr = scaled_lr(config.optim, global_batch)
+    optimizer = build_optimizer(objective.parameter_groups(config.optim.weight_decay), config.optim, base_lr)
+    views = objective.views()
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    os.makedirs(config.output, exist_ok=True)
+    metrics_path = os.path.join(config.output, "metrics.jsonl")
+    if config.resume:
+        checkpoint = latest_checkpoint(config.output)
+        if checkpoint is None:
+            log.warning("--resume: no complete checkpoint in %s; starting from step 0", config.output)
+        else:
+            accelerator.load_state(checkpoint)
+            log.info("resumed from %s at step %d", checkpoint, state.step)
+    if accelerator.is_main_process:
+        with open(os.path.join(config.output, "train_config.json"), "w", encoding="utf-8") as handle:
+            json.dump({**config.to_dict(), "world_size": accelerator.num_processes, "total_steps": total_steps}, handle, indent=2)
+        log.info("objective=%s backbone=%s processes=%d global batch=%d steps=%d lr=%.4g shards=%d",
+                 config.objective, config.backbone, accelerator.num_processes, global_batch, total_steps, base_lr, len(urls))
+
+    last: dict = {"step": state.step}
+    if state.step < total_steps:
+        last = _loop(accelerator, objective, optimizer, state, config, views, urls, total_steps, base_lr, metrics_path, tqdm, train_batches)
+    write_model(accelerator, objective, config, state.step)
+    accelerator.end_training()
+    return last
+
+
+def _loop(accelerator, objective, optimizer, state, config, views, urls, total_steps, base_lr, metrics_path, tqdm, train_batches) -> dict:
+    task = accelerator.unwrap_model(objective)
+    rank_seed = config.seed * 7919 + accelerator.process_index * 104729 + state.step  # new stream after resume
+    batches = train_batches(urls, views, config.batch_size, config.data.num_workers, rank_seed, config.data.shuffle_buffer)
+    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
+                    desc=config.objective, dynamic_ncols=True)
+    objective.train()
+    skipped_total = 0
+    window_start, window_images = time.perf_counter(), 0
+    last: dict = {}
+    for batch in batches:
+        lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        skipped_total += int(batch.pop("skipped", 0))
+        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with accelerator.autocast():
+            outputs = objective(batch)
+        loss = outputs["loss"]
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at step {state.step}; stopping. The last good checkpoint is kept in "
+                f"{os.path.join(config.output, 'checkpoints')}; lower --lr or enable --grad-clip and --resume."
+            )
+        accelerator.backward(loss)
+        grad_norm = None
+        if config.optim.grad_clip and config.optim.grad_clip > 0:
+            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.after_step(state.step, total_steps)
+        state.step += 1
+        images = config.batch_size * accelerator.num_processes
+        state.images_seen += images
+        window_images += images
+        progress.update(1)
+
+        if state.step % config.log_every == 0 or state.step == total_steps:
+            reduced = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
+                       for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+            elapsed = time.perf_counter() - window_start
+            last = {"step": state.step, **reduced, "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9),
+                    "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time()}
+            if grad_norm is not None:
+                last["grad_norm"] = float(grad_norm)
+            window_start, window_images = time.perf_counter(), 0
+            if accelerator.is_main_process:
+                append_metrics(metrics_path, last)
+                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{last['images_per_s']:.0f}")
+        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < total_steps:
+            save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
+        if state.step >= total_steps:
+            break
+    progress.close()
+    save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
+    if skipped_total:
+        log.warning("skipped %d corrupt or image-less samples on this process", skipped_total)
+    return last
+
+
+def list_objectives_text() -> str:
+    from trainer.objectives import get_objective, list_objectives
+
+    lines = []
+    for key in list_objectives():
+        doc = (get_objective(key).__module__ and sys.modules[get_objective(key).__module__].__doc__ or "").strip()
+        lines.append(f"{key:16s} {doc.splitlines()[0] if doc else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.list_objectives:
+        print(list_objectives_text())
+        return 0
+    try:
+        config = config_from_args(args)
+        from trainer.objectives import get_objective
+
+        get_objective(config.objective)
+        expand_patterns(config.data.train_data)
+    except (ConfigError, ShardPatternError, KeyError) as error:
+        parser.error(str(error).strip("'\""))
+    try:
+        train(config)
+    except NonFiniteLoss as error:
+        log.error("%s", error)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
