@@ -80,6 +80,7 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
     parent = os.path.dirname(directory)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, os.path.join(staging, WEIGHTS_NAME))
     payload = {

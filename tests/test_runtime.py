@@ -1,0 +1,143 @@
+"""export.runtime.Encoder: ONNX image/text encoders -> L2-normalised embeddings."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from export.runtime import CPU, Encoder, EncoderError, default_providers, l2_normalize
+from export.tokenizer import ClipTokenizer
+from onnx_fixtures import VOCAB_NAME, make_onnx_dir, random_images, shared_onnx_dir
+from trainer.data.preprocess import preprocess_batch
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory) -> Path:
+    return shared_onnx_dir(tmp_path_factory, with_text=True)
+
+
+@pytest.fixture(scope="module")
+def image_only_dir(tmp_path_factory) -> Path:
+    return shared_onnx_dir(tmp_path_factory, with_text=False)
+
+
+@pytest.fixture(scope="module")
+def encoder(text_dir: Path) -> Encoder:
+    return Encoder(text_dir)
+
+
+def test_properties(encoder: Encoder, text_dir: Path) -> None:
+    assert encoder.dim == 16
+    assert encoder.has_text
+    assert encoder.preprocess.image_size == 32
+    assert encoder.info["model"]["objective"] == "fixture"
+    assert encoder.providers[-1] == CPU
+    assert default_providers()[-1] == CPU
+    assert str(text_dir.resolve()) in repr(encoder)
+
+
+def test_encode_images_normalised_and_batch_invariant(encoder: Encoder) -> None:
+    images = random_images(10)
+    one = encoder.encode_images(images, batch_size=1)
+    many = encoder.encode_images(images, batch_size=64)
+    assert one.shape == (10, 16) and one.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(one, many, atol=1e-5)
+
+
+def test_encode_images_matches_direct_onnxruntime(encoder: Encoder, text_dir: Path) -> None:
+    import onnxruntime as ort
+
+    images = random_images(4, seed=3)
+    session = ort.InferenceSession(str(text_dir / "image_encoder.onnx"), providers=[CPU])
+    raw = session.run(["embedding"], {"pixels": preprocess_batch(images, encoder.preprocess)})[0]
+    np.testing.assert_allclose(encoder.encode_images(images), l2_normalize(raw), atol=1e-5)
+
+
+def test_images_of_other_sizes_and_modes_are_resized(encoder: Encoder) -> None:
+    images = [Image.new("RGB", (64, 48), (200, 10, 10)), Image.new("L", (20, 20), 128), random_images(1)[0].convert("RGBA")]
+    vectors = encoder.encode_images(images)
+    assert vectors.shape == (3, 16)
+    assert np.isfinite(vectors).all()
+
+
+def test_empty_inputs(encoder: Encoder) -> None:
+    assert encoder.encode_images([]).shape == (0, 16)
+    assert encoder.encode_texts([]).shape == (0, 16)
+
+
+def test_encode_texts(encoder: Encoder, text_dir: Path) -> None:
+    texts = ["a photo of a cat", "a photo of a dog", "a photo of a cat"]
+    vectors = encoder.encode_texts(texts)
+    assert vectors.shape == (3, 16) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-6)
+    assert not np.allclose(vectors[0], vectors[1])
+    assert encoder.encode_texts("a photo of a cat").shape == (1, 16)
+    expected = ClipTokenizer(text_dir / VOCAB_NAME, context_length=16)(texts)
+    np.testing.assert_array_equal(encoder.tokenize(texts), expected)
+
+
+def test_image_only_model_rejects_text(image_only_dir: Path) -> None:
+    encoder = Encoder(image_only_dir)
+    assert not encoder.has_text
+    with pytest.raises(EncoderError, match="no text encoder"):
+        encoder.encode_texts(["a cat"])
+
+
+def test_missing_directory_is_named(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-run" / "onnx"
+    with pytest.raises(FileNotFoundError, match="no-such-run"):
+        Encoder(missing)
+
+
+@pytest.mark.parametrize("name", ["preprocess.json", "image_encoder.onnx"])
+def test_missing_file_is_named(text_dir: Path, tmp_path: Path, name: str) -> None:
+    copy = Path(shutil.copytree(text_dir, tmp_path / "onnx"))
+    (copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+        Encoder(copy)
+
+
+def test_missing_vocab_is_named(text_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(text_dir, tmp_path / "onnx"))
+    (copy / VOCAB_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match="bpe_simple_vocab"):
+        Encoder(copy)
+
+
+def test_corrupt_model_is_named(text_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(text_dir, tmp_path / "onnx"))
+    (copy / "image_encoder.onnx").write_bytes(b"not an onnx model")
+    with pytest.raises(EncoderError, match="image_encoder.onnx"):
+        Encoder(copy)
+
+
+def test_embed_dim_mismatch(tmp_path: Path) -> None:
+    directory = make_onnx_dir(tmp_path / "onnx", with_text=False, dim=16, embed_dim=8)
+    with pytest.raises(EncoderError, match=r"embed_dim=8.*16"):
+        Encoder(directory)
+
+
+def test_wrong_input_name(text_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(text_dir, tmp_path / "onnx"))
+    info = json.loads((copy / "preprocess.json").read_text())
+    info["image_input"] = "images"
+    (copy / "preprocess.json").write_text(json.dumps(info))
+    with pytest.raises(EncoderError, match="'images'"):
+        Encoder(copy)
+
+
+def test_embed_dim_mismatch_caught_at_run_time(tmp_path: Path, monkeypatch) -> None:
+    import export.runtime as runtime
+
+    directory = make_onnx_dir(tmp_path / "onnx", with_text=False, dim=16, embed_dim=8)
+    # As for a model whose declared output width is symbolic: loading cannot tell, running must.
+    monkeypatch.setattr(runtime, "_static_dim", lambda shape: None)
+    encoder = Encoder(directory)
+    with pytest.raises(EncoderError, match=r"\(1, 16\).*embed_dim=8"):
+        encoder.encode_images(random_images(1))
