@@ -43,3 +43,63 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch, on any backend (PyTorch's SyncBatchNorm refuses CPU tensors).
+
+    Per-channel sums, sums of squares and counts are all-reduced with autograd, so forward statistics and
+    backward gradients are those of one process holding the concatenated batch. Without a process group,
+    or in eval mode, it is plain batch norm.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, input.dim()))
+        channels = input.shape[1]
+        local = torch.cat([
+            input.sum(dims), (input * input).sum(dims),
+            input.new_full((1,), input.numel() / channels),
+        ])
+        total = all_reduce(local)
+        count = total[-1]
+        mean = total[:channels] / count
+        var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0.0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                unbiased = var * count / (count - 1).clamp_min(1.0)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased.detach(), alpha=momentum)
+        shape = [1, channels] + [1] * (input.dim() - 2)
+        output = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+
+def convert_to_global_bn(module: torch.nn.Module) -> torch.nn.Module:
+    """Replace every BatchNorm{1,2,3}d in ``module`` by ``GlobalBatchNorm`` carrying the same state."""
+    if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
+        replacement = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        replacement.load_state_dict(module.state_dict())
+        replacement.train(module.training)
+        return replacement
+    for name, child in module.named_children():
+        setattr(module, name, convert_to_global_bn(child))
+    return module
+
+
+def synchronise_batch_norm(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Global batch statistics across processes: PyTorch's SyncBatchNorm on GPUs, ``GlobalBatchNorm`` elsewhere."""
+    if device.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_to_global_bn(module)

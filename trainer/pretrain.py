@@ -22,6 +22,7 @@ import torch
 from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_args
 from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
+from trainer.distributed import synchronise_batch_norm
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 
 log = logging.getLogger("manyview.pretrain")
@@ -88,9 +89,9 @@ def train(config: TrainConfig) -> dict:
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
     ))
-    if accelerator.num_processes > 1 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in objective.modules()):
-        # The papers' global batch includes global BN statistics.
-        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    if accelerator.num_processes > 1:
+        # The papers' global batch includes global batch-norm statistics.
+        objective = synchronise_batch_norm(objective, accelerator.device)
     global_batch = config.batch_size * accelerator.num_processes
     total_steps = total_steps_for(config, urls, accelerator.num_processes)
     base_lr = scaled_lr(config.optim, global_batch)

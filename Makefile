@@ -1,0 +1,63 @@
+# manyview: `make demo` (install + Fashion-MNIST image-text demo + web UI) and `make test` (install + suite).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+DEMO_DIR ?= runs/demo
+DEMO_STEPS ?= 300
+DEMO_BATCH ?= 128
+HOST ?= 127.0.0.1
+PORT ?= 7860
+
+.PHONY: install install-dev system-deps browser-deps demo demo-train serve test benchmark clean
+
+install: $(VENV)/.installed
+
+# torch 2.14.1 / torchvision 0.29.1 come from the local wheel cache where pip finds them.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+system-deps:
+	@[ -e $(FASHION_MNIST)/train-images-idx3-ubyte.gz ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+
+browser-deps:
+	@[ -x /usr/bin/chromium ] || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium; }
+
+$(DEMO_DIR)/shards/manifest.json: | system-deps
+	$(PY) -m trainer.prepare --source $(FASHION_MNIST) --output $(DEMO_DIR)/shards --shard-size 10000
+
+# The demo's recipe is trainer/recipes/clip.yaml with a small CNN and text tower so it trains in minutes on 2 cores.
+demo-train: install $(DEMO_DIR)/shards/manifest.json
+	$(PY) trainer/pretrain.py --objective clip --train-data '$(DEMO_DIR)/shards/train-{000000..000005}.tar.gz' \
+	  --output $(DEMO_DIR) --backbone cnn-small --batch-size $(DEMO_BATCH) --max-steps $(DEMO_STEPS) --lr 2e-3 \
+	  --checkpoint-every 100 --set 'text={width: 128, heads: 4, layers: 2, context_length: 16}' $(if $(wildcard $(DEMO_DIR)/checkpoints),--resume,)
+	$(PY) -m trainer.evaluate --model $(DEMO_DIR)/model --train-data '$(DEMO_DIR)/shards/train-000000.tar.gz' \
+	  --test-data '$(DEMO_DIR)/shards/test-000000.tar.gz' --zero-shot | tee $(DEMO_DIR)/eval.json
+	$(PY) -m export --model $(DEMO_DIR)/model --output $(DEMO_DIR)/onnx
+	$(PY) -m index.build --encoder $(DEMO_DIR)/onnx --data '$(DEMO_DIR)/shards/test-*.tar.gz' --output $(DEMO_DIR)/index
+
+serve: install
+	$(PY) -m app --encoder $(DEMO_DIR)/onnx --index $(DEMO_DIR)/index --host $(HOST) --port $(PORT)
+
+demo: demo-train serve
+
+test: install-dev browser-deps
+	$(PY) -m pytest -q --timeout 900
+
+benchmark: install-dev
+	$(PY) -m pytest -q tests/benchmarks -m benchmark -s
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,44 @@
+"""The ``manyview`` console script: one entry point whose subcommands run the same code as the modules.
+
+``manyview prepare|pretrain|evaluate|export|index|serve [args]`` equals ``python -m trainer.prepare``,
+``trainer/pretrain.py``, ``python -m trainer.evaluate``, ``python -m export``, ``python -m index.build`` and
+``python -m app``. Subcommands import their module only when chosen, so ``serve`` never loads torch.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "prepare": ("trainer.prepare", "WebDataset shards from an image folder, IDX files or shards"),
+    "pretrain": ("trainer.pretrain", "train an objective (use `accelerate launch trainer/pretrain.py` for several processes)"),
+    "evaluate": ("trainer.evaluate", "kNN / linear / zero-shot accuracy of a saved model"),
+    "export": ("export.__main__", "ONNX encoders + preprocess.json, parity-checked"),
+    "index": ("index.build", "FAISS index of a shard set through the ONNX encoder"),
+    "serve": ("app.__main__", "the Gradio search app"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: manyview COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines.append("\n`manyview COMMAND --help` shows each command's options.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"manyview: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    sys.argv = [f"manyview {command}", *rest]
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
