@@ -22,9 +22,40 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    return _GatherWithGrad.apply(tensor)
 
-    return torch.cat(all_gather(tensor), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0; backward sums the incoming gradients over processes and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rows, ctx.rank = tensor.shape[0], dist.get_rank()
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """all_reduce(SUM) whose backward is again an all_reduce(SUM) of the gradients."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
 
 
 @torch.no_grad()
@@ -56,15 +87,13 @@ class GlobalBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
-
         dims = [0] + list(range(2, input.dim()))
         channels = input.shape[1]
         local = torch.cat([
             input.sum(dims), (input * input).sum(dims),
             input.new_full((1,), input.numel() / channels),
         ])
-        total = all_reduce(local)
+        total = _AllReduceSumWithGrad.apply(local)
         count = total[-1]
         mean = total[:channels] / count
         var = (total[channels:2 * channels] / count - mean * mean).clamp_min(0.0)

@@ -83,7 +83,9 @@ def train(config: TrainConfig) -> dict:
 
     urls = expand_patterns(config.data.train_data)
     objective_cls = get_objective(config.objective)
-    accelerator = Accelerator(mixed_precision=config.mixed_precision)
+    # cpu=True where no GPU exists: Accelerate then runs several processes over gloo (MULTI_CPU) instead of
+    # silently treating each launched process as a lone one.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)  # identical initial weights on every process
     objective = objective_cls.build(ObjectiveSpec(
         backbone=config.backbone, image_size=config.data.image_size,
