@@ -87,15 +87,16 @@ def train(config: TrainConfig) -> dict:
     # silently treating each launched process as a lone one.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)  # identical initial weights on every process
+    total_steps = total_steps_for(config, urls, accelerator.num_processes)
     objective = objective_cls.build(ObjectiveSpec(
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
+        num_train_samples=count_samples(urls), total_steps=total_steps,
     ))
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.
         objective = synchronise_batch_norm(objective, accelerator.device)
     global_batch = config.batch_size * accelerator.num_processes
-    total_steps = total_steps_for(config, urls, accelerator.num_processes)
     base_lr = scaled_lr(config.optim, global_batch)
     optimizer = build_optimizer(objective.parameter_groups(config.optim.weight_decay), config.optim, base_lr)
     views = objective.views()

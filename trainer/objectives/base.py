@@ -26,6 +26,8 @@ class ObjectiveSpec:
     mean: list[float] | None = None
     std: list[float] | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    num_train_samples: int | None = None  # size of the training set (memory banks); None when unknown
+    total_steps: int | None = None  # optimizer steps of the run (schedules)
 
 
 def parse_options(options_type: type, options: dict[str, Any], objective: str):
