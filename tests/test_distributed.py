@@ -3,13 +3,12 @@
 This is the paper's global batch: SimCLR's and CLIP's negatives gathered across processes with gradient,
 and batch-norm statistics over the global batch (``GlobalBatchNorm``).
 """
-import os
+import functools
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from distributed_helpers import assert_two_processes_match_one
 from trainer.objectives import ObjectiveSpec, get_objective
 
 BATCH = 8  # per process
@@ -36,39 +35,17 @@ def _batch(key: str, rows: slice | None = None) -> dict:
     return {k: v[rows] for k, v in batch.items()} if rows is not None else batch
 
 
-def _gradients(module) -> dict[str, torch.Tensor]:
-    return {name: p.grad.detach().clone() for name, p in module.named_parameters() if p.grad is not None}
+def _build_simclr():
+    return _objective("simclr")
 
 
-def _worker(rank: int, key: str, init_file: str, out_dir: str) -> None:
-    from torch.nn.parallel import DistributedDataParallel
-
-    from trainer.distributed import convert_to_global_bn
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
-    objective = convert_to_global_bn(_objective(key))
-    model = DistributedDataParallel(objective)
-    outputs = model(_batch(key, slice(rank * BATCH, (rank + 1) * BATCH)))
-    outputs["loss"].backward()
-    torch.save({"loss": outputs["loss"].detach(), "grads": _gradients(objective)}, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+def _build_clip():
+    return _objective("clip")
 
 
-@pytest.mark.parametrize("key", ["simclr", "clip"])
-def test_two_processes_equal_one_process_on_the_global_batch(key, tmp_path):
-    reference = _objective(key)
-    outputs = reference(_batch(key))
-    outputs["loss"].backward()
-    expected = _gradients(reference)
-
-    mp.spawn(_worker, args=(key, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for rank in range(2):
-        result = torch.load(tmp_path / f"rank{rank}.pt")
-        assert result["loss"].item() == pytest.approx(outputs["loss"].item(), rel=1e-5, abs=1e-6)
-        assert result["grads"].keys() == expected.keys()
-        for name, grad in expected.items():
-            assert torch.allclose(result["grads"][name], grad, rtol=1e-3, atol=1e-5), name
+@pytest.mark.parametrize("build,key", [(_build_simclr, "simclr"), (_build_clip, "clip")])
+def test_two_processes_equal_one_process_on_the_global_batch(build, key, tmp_path):
+    assert_two_processes_match_one(build, functools.partial(_batch, key), tmp_path)
 
 
 def test_collectives_are_identities_without_a_process_group():

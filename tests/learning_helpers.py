@@ -1,0 +1,14 @@
+"""Learning checks: train a few steps, measure kNN top-1 against the same command's random-init floor."""
+from pathlib import Path
+
+
+def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: int = 64) -> float:
+    """Train ``steps`` steps of cnn-small with ``args`` (must include --objective), return kNN top-1
+    (bank: the 2,000 train images; queries: the first 1,000 test images). ``steps=0`` is the floor."""
+    from trainer.evaluate import evaluate
+    from trainer.pretrain import main as pretrain
+
+    assert pretrain(["--train-data", f"{shards}/train-*.tar.gz", "--output", str(run), "--backbone", "cnn-small",
+                     "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "25",
+                     "--checkpoint-every", "0", *args]) == 0
+    return evaluate(str(run / "model"), f"{shards}/train-*.tar.gz", f"{shards}/test-000000.tar.gz", num_workers=2)["knn_top1"]
