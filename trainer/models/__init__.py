@@ -1,10 +1,10 @@
 """Backbones, heads, text tower and the saved embedding model."""
-from .backbones import Backbone, build_backbone, list_backbones
+from .backbones import Backbone, build_backbone, list_backbones, register_backbone
 from .embedding import EmbeddingModel, ModelConfig, load_model, save_model
 from .heads import projection_mlp
 from .text import TextConfig, bpe_vocab_path, build_tokenizer
 
 __all__ = [
-    "Backbone", "EmbeddingModel", "ModelConfig", "TextConfig", "build_backbone", "build_tokenizer",
+    "Backbone", "register_backbone", "EmbeddingModel", "ModelConfig", "TextConfig", "build_backbone", "build_tokenizer",
     "bpe_vocab_path", "list_backbones", "load_model", "projection_mlp", "save_model",
 ]

@@ -30,14 +30,16 @@ class Backbone:
     native_size: int | None = None  # the input size the model requires, if fixed (ViTs)
 
 
-def _torchvision_resnet(depth: int, cifar_stem: bool, image_size: int) -> Backbone:
+def _torchvision_resnet(depth: int, cifar_stem: bool, image_size: int, channels: int = 3) -> Backbone:
     import torchvision
 
     model = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     if cifar_stem:
         # CIFAR variant (SimCLR appendix B.9): 3x3 stride-1 first conv and no max-pool keep 32 px detail.
-        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        model.conv1 = nn.Conv2d(channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
+    elif channels != 3:
+        model.conv1 = nn.Conv2d(channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     feature_dim = model.fc.in_features
     model.fc = nn.Identity()
     mean, std = (CIFAR_MEAN, CIFAR_STD) if cifar_stem else (IMAGENET_MEAN, IMAGENET_STD)
@@ -64,10 +66,10 @@ class SmallConvNet(nn.Module):
         return self.pool(self.features(images)).flatten(1)
 
 
-def _timm(name: str, image_size: int) -> Backbone:
+def _timm(name: str, image_size: int, channels: int = 3, **extra) -> Backbone:
     import timm
 
-    kwargs = {"pretrained": False, "num_classes": 0}
+    kwargs = {"pretrained": False, "num_classes": 0, "in_chans": channels, **extra}
     try:
         model = timm.create_model(name, img_size=image_size, **kwargs)
     except TypeError:  # CNNs take no img_size
@@ -78,9 +80,19 @@ def _timm(name: str, image_size: int) -> Backbone:
     return Backbone(model, int(model.num_features), mean, std)
 
 
-def _open_clip(name: str, image_size: int) -> Backbone:
+def _vit_cifar(image_size: int, channels: int, width: int, depth: int, heads: int) -> Backbone:
+    """A ViT for small images (patch 4 at 32 px, as in MoCo v3's and DINO's CIFAR ablations); the class
+    token's final representation is the feature. The patch projection is ``module.patch_embed``."""
+    patch = 4 if image_size <= 64 else 16
+    return _timm("vit_tiny_patch16_224", image_size, channels, patch_size=patch, embed_dim=width, depth=depth,
+                 num_heads=heads, global_pool="token")
+
+
+def _open_clip(name: str, image_size: int, channels: int = 3) -> Backbone:
     import open_clip
 
+    if channels != 3:
+        raise ValueError(f"open_clip:{name} takes 3-channel images, not {channels}")
     model = open_clip.create_model(name, pretrained=None, force_image_size=image_size)
     visual = model.visual
     mean = tuple(getattr(visual, "image_mean", None) or OPENAI_MEAN)
@@ -88,30 +100,48 @@ def _open_clip(name: str, image_size: int) -> Backbone:
     return Backbone(visual, int(visual.output_dim), mean, std, native_size=image_size)
 
 
-_NAMED: dict[str, Callable[[int], Backbone]] = {
-    "cnn-small": lambda size: Backbone(SmallConvNet(), 256, CIFAR_MEAN, CIFAR_STD),
-    "resnet18-cifar": lambda size: _torchvision_resnet(18, True, size),
-    "resnet34-cifar": lambda size: _torchvision_resnet(34, True, size),
-    "resnet18": lambda size: _torchvision_resnet(18, False, size),
-    "resnet34": lambda size: _torchvision_resnet(34, False, size),
-    "resnet50": lambda size: _torchvision_resnet(50, False, size),
+BackboneFactory = Callable[[int, int], Backbone]  # (image_size, channels) -> Backbone
+
+_NAMED: dict[str, BackboneFactory] = {
+    "cnn-small": lambda size, ch: Backbone(SmallConvNet(ch), 256, CIFAR_MEAN, CIFAR_STD),
+    "resnet18-cifar": lambda size, ch: _torchvision_resnet(18, True, size, ch),
+    "resnet34-cifar": lambda size, ch: _torchvision_resnet(34, True, size, ch),
+    "resnet18": lambda size, ch: _torchvision_resnet(18, False, size, ch),
+    "resnet34": lambda size, ch: _torchvision_resnet(34, False, size, ch),
+    "resnet50": lambda size, ch: _torchvision_resnet(50, False, size, ch),
+    "vit-tiny-cifar": lambda size, ch: _vit_cifar(size, ch, width=192, depth=6, heads=3),
+    "vit-small-cifar": lambda size, ch: _vit_cifar(size, ch, width=384, depth=8, heads=6),
 }
+
+
+def register_backbone(name: str, factory: BackboneFactory) -> None:
+    """Add a named backbone: ``factory(image_size, channels) -> Backbone``."""
+    if name in _NAMED:
+        raise ValueError(f"backbone {name!r} is already registered")
+    _NAMED[name] = factory
 
 
 def list_backbones() -> list[str]:
     return sorted(_NAMED) + ["timm:<name>", "open_clip:<name>"]
 
 
-def build_backbone(name: str, image_size: int = 32) -> Backbone:
-    """Build a randomly initialised backbone by registry name; unknown names raise ``KeyError``."""
+def build_backbone(name: str, image_size: int = 32, channels: int = 3) -> Backbone:
+    """Build a randomly initialised backbone by registry name for ``channels``-channel input images;
+    unknown names raise ``KeyError``. Mean/std are the family's defaults for those channels."""
     if name in _NAMED:
-        return _NAMED[name](image_size)
-    family, _, model_name = name.partition(":")
-    if family == "timm" and model_name:
-        return _timm(model_name, image_size)
-    if family == "open_clip" and model_name:
-        return _open_clip(model_name, image_size)
-    raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+        backbone = _NAMED[name](image_size, channels)
+    else:
+        family, _, model_name = name.partition(":")
+        if family == "timm" and model_name:
+            backbone = _timm(model_name, image_size, channels)
+        elif family == "open_clip" and model_name:
+            backbone = _open_clip(model_name, image_size, channels)
+        else:
+            raise KeyError(f"unknown backbone {name!r}; known: {', '.join(list_backbones())}")
+    if len(backbone.mean) != channels:  # e.g. grayscale input to an RGB-normalised family
+        backbone.mean = tuple([sum(backbone.mean) / len(backbone.mean)] * channels)
+        backbone.std = tuple([sum(backbone.std) / len(backbone.std)] * channels)
+    return backbone
 
 
 @torch.no_grad()

@@ -46,7 +46,7 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        backbone = build_backbone(config.backbone, config.image_size)
+        backbone = build_backbone(config.backbone, config.image_size, config.channels)
         config.mean = list(config.mean or backbone.mean)
         config.std = list(config.std or backbone.std)
         self.config = config
