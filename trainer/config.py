@@ -47,6 +47,7 @@ class TrainConfig:
     batch_size: int = 256  # per process
     max_steps: int | None = None
     epochs: float | None = None
+    time_budget: float | None = None  # seconds of training after which the run stops (schedule still spans max_steps)
     seed: int = 0
     mixed_precision: str = "no"  # no | fp16 | bf16
     checkpoint_every: int = 500
@@ -109,6 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, help="per-process batch size")
     add("--max-steps", type=int, help="optimizer steps (0 writes the randomly initialised model)")
     add("--epochs", type=float, help="passes over the training set (alternative to --max-steps)")
+    add("--time-budget", type=float, help="stop after this many seconds of training (the LR schedule still spans "
+        "--max-steps/--epochs); for equal-wall-clock comparisons")
     add("--lr", type=float, help="base learning rate for a global batch of 256")
     add("--optimizer", choices=["sgd", "adamw", "lars"])
     add("--weight-decay", type=float)
@@ -127,7 +130,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_TARGETS = {
     "objective": ("", "objective"), "backbone": ("", "backbone"), "output": ("", "output"),
-    "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"),
+    "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"), "time_budget": ("", "time_budget"),
     "seed": ("", "seed"), "mixed_precision": ("", "mixed_precision"),
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),
     "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),

@@ -135,7 +135,8 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
                     desc=config.objective, dynamic_ncols=True)
     objective.train()
     skipped_total = 0
-    window_start, window_images = time.perf_counter(), 0
+    started = time.perf_counter()
+    window_start, window_images = started, 0
     last: dict = {}
     for batch in batches:
         lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
@@ -180,11 +181,20 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
             save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
         if state.step >= total_steps:
             break
+        if config.time_budget is not None and _budget_spent(accelerator, started, config.time_budget):
+            log.info("time budget of %.0f s spent at step %d", config.time_budget, state.step)
+            break
     progress.close()
     save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
     if skipped_total:
         log.warning("skipped %d corrupt or image-less samples on this process", skipped_total)
     return last
+
+
+def _budget_spent(accelerator, started: float, budget: float) -> bool:
+    """Whether any process has trained for ``budget`` seconds; all ranks get the same answer, so none waits."""
+    spent = torch.tensor(float(time.perf_counter() - started >= budget), device=accelerator.device)
+    return bool(accelerator.reduce(spent, reduction="sum").item() > 0)
 
 
 def list_objectives_text() -> str:
