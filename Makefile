@@ -57,7 +57,7 @@ test: install-dev browser-deps
 	$(PY) -m pytest -q --timeout 900
 
 benchmark: install-dev
-	$(PY) -m pytest -q tests/benchmarks -m benchmark -s
+	$(PY) -m pytest -q tests/benchmarks -m benchmark -s -p no:cacheprovider
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache
