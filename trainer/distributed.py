@@ -120,6 +120,8 @@ def convert_to_global_bn(module: torch.nn.Module) -> torch.nn.Module:
     if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(module, GlobalBatchNorm):
         replacement = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
         replacement.load_state_dict(module.state_dict())
+        for name, param in replacement.named_parameters(recurse=False):  # frozen (momentum) copies stay frozen
+            param.requires_grad_(getattr(module, name).requires_grad)
         replacement.train(module.training)
         return replacement
     for name, child in module.named_children():
@@ -132,3 +134,33 @@ def synchronise_batch_norm(module: torch.nn.Module, device: torch.device) -> tor
     if device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return convert_to_global_bn(module)
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+@torch.no_grad()
+def shuffle_batch(tensor: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle the global batch across processes (MoCo's shuffling BN, He et al. 2020 sec. 3.3).
+
+    Gathers ``tensor`` [n, ...] from every process (equal n), permutes the N = n * world rows with one random
+    permutation drawn on rank 0 and broadcast, and returns this rank's share of the shuffled rows [n, ...]
+    and ``restore`` [N]: ``unshuffle_batch`` puts rows back in the original global order with it. At world
+    size 1 it is a random permutation of the batch (the split-BN simulation shuffles before splitting).
+    """
+    gathered = gather_no_grad(tensor)
+    permutation = torch.randperm(gathered.shape[0], device=tensor.device, generator=generator)
+    if is_distributed():
+        dist.broadcast(permutation, src=0)
+    rows, index = tensor.shape[0], rank()
+    return gathered[permutation[index * rows:(index + 1) * rows]], torch.argsort(permutation)
+
+
+@torch.no_grad()
+def unshuffle_batch(tensor: torch.Tensor, restore: torch.Tensor) -> torch.Tensor:
+    """Undo ``shuffle_batch``: gather every rank's [n, ...] share of the shuffled rows and return the whole
+    global batch [N, ...] in its original order (identical on every rank). This rank's own rows are
+    ``[rank() * n : (rank() + 1) * n]``."""
+    return gather_no_grad(tensor)[restore]

@@ -3,6 +3,12 @@
 Objectives hold an ``EmbeddingModel`` plus their training-only heads (projectors, predictors, queues);
 ``save_model`` writes just this model as ``config.json`` + ``model.safetensors``, the directory that
 ``trainer.evaluate`` and ``export`` read.
+
+The image path is always ``encode_image(normalised RGB [N, C, H, W]) -> [N, D]``:
+    backbone  (one backbone, or a ``ViewSplitEncoder``: colour conversion + one backbone per channel group,
+               features concatenated; CMC)
+    -> image_head        (optional Linear-BN-ReLU layers kept from a projection head; SimCLR v2)
+    -> image_projection  (optional linear map into a shared image-text space; CLIP)
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import torch
 from torch import nn
 
 from .backbones import build_backbone
+from .colour import ColourSpace
 from .text import TextConfig, build_text_tower
 
 CONFIG_NAME = "config.json"
@@ -31,6 +38,14 @@ class ModelConfig:
     std: list[float] | None = None
     image_projection: int | None = None  # linear projection after the backbone (image-text models)
     text: TextConfig | None = None
+    # Multiview input (CMC): convert the RGB input to this colour space in-graph ("rgb" | "lab" | "ycbcr";
+    # None: no conversion) and give each channel group of ``view_channels`` its own backbone, e.g. [[0], [1, 2]]
+    # is L vs ab of Lab. Either field set makes the backbone a ``ViewSplitEncoder``; both None: one backbone.
+    colour_space: str | None = None
+    view_channels: list[list[int]] | None = None
+    # Projection-head layers exported with the encoder (SimCLR v2 fine-tunes from the middle of its head):
+    # {"hidden_dim": int, "layers": int} -> layers x (Linear-BN-ReLU) after the backbone.
+    image_head: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -41,28 +56,99 @@ class ModelConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class ViewSplitEncoder(nn.Module):
+    """Multiview image encoder (CMC): normalised RGB -> colour space -> channel groups -> one backbone each.
+
+    ``forward_views`` returns the per-view features (the objective's per-view heads use them); ``forward``
+    concatenates them in group order, the representation CMC evaluates and the exported feature.
+    """
+
+    def __init__(self, backbone: str, image_size: int, groups: list[list[int]], colour: ColourSpace | None):
+        super().__init__()
+        self.colour = colour
+        self.groups = [list(group) for group in groups]
+        built = [build_backbone(backbone, image_size, len(group)) for group in self.groups]
+        self.encoders = nn.ModuleList([b.module for b in built])
+        self.feature_dims = [b.feature_dim for b in built]
+        self.feature_dim = sum(self.feature_dims)
+
+    def forward_views(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """[N, C, H, W] normalised RGB -> one [N, feature_dims[v]] tensor per view."""
+        converted = self.colour(images) if self.colour is not None else images
+        return [encoder(converted[:, group]) for encoder, group in zip(self.encoders, self.groups)]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.forward_views(images), dim=1)
+
+
+def _check_views(config: ModelConfig) -> list[list[int]]:
+    """The channel groups of ``config`` (default: all channels in one group), validated."""
+    groups = config.view_channels or [list(range(config.channels))]
+    if config.colour_space is not None and config.channels != 3:
+        raise ValueError(f"colour_space {config.colour_space!r} converts 3-channel RGB input, not {config.channels} channels")
+    for group in groups:
+        if not group or any(not 0 <= int(c) < config.channels for c in group):
+            raise ValueError(f"view_channels {groups}: every group must be a non-empty list of channel indices "
+                             f"in [0, {config.channels})")
+    return [[int(c) for c in group] for group in groups]
+
+
+def linear_bn_relu_layers(in_dim: int, hidden_dim: int, layers: int) -> nn.Sequential:
+    """``layers`` x (Linear without bias - BN - ReLU): SimCLR v2's projection-head layers (bias is BN's)."""
+    if layers < 1:
+        raise ValueError(f"a head needs layers >= 1, got {layers}")
+    blocks: list[nn.Module] = []
+    for _ in range(layers):
+        blocks += [nn.Linear(in_dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        in_dim = hidden_dim
+    return nn.Sequential(*blocks)
+
+
 class EmbeddingModel(nn.Module):
-    """Image encoder (backbone [+ projection]) and optional text encoder sharing one embedding space."""
+    """Image encoder (backbone [+ head] [+ projection]) and optional text encoder sharing one embedding space."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        backbone = build_backbone(config.backbone, config.image_size, config.channels)
-        config.mean = list(config.mean or backbone.mean)
-        config.std = list(config.std or backbone.std)
+        if config.colour_space is None and config.view_channels is None:
+            backbone = build_backbone(config.backbone, config.image_size, config.channels)
+            config.mean = list(config.mean or backbone.mean)
+            config.std = list(config.std or backbone.std)
+            self.backbone = backbone.module
+            self.feature_dim = backbone.feature_dim
+        else:
+            groups = _check_views(config)
+            if config.mean is None or config.std is None:  # the family's defaults for the RGB input
+                defaults = build_backbone(config.backbone, config.image_size, config.channels)
+                config.mean = list(config.mean or defaults.mean)
+                config.std = list(config.std or defaults.std)
+            colour = ColourSpace(config.colour_space, config.mean, config.std) if config.colour_space else None
+            self.backbone = ViewSplitEncoder(config.backbone, config.image_size, groups, colour)
+            self.feature_dim = self.backbone.feature_dim
         self.config = config
-        self.backbone = backbone.module
-        self.feature_dim = backbone.feature_dim
+        width = self.feature_dim
+        self.image_head = None
+        if config.image_head:
+            unknown = sorted(set(config.image_head) - {"hidden_dim", "layers"})
+            if unknown:
+                raise ValueError(f"image_head takes hidden_dim and layers, got unknown {unknown}")
+            hidden = int(config.image_head.get("hidden_dim") or self.feature_dim)  # default: the backbone width
+            layers = int(config.image_head.get("layers", 1))
+            config.image_head = {"hidden_dim": hidden, "layers": layers}  # resolved, as saved in config.json
+            self.image_head = linear_bn_relu_layers(self.feature_dim, hidden, layers)
+            width = hidden
         self.image_projection = (
-            nn.Linear(backbone.feature_dim, config.image_projection, bias=False)
+            nn.Linear(width, config.image_projection, bias=False)
             if config.image_projection
             else None
         )
-        self.embed_dim = config.image_projection or backbone.feature_dim
+        self.embed_dim = config.image_projection or width
         self.text = build_text_tower(config.text, self.embed_dim) if config.text else None
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] normalised images -> [N, embed_dim] (not L2-normalised)."""
         features = self.backbone(images)
+        if self.image_head is not None:
+            features = self.image_head(features)
         return self.image_projection(features) if self.image_projection is not None else features
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
