@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as error:
         log.error("%s", error)
         return 3
+    except ValueError as error:  # objectives and data raise ValueError with a message meant for the user
+        log.error("%s", error)
+        return 2
     return 0
 
 
