@@ -1,0 +1,46 @@
+"""The common shape of two-view objectives: encoder + MLP projection head (dropped at export) on two
+augmented views of each image, projections gathered across processes with gradient.
+
+SimCLR, SupCon and alignment/uniformity differ only in the loss they put on those projections.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from trainer.data.views import AugmentConfig, TwoViews
+from trainer.distributed import gather_with_grad
+from trainer.models import ModelConfig, projection_mlp
+
+from .base import Objective, ObjectiveSpec
+
+
+@dataclass
+class TwoViewOptions:
+    projection_dim: int = 128
+    projection_hidden_dim: int = 2048
+    projection_layers: int = 2
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields
+
+
+class TwoViewObjective(Objective):
+    """Subclasses set ``key`` and ``Options`` (a ``TwoViewOptions``) and write ``forward`` with
+    ``project_views``."""
+
+    def __init__(self, spec: ObjectiveSpec, options: TwoViewOptions):
+        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        self.options = options
+        self.projector = projection_mlp(
+            self.encoder.embed_dim, options.projection_hidden_dim, options.projection_dim, options.projection_layers
+        )
+
+    def views(self) -> TwoViews:
+        config = self.encoder.config
+        return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
+
+    def project_views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projections [N_global, projection_dim] of view0 and view1, gathered over processes with gradient."""
+        views = torch.cat([batch["view0"], batch["view1"]])  # one pass: BN sees both views together
+        z1, z2 = self.projector(self.encoder.encode_image(views)).chunk(2)
+        return gather_with_grad(z1), gather_with_grad(z2)
