@@ -142,7 +142,7 @@ def test_supcon_objective_uses_labels_and_logs_unlabelled_share():
     objective = _build("supcon")
     batch = _batch()
     outputs = objective(batch)
-    z1, z2 = objective.projector(objective.encoder.encode_image(torch.cat([batch["view0"], batch["view1"]]))).chunk(2)
+    z1, z2 = (objective.projector(objective.encoder.encode_image(batch[view])) for view in ("view0", "view1"))
     expected = supcon(torch.stack([z1, z2], dim=1), batch["label"], 0.1, 0.07)
     assert outputs["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert outputs["unlabelled"].item() == pytest.approx(2 / 16)
@@ -164,10 +164,14 @@ def test_simclr_loss_option_runs_each_kind(loss):
 
 
 def test_simclr_default_loss_is_nt_xent_and_unknown_loss_is_an_error():
-    objective = _build("simclr")
     batch = _batch()
-    z1, z2 = objective.projector(objective.encoder.encode_image(torch.cat([batch["view0"], batch["view1"]]))).chunk(2)
+    objective = _build("simclr")  # default: one encoder pass per view
+    z1, z2 = (objective.projector(objective.encoder.encode_image(batch[view])) for view in ("view0", "view1"))
     assert torch.equal(objective(batch)["loss"], nt_xent(z1, z2, 0.5))
+    joint = _build("simclr", encode_views_jointly=True)  # one pass over both views: BN over 2N images
+    z1, z2 = joint.projector(joint.encoder.encode_image(torch.cat([batch["view0"], batch["view1"]]))).chunk(2)
+    assert torch.equal(joint(batch)["loss"], nt_xent(z1, z2, 0.5))
+    assert not torch.equal(joint(batch)["loss"], objective(batch)["loss"])
     with pytest.raises(ValueError, match="unknown loss 'triplet'"):
         _build("simclr", loss="triplet")
 

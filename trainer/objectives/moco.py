@@ -50,12 +50,16 @@ def split_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, 
         raise ValueError(f"split batch norm: {groups} groups do not divide a batch of {n}")
     grouped = x.reshape(groups, n // groups, *x.shape[1:])
     dims = [1] + list(range(3, grouped.dim()))
-    mean = grouped.mean(dims, keepdim=True)
-    var = grouped.var(dims, unbiased=False, keepdim=True)
-    out = (grouped - mean) * torch.rsqrt(var + eps)
+    # One statistics pass and one fused scale-and-shift pass: this runs on every key batch.
+    var, mean = torch.var_mean(grouped, dim=dims, unbiased=False, keepdim=True)
+    scale = torch.rsqrt(var + eps)
     if weight is not None:
         shape = [1, 1, channels] + [1] * (x.dim() - 2)
-        out = out * weight.view(shape) + bias.view(shape)
+        scale = scale * weight.view(shape)
+        shift = bias.view(shape) - mean * scale
+    else:
+        shift = -mean * scale
+    out = torch.addcmul(shift, grouped, scale)
     count = grouped[0].numel() / channels
     unbiased = var.reshape(groups, channels) * count / max(count - 1.0, 1.0)
     return out.reshape(x.shape), mean.reshape(groups, channels), unbiased
