@@ -65,24 +65,29 @@ class _Collected:
 # -- FAISS helpers --------------------------------------------------------------------------------
 
 
-def new_index(dim: int, use_gpu: bool | None = None) -> tuple[Any, Any]:
-    """An empty ``IndexIDMap2(Flat, inner product)``, moved to GPU 0 when faiss sees one.
-
-    Returns ``(index, gpu_resources)``; the resources object must outlive the index (it is None on CPU).
-    """
+def gpu_copy(cpu_index: Any, use_gpu: bool | None = None) -> tuple[Any, Any]:
+    """``(index on GPU 0, gpu_resources)`` when faiss sees a GPU (and ``use_gpu`` allows it), else
+    ``(cpu_index, None)``; an unusable GPU falls back to the CPU with a warning. The resources object must
+    outlive the GPU index."""
     import faiss
 
-    index = faiss.IndexIDMap2(faiss.index_factory(dim, FACTORY, faiss.METRIC_INNER_PRODUCT))
     if use_gpu is None:
         use_gpu = faiss.get_num_gpus() > 0
     if not use_gpu:
-        return index, None
+        return cpu_index, None
     try:
         resources = faiss.StandardGpuResources()
-        return faiss.index_cpu_to_gpu(resources, 0, index), resources
-    except Exception as error:  # noqa: BLE001 - an unusable GPU should not stop an exact CPU build
-        logger.warning("faiss could not move the index to the GPU (%s); building on CPU", error)
-        return index, None
+        return faiss.index_cpu_to_gpu(resources, 0, cpu_index), resources
+    except Exception as error:  # noqa: BLE001 - exact search on the CPU is always possible
+        logger.warning("faiss could not copy the index to the GPU (%s); using the CPU", error)
+        return cpu_index, None
+
+
+def new_index(dim: int, use_gpu: bool | None = None) -> tuple[Any, Any]:
+    """An empty ``IndexIDMap2(Flat, inner product)``, moved to GPU 0 when faiss sees one (``gpu_copy``)."""
+    import faiss
+
+    return gpu_copy(faiss.IndexIDMap2(faiss.index_factory(dim, FACTORY, faiss.METRIC_INNER_PRODUCT)), use_gpu)
 
 
 def to_cpu(index: Any, gpu_resources: Any) -> Any:

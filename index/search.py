@@ -17,7 +17,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from index.build import INDEX_FILE, INFO_FILE, METADATA_FILE
+from index.build import INDEX_FILE, INFO_FILE, METADATA_FILE, gpu_copy
 from trainer.data.shards import decode_image, iter_shard
 
 logger = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Index:
         """Prefer ``Index.load``; this constructor takes already read and checked parts."""
         self.directory = directory
         self._cpu_index = faiss_index
-        self._search_index, self._gpu_resources = self._maybe_gpu(faiss_index, use_gpu)
+        self._search_index, self._gpu_resources = gpu_copy(faiss_index, use_gpu)
         self._metadata = metadata
         self._info = info
         self._row_of = {int(sample_id): row for row, sample_id in enumerate(metadata["id"])}
@@ -149,22 +149,6 @@ class Index:
             stored = faiss.vector_to_array(faiss_index.id_map)
             if not np.array_equal(np.sort(stored), np.sort(np.asarray(metadata["id"], dtype=np.int64))):
                 raise IndexLoadError(f"the sample ids in {METADATA_FILE} and {INDEX_FILE} differ; rebuild the index")
-
-    @staticmethod
-    def _maybe_gpu(cpu_index: Any, use_gpu: bool | None) -> tuple[Any, Any]:
-        """A GPU copy of the index for searching when faiss sees a GPU (and the caller allows it)."""
-        import faiss
-
-        if use_gpu is None:
-            use_gpu = faiss.get_num_gpus() > 0
-        if not use_gpu:
-            return cpu_index, None
-        try:
-            resources = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(resources, 0, cpu_index), resources
-        except Exception as error:  # noqa: BLE001 - fall back to exact CPU search
-            logger.warning("faiss could not copy the index to the GPU (%s); searching on CPU", error)
-            return cpu_index, None
 
     # -- properties ----------------------------------------------------------------------------
 
