@@ -1,4 +1,5 @@
 """Learning checks: train a few steps, measure kNN top-1 against the same command's random-init floor."""
+import json
 from pathlib import Path
 
 
@@ -12,3 +13,11 @@ def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: 
                      "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "25",
                      "--checkpoint-every", "0", *args]) == 0
     return evaluate(str(run / "model"), f"{shards}/train-*.tar.gz", f"{shards}/test-000000.tar.gz", num_workers=2)["knn_top1"]
+
+
+def assert_beats_floor(shards: Path, tmp_path: Path, name: str, steps: int, args: list[str], margin: float) -> None:
+    """Train ``steps`` steps and assert kNN top-1 >= the same command's ``--max-steps 0`` floor + ``margin``."""
+    floor = knn_after(shards, tmp_path / "floor", 0, args)
+    trained = knn_after(shards, tmp_path / "trained", steps, args)
+    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
+    assert trained >= floor + margin, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import trainer.objectives.cmc  # noqa: F401  (registration)
 import trainer.objectives.simclr2  # noqa: F401  (registration)
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
+from learning_helpers import assert_beats_floor
 from distributed_helpers import assert_two_processes_match_one
 from trainer.losses import info_nce, nt_xent
 from trainer.models import EmbeddingModel, ModelConfig, load_model, save_model
@@ -256,9 +257,4 @@ def test_two_processes_equal_one_process(build, make_batch, steps, tmp_path):
     ("simclr2", 60, ["--objective", "simclr2", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    from learning_helpers import knn_after
-
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, objective_args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", steps, objective_args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + 0.02, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

@@ -1,6 +1,5 @@
 """InstDisc, InvaSpread and CURL: losses against hand-worked values, the memory bank's update, Z and resume,
 CURL's momentum encoder and bilinear scores, 2-process equivalence, and short learning runs."""
-import json
 import math
 
 import pytest
@@ -11,6 +10,7 @@ import trainer.objectives.curl  # noqa: F401  (registration)
 import trainer.objectives.instdisc  # noqa: F401
 import trainer.objectives.invaspread  # noqa: F401
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
+from learning_helpers import assert_beats_floor
 from distributed_helpers import assert_two_processes_match_one
 from trainer.losses.invaspread import invariance_spreading_loss
 from trainer.losses.memory_bank import estimate_normaliser, momentum_update, proximal_penalty
@@ -286,9 +286,4 @@ def test_two_processes_equal_one_process_on_the_global_batch(build, tmp_path):
                        "--set", "proximal_weight=3", "--set", "normaliser_warmup_steps=32"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    from learning_helpers import knn_after
-
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, objective_args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", steps, objective_args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + 0.02, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

@@ -2,12 +2,11 @@
 
 The floor is the same command with ``--max-steps 0`` (same seed, so the same initial weights).
 """
-import json
 
 import pytest
 
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import knn_after
+from learning_helpers import assert_beats_floor
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)]
 
@@ -19,7 +18,4 @@ MARGIN = 0.03  # kNN top-1 points above the floor; observed margins are 0.08-0.1
     ("clip", 80, ["--objective", "clip", "--lr", "4e-3", "--set", "text={width: 64, heads: 2, layers: 1, context_length: 16}"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, objective_args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", steps, objective_args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + MARGIN, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, MARGIN)

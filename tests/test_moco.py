@@ -1,7 +1,6 @@
 """MoCo v1/v2/v3: momentum helpers, shuffling BN (split-BN on one process), the queue, the losses against
 hand computations, checkpoints, two processes against one, and short learning runs on CIFAR-10."""
 import copy
-import json
 import math
 
 import pytest
@@ -13,7 +12,7 @@ import trainer.objectives.moco2  # noqa: F401
 import trainer.objectives.moco3  # noqa: F401
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from distributed_helpers import assert_two_processes_match_one
-from learning_helpers import knn_after
+from learning_helpers import assert_beats_floor
 from trainer.distributed import shuffle_batch, unshuffle_batch
 from trainer.objectives import ObjectiveSpec, get_objective
 from trainer.objectives.moco import SplitBatchNorm, split_batch_norm
@@ -245,7 +244,4 @@ def test_two_processes_equal_one_process(build, tmp_path):
                    "--set", "projection_hidden_dim=256", "--set", "predictor_hidden_dim=256"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, objective_args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", steps, objective_args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + 0.02, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

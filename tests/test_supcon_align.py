@@ -1,6 +1,5 @@
 """SupCon and alignment/uniformity: losses against loops and closed forms, the objectives (and SimCLR's
 ``loss`` option) on one and two processes, and short learning runs against the random-init kNN floor."""
-import json
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import trainer.objectives.align_uniform  # noqa: F401  (registration)
 import trainer.objectives.supcon  # noqa: F401  (registration)
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from distributed_helpers import assert_two_processes_match_one
-from learning_helpers import knn_after
+from learning_helpers import assert_beats_floor
 from trainer.losses import alignment, nt_xent, supcon, uniformity
 from trainer.objectives import ObjectiveSpec, get_objective
 
@@ -187,7 +186,4 @@ def test_simclr_default_loss_is_nt_xent_and_unknown_loss_is_an_error():
                            "--weight-decay", "1e-4", "--set", "projection_hidden_dim=128"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, objective_args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", steps, objective_args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + 0.02, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

@@ -6,20 +6,16 @@ CURL's only augmentation, a weak signal for semantic kNN in so few steps; with a
 steps it reached 0.315 vs 0.285, but that run (two views plus the key encoder's pass) is about three times
 the unit suite's budget for one learning test.
 """
-import json
 
 import pytest
 
 import trainer.objectives.curl  # noqa: F401  (registration)
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import knn_after
+from learning_helpers import assert_beats_floor
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)]
 
 
 def test_curl_longer_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path):
     args = ["--objective", "curl", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4", "--set", "flip=0.5"]
-    floor = knn_after(cifar_2k_shards, tmp_path / "floor", 0, args)
-    trained = knn_after(cifar_2k_shards, tmp_path / "trained", 160, args)
-    print(json.dumps({"objective": "curl", "steps": 160, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + 0.02, f"curl: kNN {trained:.3f} after 160 steps vs floor {floor:.3f}"
+    assert_beats_floor(cifar_2k_shards, tmp_path, "curl", 160, args, 0.02)
