@@ -32,10 +32,9 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def total_steps_for(config: TrainConfig, urls: list[str], world_size: int) -> int:
+def total_steps_for(config: TrainConfig, samples: int, world_size: int) -> int:
     if config.max_steps is not None:
         return int(config.max_steps)
-    samples = count_samples(urls)
     return max(1, math.ceil(config.epochs * samples / (config.batch_size * world_size)))
 
 
@@ -87,11 +86,12 @@ def train(config: TrainConfig) -> dict:
     # silently treating each launched process as a lone one.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)  # identical initial weights on every process
-    total_steps = total_steps_for(config, urls, accelerator.num_processes)
+    num_samples = count_samples(urls)  # manifest lookup, or a read of every tar header: once
+    total_steps = total_steps_for(config, num_samples, accelerator.num_processes)
     objective = objective_cls.build(ObjectiveSpec(
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
-        num_train_samples=count_samples(urls), total_steps=total_steps,
+        num_train_samples=num_samples, total_steps=total_steps,
     ))
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.
@@ -198,11 +198,12 @@ def _budget_spent(accelerator, started: float, budget: float) -> bool:
 
 
 def list_objectives_text() -> str:
+    """One line per registered objective: its key and the first line of its module's docstring."""
     from trainer.objectives import get_objective, list_objectives
 
     lines = []
     for key in list_objectives():
-        doc = (get_objective(key).__module__ and sys.modules[get_objective(key).__module__].__doc__ or "").strip()
+        doc = (sys.modules[get_objective(key).__module__].__doc__ or "").strip()
         lines.append(f"{key:16s} {doc.splitlines()[0] if doc else ''}")
     return "\n".join(lines)
 
