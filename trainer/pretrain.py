@@ -23,6 +23,7 @@ from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_args
 from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
 from trainer.distributed import synchronise_batch_norm
+from trainer.objectives.diagnostics import COLLAPSE_THRESHOLD, is_collapsed
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 
 log = logging.getLogger("manyview.pretrain")
@@ -92,6 +93,7 @@ def train(config: TrainConfig) -> dict:
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
         num_train_samples=num_samples, total_steps=total_steps,
+        global_batch_size=config.batch_size * accelerator.num_processes,
     ))
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.
@@ -156,6 +158,7 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
         grad_norm = None
         if config.optim.grad_clip and config.optim.grad_clip > 0:
             grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
+        task.before_optimizer_step(state.step, total_steps)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         task.after_step(state.step, total_steps)
@@ -173,6 +176,12 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
                     "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time()}
             if grad_norm is not None:
                 last["grad_norm"] = float(grad_norm)
+            if "embedding_std" in last:
+                last["collapsed"] = is_collapsed(last["embedding_std"])
+                if last["collapsed"] and accelerator.is_main_process:
+                    log.warning("step %d: embeddings have collapsed (embedding_std %.4f < %.2f: every image maps "
+                                "to nearly the same point); lower the lr or check the objective's settings",
+                                state.step, last["embedding_std"], COLLAPSE_THRESHOLD)
             window_start, window_images = time.perf_counter(), 0
             if accelerator.is_main_process:
                 append_metrics(metrics_path, last)

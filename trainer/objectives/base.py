@@ -3,7 +3,8 @@
 An objective is an ``nn.Module`` that owns an ``EmbeddingModel`` (what gets exported) plus its
 training-only parts, builds its own data views, and turns a batch into losses. The loop calls only:
 ``Objective.build(spec)``, ``views()``, ``forward(batch) -> {"loss": ..., **metrics}``,
-``after_step(step, total_steps)`` and ``parameter_groups(weight_decay)``; it never names an objective.
+``before_optimizer_step(step, total_steps)``, ``after_step(step, total_steps)`` and
+``parameter_groups(weight_decay)``; it never names an objective.
 """
 from __future__ import annotations
 
@@ -28,6 +29,13 @@ class ObjectiveSpec:
     options: dict[str, Any] = field(default_factory=dict)
     num_train_samples: int | None = None  # size of the training set (memory banks); None when unknown
     total_steps: int | None = None  # optimizer steps of the run (schedules)
+    global_batch_size: int | None = None  # images per optimizer step over all processes (epoch-based schedules)
+
+    def steps_per_epoch(self) -> int | None:
+        """Optimizer steps in one pass over the training set, or None when either size is unknown."""
+        if not self.num_train_samples or not self.global_batch_size:
+            return None
+        return max(1, -(-self.num_train_samples // self.global_batch_size))
 
 
 def parse_options(options_type: type, options: dict[str, Any], objective: str):
@@ -60,6 +68,11 @@ class Objective(nn.Module):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def before_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after backward (gradients averaged over processes), before the optimizer step: the place to
+        drop gradients of parameters frozen for a while (SwAV prototypes, DINO's last layer) by setting
+        ``param.grad = None``, which also skips their weight decay and momentum."""
 
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (momentum encoders, queues, temperature schedules)."""

@@ -18,6 +18,7 @@ from trainer.losses import (CONTRASTIVE_LOSSES, contrastive_loss_from_similariti
                             two_view_similarities)
 
 from .base import register
+from .diagnostics import embedding_std
 from .two_view import TwoViewObjective, TwoViewOptions
 
 
@@ -43,9 +44,10 @@ class SimCLR(TwoViewObjective):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         z1, z2 = self.project_views(batch)
         if self.options.loss == "infonce":
-            return {"loss": nt_xent(z1, z2, self.options.temperature)}
-        positive, negatives = two_view_similarities(z1, z2)
-        options = loss_options_for(self.options.loss, vars(self.options))
-        loss = contrastive_loss_from_similarities(self.options.loss, positive, negatives, self.options.temperature, **options)
-        return {"loss": loss}
+            loss = nt_xent(z1, z2, self.options.temperature)
+        else:
+            positive, negatives = two_view_similarities(z1, z2)
+            options = loss_options_for(self.options.loss, vars(self.options))
+            loss = contrastive_loss_from_similarities(self.options.loss, positive, negatives, self.options.temperature, **options)
+        return {"loss": loss, "embedding_std": embedding_std(z1)}
 
