@@ -1,4 +1,5 @@
-"""manyview vs lightly: SimCLR and MoCo v2 on CIFAR-10 for the same wall-clock budget, side by side in one run.
+"""manyview vs lightly: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO and Barlow Twins on CIFAR-10 for the same
+wall-clock budget, side by side in one run.
 
 For each repeat and method, one manyview run (``trainer/pretrain.py``) and one lightly run
 (``tests/benchmarks/lightly_side.py``, in its own process with lightly from ``.bench-site``) train a
@@ -40,7 +41,7 @@ BENCH_SITE = os.path.join(REPO, ".bench-site")
 LIGHTLY_PACKAGES = ["lightly", "hydra-core", "omegaconf", "antlr4-python3-runtime==4.9.3", "pytorch_lightning",
                     "lightning-utilities", "torchmetrics"]
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
-METHODS = ("simclr", "moco2")
+METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
 SIDES = ("manyview", "lightly")
 
 
@@ -213,8 +214,10 @@ resnet18-cifar at batch 256 with the hyper-parameters and augmentation of `train
 lightly's side follows lightly's own examples (`tests/benchmarks/lightly_side.py`). Medians over repeats;
 ratio = manyview / lightly images/s; kNN diff = manyview - lightly in points. Targets: ratio >= 1 and
 kNN diff >= -1 point. Known differences that are each library's own way: manyview's moco2 uses shuffling BN
-(8 groups, as in the paper), lightly's MoCo example plain BN; manyview's SimCLR encodes both views in one
-pass, lightly's example in two.
+(8 groups, as in the paper), lightly's MoCo example plain BN; manyview's BYOL loss is the paper's
+(2 - 2 cos) summed over both directions, lightly's example -cos averaged (a 4x smaller gradient where LARS
+does not rescale it: biases and norms); lightly's DINO/SwAV examples count warm-up and freezing in epochs,
+given here in steps on both sides.
 
 """
 
@@ -240,7 +243,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench_vs_lightly", description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=600, help="seconds of training per run")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of simclr,moco2")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--max-steps", type=int, help="nominal LR-schedule length (default: from the budget)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--num-workers", type=int, default=2)

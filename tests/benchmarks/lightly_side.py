@@ -1,16 +1,21 @@
-"""The lightly side of the benchmark: SimCLR and MoCo v2 trained with lightly (1.6), as a lightly user would.
+"""The lightly side of the benchmark: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO and Barlow Twins trained with
+lightly (1.6), as a lightly user would.
 
-Written after lightly's own examples (``examples/pytorch/simclr.py``, ``moco.py``): ``SimCLRProjectionHead`` /
-``MoCoProjectionHead``, ``NTXentLoss`` (with ``memory_bank_size=(K, D)`` as MoCo's queue), ``update_momentum``
-and ``deactivate_requires_grad`` for the key network, ``SimCLRTransform`` / ``MoCoV2Transform`` for the views,
-and a plain ``DataLoader`` over a ``webdataset.WebDataset`` of the shards. Everything that is not the
+Written after lightly's own examples (``examples/pytorch/<method>.py``): lightly's projection/prediction heads,
+prototypes and losses (``NTXentLoss`` with ``memory_bank_size=(K, D)`` as MoCo's queue,
+``NegativeCosineSimilarity``, ``SwaVLoss``, ``DINOLoss``, ``BarlowTwinsLoss``), ``update_momentum`` with
+``cosine_schedule`` and ``deactivate_requires_grad`` for momentum networks, lightly's transforms for the views
+(``SimCLRTransform``, ``MoCoV2Transform``, ``SimSiamTransform``, ``BYOLTransform``, ``SwaVTransform``,
+``DINOTransform``), and a plain ``DataLoader`` over a ``webdataset.WebDataset`` of the shards. Everything that is not the
 library under test is shared with manyview so that only the libraries differ:
 
 * the backbone is ``trainer.models.build_backbone("resnet18-cifar")`` (the same network, same seed);
 * the hyper-parameters and augmentation values are read from manyview's recipe
   (``trainer/recipes/<method>.yaml``), the LR follows ``trainer.optim.lr_at`` (warm-up + cosine over the
-  nominal ``--max-steps``, linear scaling by batch / 256), SGD with momentum, no weight decay on biases and
-  norms (lightly's ``get_weight_decay_parameters``, as in lightly's own benchmarks);
+  nominal ``--max-steps``, linear scaling by batch / 256), the recipe's optimizer (SGD or LARS, built by
+  ``trainer.optim.build_optimizer``), no weight decay on biases and norms (lightly's
+  ``get_weight_decay_parameters``, as in lightly's own benchmarks); schedules counted in epochs by lightly
+  (DINO's teacher-temperature warm-up and last-layer freezing) are given in steps;
 * the stopping rule is manyview's ``--time-budget``: the clock starts when the loop starts iterating the
   loader (worker start-up included) and training stops after the first step that ends past the budget;
 * one ``metrics.jsonl`` record per step (step, loss, lr, images_seen, time), like manyview with
@@ -39,46 +44,55 @@ if REPO not in sys.path:  # run as a script from anywhere
 
 import torch
 import webdataset as wds
-from lightly.loss import NTXentLoss
-from lightly.models.modules import MoCoProjectionHead, SimCLRProjectionHead
+from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss
+from lightly.models.modules import (BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead,
+                                    DINOProjectionHead, MoCoProjectionHead, SimCLRProjectionHead,
+                                    SimSiamPredictionHead, SimSiamProjectionHead, SwaVProjectionHead, SwaVPrototypes)
 from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
-from lightly.transforms import MoCoV2Transform, SimCLRTransform
+from lightly.transforms import (BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform,
+                                MoCoV2Transform, SimCLRTransform, SimSiamTransform, SwaVTransform)
+from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from trainer.config import TrainConfig, load_recipe, recipe_path
 from trainer.data.shards import expand_patterns
 from trainer.models import EmbeddingModel, ModelConfig, build_backbone, save_model
-from trainer.optim import lr_at, scaled_lr
+from trainer.optim import build_optimizer, lr_at, scaled_lr
 
-METHODS = ("simclr", "moco2")
+METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
 
 
-class SimCLR(nn.Module):
-    """lightly's SimCLR example: backbone + SimCLRProjectionHead (Linear-BN-ReLU-Linear)."""
+class Projected(nn.Module):
+    """lightly's examples' shape: backbone -> projection head (-> prediction head), features flattened."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, backbone: nn.Module, projection_head: nn.Module, prediction_head: nn.Module | None = None):
         super().__init__()
         self.backbone = backbone
-        self.projection_head = SimCLRProjectionHead(feature_dim, hidden_dim, out_dim)
+        self.projection_head = projection_head
+        self.prediction_head = prediction_head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection_head(self.backbone(x).flatten(start_dim=1))
 
 
-class MoCo(nn.Module):
-    """lightly's MoCo example: query network + a momentum copy for the keys (no gradient)."""
+class WithMomentum(nn.Module):
+    """An online ``Projected`` network plus a momentum copy of backbone + projection head (MoCo, BYOL, DINO)."""
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, online: Projected, teacher_head: nn.Module | None = None):
         super().__init__()
-        self.backbone = backbone
-        self.projection_head = MoCoProjectionHead(feature_dim, hidden_dim, out_dim)  # Linear-ReLU-Linear (v2)
-        self.backbone_momentum = copy.deepcopy(self.backbone)
-        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        self.online = online
+        self.backbone_momentum = copy.deepcopy(online.backbone)
+        self.projection_head_momentum = teacher_head if teacher_head is not None else copy.deepcopy(online.projection_head)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone(x).flatten(start_dim=1))
+    @property
+    def backbone(self) -> nn.Module:
+        return self.online.backbone
+
+    def update(self, momentum: float) -> None:
+        update_momentum(self.online.backbone, self.backbone_momentum, m=momentum)
+        update_momentum(self.online.projection_head, self.projection_head_momentum, m=momentum)
 
     def forward_momentum(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection_head_momentum(self.backbone_momentum(x).flatten(start_dim=1)).detach()
@@ -89,27 +103,137 @@ def recipe(method: str) -> TrainConfig:
     return load_recipe(recipe_path(method), TrainConfig(objective=method))
 
 
-def transform_for(method: str, augment: dict, image_size: int, mean, std):
-    """lightly's transform configured to the recipe's augmentation (manyview's ``AugmentConfig`` fields).
+def _jitter(augment: dict) -> dict:
+    """manyview's jitter (0.8 s, 0.8 s, 0.8 s, 0.2 s) with strength s is lightly's ``cj_strength=s`` with
+    SimCLR's (0.8, 0.8, 0.8, 0.2) factors."""
+    return {"cj_prob": augment.get("jitter_prob", 0.8), "cj_strength": augment.get("jitter_strength", 0.5),
+            "cj_bright": 0.8, "cj_contrast": 0.8, "cj_sat": 0.8, "cj_hue": 0.2,
+            "random_gray_scale": augment.get("grayscale_prob", 0.2), "hf_prob": augment.get("flip", 0.5)}
 
-    manyview's jitter is (0.8 s, 0.8 s, 0.8 s, 0.2 s) with strength s, which is lightly's ``cj_strength=s``
-    with SimCLR's default (0.8, 0.8, 0.8, 0.2) factors; blur is off in both CIFAR recipes.
-    """
+
+def _min_scale(augment: dict) -> float:
     crop = augment.get("crop_scale", (0.2, 1.0))
     if float(crop[1]) != 1.0:
         raise ValueError(f"lightly's transforms crop up to scale 1.0; the recipe asks for {crop}")
-    transform_cls = SimCLRTransform if method == "simclr" else MoCoV2Transform
-    return transform_cls(
-        input_size=image_size,
-        cj_prob=augment.get("jitter_prob", 0.8),
-        cj_strength=augment.get("jitter_strength", 0.5),
-        cj_bright=0.8, cj_contrast=0.8, cj_sat=0.8, cj_hue=0.2,
-        min_scale=float(crop[0]),
-        random_gray_scale=augment.get("grayscale_prob", 0.2),
-        gaussian_blur=augment.get("blur_prob", 0.0),
-        hf_prob=augment.get("flip", 0.5),
-        normalize={"mean": list(mean), "std": list(std)},
-    )
+    return float(crop[0])
+
+
+def transform_for(method: str, options: dict, image_size: int, mean, std):
+    """lightly's transform for ``method`` configured to the recipe's augmentation (manyview's
+    ``AugmentConfig`` fields; blur is off in the CIFAR recipes)."""
+    augment = options.get("augment", {})
+    normalize = {"mean": list(mean), "std": list(std)}
+    common = {**_jitter(augment), "gaussian_blur": augment.get("blur_prob", 0.0), "normalize": normalize}
+    if method in ("simclr", "moco2", "simsiam"):
+        transform_cls = {"simclr": SimCLRTransform, "moco2": MoCoV2Transform, "simsiam": SimSiamTransform}[method]
+        return transform_cls(input_size=image_size, min_scale=_min_scale(augment), **common)
+    if method in ("byol", "barlow_twins"):  # lightly's Barlow Twins example uses BYOL's transforms too
+        second = {**augment, **options.get("second_view_augment", {})}
+        view1 = BYOLView1Transform(input_size=image_size, min_scale=_min_scale(augment),
+                                   solarization_prob=augment.get("solarize_prob", 0.0), **common)
+        view2 = BYOLView2Transform(input_size=image_size, min_scale=_min_scale(second),
+                                   **{**_jitter(second), "gaussian_blur": second.get("blur_prob", 0.0),
+                                      "solarization_prob": second.get("solarize_prob", 0.0), "normalize": normalize})
+        return BYOLTransform(view_1_transform=view1, view_2_transform=view2)
+    global_scale = tuple(options.get("global_crop_scale", (0.14, 1.0)))
+    local_scale = tuple(options.get("local_crop_scale", (0.05, 0.14)))
+    local_size, local_count = int(options.get("local_crop_size", 16)), int(options.get("num_local_crops", 6))
+    if method == "swav":
+        return SwaVTransform(crop_sizes=(image_size, local_size), crop_counts=(2, local_count),
+                             crop_min_scales=(global_scale[0], local_scale[0]),
+                             crop_max_scales=(global_scale[1], local_scale[1]), **common)
+    if method == "dino":
+        jitter = _jitter(augment)
+        return DINOTransform(global_crop_size=image_size, global_crop_scale=global_scale, local_crop_size=local_size,
+                             local_crop_scale=local_scale, n_local_views=local_count,
+                             gaussian_blur=(augment.get("blur_prob", 0.0),) * 3,
+                             solarization_prob=augment.get("solarize_prob", 0.0), normalize=normalize,
+                             **{k: jitter[k] for k in ("cj_prob", "cj_strength", "cj_bright", "cj_contrast", "cj_sat",
+                                                        "cj_hue", "random_gray_scale", "hf_prob")})
+    raise ValueError(f"no lightly transform for {method!r}")
+
+
+def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: int, max_steps: int):
+    """(model, step_loss) as in lightly's example for ``method``; ``step_loss(views, step)`` returns the loss
+    (momentum updates included, before the forward as the examples do) and the model exposes ``.backbone``."""
+    def opt(name, default):
+        return options.get(name, default)
+
+    hidden, out_dim = int(opt("projection_hidden_dim", 2048)), int(opt("projection_dim", opt("embed_dim", 128)))
+    if method == "simclr":
+        model = Projected(backbone, SimCLRProjectionHead(feature_dim, hidden, out_dim))
+        criterion = NTXentLoss(temperature=float(opt("temperature", 0.5)))
+        return model, lambda views, step: criterion(model(views[0]), model(views[1]))
+    if method == "moco2":
+        model = WithMomentum(Projected(backbone, MoCoProjectionHead(feature_dim, hidden, out_dim)))
+        criterion = NTXentLoss(temperature=float(opt("temperature", 0.2)),
+                               memory_bank_size=(int(opt("queue_size", 4096)), out_dim))
+
+        def moco_loss(views, step):
+            model.update(float(opt("momentum", 0.99)))
+            return criterion(model.online(views[0]), model.forward_momentum(views[1]))
+        return model, moco_loss
+    if method == "byol":
+        online = Projected(backbone, BYOLProjectionHead(feature_dim, hidden, out_dim),
+                           BYOLPredictionHead(out_dim, int(opt("predictor_hidden_dim", 4096)), out_dim))
+        model, criterion = WithMomentum(online), NegativeCosineSimilarity()
+
+        def byol_loss(views, step):
+            model.update(cosine_schedule(step, max_steps, float(opt("momentum", 0.996)), float(opt("final_momentum", 1.0))))
+            p0, p1 = (online.prediction_head(online(v)) for v in views[:2])
+            z0, z1 = (model.forward_momentum(v) for v in views[:2])
+            return 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        return model, byol_loss
+    if method == "simsiam":
+        model = Projected(backbone, SimSiamProjectionHead(feature_dim, hidden, out_dim),
+                          SimSiamPredictionHead(out_dim, int(opt("predictor_hidden_dim", 512)), out_dim))
+        criterion = NegativeCosineSimilarity()
+
+        def simsiam_loss(views, step):
+            z0, z1 = model(views[0]), model(views[1])
+            p0, p1 = model.prediction_head(z0), model.prediction_head(z1)
+            return 0.5 * (criterion(z0.detach(), p1) + criterion(z1.detach(), p0))
+        return model, simsiam_loss
+    if method == "barlow_twins":
+        model = Projected(backbone, BarlowTwinsProjectionHead(feature_dim, hidden, out_dim))
+        criterion = BarlowTwinsLoss(lambda_param=float(opt("lambd", 5e-3)))
+        return model, lambda views, step: criterion(model(views[0]), model(views[1]))
+    if method == "swav":
+        model = Projected(backbone, SwaVProjectionHead(feature_dim, hidden, out_dim))
+        frozen = int(opt("freeze_prototypes_steps", None) or 0)
+        model.prototypes = SwaVPrototypes(out_dim, n_prototypes=int(opt("num_prototypes", 300)),
+                                          n_steps_frozen_prototypes=frozen)
+        criterion = SwaVLoss(temperature=float(opt("temperature", 0.1)),
+                             sinkhorn_iterations=int(opt("sinkhorn_iterations", 3)),
+                             sinkhorn_epsilon=float(opt("epsilon", 0.05)))
+
+        def swav_loss(views, step):
+            model.prototypes.normalize()
+            outputs = [model.prototypes(nn.functional.normalize(model(v), dim=1, p=2), step) for v in views]
+            return criterion(outputs[:2], outputs[2:])
+        return model, swav_loss
+    if method == "dino":
+        num_outputs, bottleneck = int(opt("num_prototypes", opt("output_dim", 4096))), int(opt("bottleneck_dim", 256))
+        freeze = int(opt("freeze_last_layer_steps", None) or 0)
+        online = Projected(backbone, DINOProjectionHead(feature_dim, hidden, bottleneck, num_outputs,
+                                                        freeze_last_layer=freeze))
+        model = WithMomentum(online, DINOProjectionHead(feature_dim, hidden, bottleneck, num_outputs))
+        model.projection_head_momentum.load_state_dict(online.projection_head.state_dict())
+        warmup = int(opt("teacher_temperature_warmup_steps", 0) or 0)
+        criterion = DINOLoss(output_dim=num_outputs, warmup_teacher_temp=float(opt("teacher_temperature_start", 0.04)),
+                             teacher_temp=float(opt("teacher_temperature", 0.04)), warmup_teacher_temp_epochs=warmup,
+                             student_temp=float(opt("student_temperature", 0.1)),
+                             center_momentum=float(opt("center_momentum", 0.9)))
+
+        def dino_loss(views, step):
+            model.update(cosine_schedule(step, max_steps, float(opt("momentum", 0.996)), float(opt("final_momentum", 1.0))))
+            teacher = [model.forward_momentum(v) for v in views[:2]]
+            student = [online(v) for v in views]
+            loss = criterion(teacher, student, epoch=step)  # "epochs" counted in steps: warm-up given in steps
+            return loss
+        model.after_backward = lambda step: online.projection_head.cancel_last_layer_gradients(current_epoch=step)
+        return model, dino_loss
+    raise ValueError(f"unknown method {method!r}")
 
 
 def loader_for(urls: list[str], transform, batch_size: int, num_workers: int, shuffle_buffer: int, seed: int):
@@ -130,26 +254,17 @@ def train(args: argparse.Namespace) -> dict:
     options = config.objective_options
     torch.manual_seed(args.seed)
     built = build_backbone("resnet18-cifar", config.data.image_size)
-    backbone = built.module
-    hidden = int(options.get("projection_hidden_dim", 2048))
-    out_dim = int(options.get("projection_dim", options.get("embed_dim", 128)))  # simclr's / moco2's name
-    if args.method == "simclr":
-        model = SimCLR(backbone, built.feature_dim, hidden, out_dim)
-        criterion = NTXentLoss(temperature=float(options.get("temperature", 0.5)))
-    else:
-        model = MoCo(backbone, built.feature_dim, hidden, out_dim)
-        criterion = NTXentLoss(temperature=float(options.get("temperature", 0.2)),
-                               memory_bank_size=(int(options.get("queue_size", 4096)), out_dim))
-    key_momentum = float(options.get("momentum", 0.99))
+    model, step_loss = build_method(args.method, options, built.module, built.feature_dim, args.max_steps)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, criterion = model.to(device), criterion.to(device)
+    model = model.to(device)
 
     base_lr = scaled_lr(config.optim, args.batch_size)
-    decay, no_decay = get_weight_decay_parameters([model.backbone, model.projection_head])
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.optim.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=base_lr, momentum=config.optim.momentum)
-    transform = transform_for(args.method, options.get("augment", {}), config.data.image_size, built.mean, built.std)
+    decay, no_decay = get_weight_decay_parameters([model])  # lightly's split: no decay on biases and norms
+    decay, no_decay = [p for p in decay if p.requires_grad], [p for p in no_decay if p.requires_grad]
+    # The recipe's optimizer (SGD or LARS, built by the same code as manyview's) so that only the libraries differ.
+    optimizer = build_optimizer([{"params": decay, "weight_decay": config.optim.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}], config.optim, base_lr)
+    transform = transform_for(args.method, options, config.data.image_size, built.mean, built.std)
     loader = loader_for(expand_patterns(args.train_data), transform, args.batch_size, args.num_workers,
                         config.data.shuffle_buffer, args.seed)
 
@@ -160,18 +275,15 @@ def train(args: argparse.Namespace) -> dict:
     step, images_seen = 0, 0
     started = time.perf_counter()
     with open(metrics_path, "a", encoding="utf-8") as metrics:
-        for (x0, x1), _ in loader:
-            x0, x1 = x0.to(device, non_blocking=True), x1.to(device, non_blocking=True)
+        for views, _ in loader:
+            views = [v.to(device, non_blocking=True) for v in views]
             lr = lr_at(step, base_lr, config.optim.warmup_steps, args.max_steps, config.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            if args.method == "simclr":
-                loss = criterion(model(x0), model(x1))
-            else:
-                update_momentum(model.backbone, model.backbone_momentum, m=key_momentum)
-                update_momentum(model.projection_head, model.projection_head_momentum, m=key_momentum)
-                loss = criterion(model(x0), model.forward_momentum(x1))
+            loss = step_loss(views, step)
             loss.backward()
+            if hasattr(model, "after_backward"):
+                model.after_backward(step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
