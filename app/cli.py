@@ -1,7 +1,8 @@
 """The ``manyview`` console script: one entry point whose subcommands run the same code as the modules.
 
-``manyview prepare|pretrain|evaluate|export|index|serve [args]`` equals ``python -m trainer.prepare``,
-``trainer/pretrain.py``, ``python -m trainer.evaluate``, ``python -m export``, ``python -m index.build`` and
+``manyview prepare|pretrain|evaluate|export|extract|index|serve [args]`` equals ``python -m trainer.prepare``,
+``trainer/pretrain.py``, ``python -m trainer.evaluate``, ``python -m export``, ``python -m export.extract``,
+``python -m index.build`` and
 ``python -m app``. Subcommands import their module only when chosen, so ``serve`` never loads torch.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ COMMANDS = {
     "pretrain": ("trainer.pretrain", "train an objective (use `accelerate launch trainer/pretrain.py` for several processes)"),
     "evaluate": ("trainer.evaluate", "kNN / linear / zero-shot accuracy of a saved model"),
     "export": ("export.__main__", "ONNX encoders + preprocess.json, parity-checked"),
+    "extract": ("export.extract", "embeddings of a shard set through the ONNX encoder (resumable, multi-process)"),
     "index": ("index.build", "FAISS index of a shard set through the ONNX encoder"),
     "serve": ("app.__main__", "the Gradio search app"),
 }

@@ -1,4 +1,5 @@
-"""``python -m export --model RUN/model --output RUN/onnx``: ONNX encoders + preprocess.json, parity-checked."""
+"""``python -m export --model RUN/model --output RUN/onnx [--uint8-input] [--fp16]``: ONNX encoders +
+preprocess.json, parity-checked against eager PyTorch."""
 from __future__ import annotations
 
 import argparse
@@ -13,15 +14,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="RUN/model directory written by pretrain")
     parser.add_argument("--output", required=True, help="directory for the ONNX files (RUN/onnx)")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's fixed opset)")
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff of normalised embeddings")
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="fp32: max abs diff of normalised embeddings")
+    parser.add_argument("--uint8-input", action="store_true",
+                        help="image graph takes uint8 [N, H, W, C] at the model's size and normalises itself")
+    parser.add_argument("--fp16", action="store_true",
+                        help="also write float16 variants (*.fp16.onnx) for GPUs; parity: min cosine >= 0.999")
     args = parser.parse_args(argv)
 
     from export.onnx import OPSET, ParityError, export_model
 
     try:
-        report = export_model(args.model, args.output, opset=args.opset or OPSET, tolerance=args.tolerance)
+        report = export_model(args.model, args.output, opset=args.opset or OPSET, tolerance=args.tolerance,
+                              uint8_input=args.uint8_input, fp16=args.fp16)
     except FileNotFoundError as error:
-        parser.error(str(error))
+        print(f"export failed: {error}", file=sys.stderr)
+        return 2
     except ParityError as error:
         print(f"export failed parity: {error}", file=sys.stderr)
         return 2

@@ -1,9 +1,18 @@
 """Export a saved model to ONNX, checking the result against eager PyTorch before declaring success.
 
-Writes ``image_encoder.onnx`` (input ``pixels`` float32 [N, C, H, W] -> ``embedding`` [N, D]),
-``text_encoder.onnx`` for image-text models (input ``tokens`` int64 [N, L]), ``preprocess.json`` and the
-BPE vocabulary the text encoder's tokenizer needs. Every file is written to a staging directory first and
-moved into place only after the parity check passes.
+Writes into the output directory (the contract ``export/runtime.py`` reads):
+
+* ``image_encoder.onnx``: input ``pixels`` float32 [N, C, H, W] (normalised), or with ``uint8_input``
+  ``images`` uint8 [N, H, W, C] (the graph scales by 1/255 and applies mean/std itself) -> ``embedding`` [N, D]
+* ``text_encoder.onnx`` for image-text models: input ``tokens`` int64 [N, L] -> ``embedding`` [N, D]
+* with ``fp16``: ``image_encoder.fp16.onnx`` (and ``text_encoder.fp16.onnx``), float16 weights and
+  compute, float32 inputs/outputs, meant for GPUs
+* ``preprocess.json`` (what a client must still do, the tokenizer, the parity figures) and the BPE vocabulary
+
+Every graph is traced at batch 2 with a dynamic batch axis, exported at a fixed opset, passed through
+``onnx.checker`` and compared with eager PyTorch on fresh random inputs at another batch size
+(fp32: max abs diff of L2-normalised embeddings <= ``tolerance``; fp16: min cosine >= ``FP16_MIN_COSINE``).
+Files are written to a staging directory and moved into place only when every check passes.
 """
 from __future__ import annotations
 
@@ -12,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +31,13 @@ from torch import nn
 log = logging.getLogger("manyview.export")
 
 OPSET = 17
-IMAGE_INPUT, TEXT_INPUT, OUTPUT = "pixels", "tokens", "embedding"
+IMAGE_INPUT, UINT8_INPUT, TEXT_INPUT, OUTPUT = "pixels", "images", "tokens", "embedding"
+IMAGE_MODEL, TEXT_MODEL = "image_encoder.onnx", "text_encoder.onnx"
+IMAGE_MODEL_FP16, TEXT_MODEL_FP16 = "image_encoder.fp16.onnx", "text_encoder.fp16.onnx"
 VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
+FP32_TOLERANCE = 1e-4
+FP16_MIN_COSINE = 0.999
+TRACE_BATCH, CHECK_BATCH = 2, 5
 
 
 class ParityError(RuntimeError):
@@ -42,11 +57,33 @@ class Parity:
 
 
 class _ImageEncoder(nn.Module):
+    """Normalised float pixels [N, C, H, W] -> embedding."""
+
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixels)
+
+
+class _Uint8ImageEncoder(nn.Module):
+    """uint8 images [N, H, W, C] (resized and cropped by the client) -> embedding.
+
+    Scaling and mean/std normalisation live in the graph as one multiply-add per channel
+    ((x / 255 - mean) / std == x * scale + shift), so clients in any language only decode and resize.
+    """
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        std_t = torch.tensor(std, dtype=torch.float32)
+        mean_t = torch.tensor(mean, dtype=torch.float32)
+        self.register_buffer("scale", (1.0 / (255.0 * std_t)).view(1, -1, 1, 1))
+        self.register_buffer("shift", (-mean_t / std_t).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = images.permute(0, 3, 1, 2).to(torch.float32) * self.scale + self.shift
         return self.model.encode_image(pixels)
 
 
@@ -59,46 +96,132 @@ class _TextEncoder(nn.Module):
         return self.model.encode_text(tokens)
 
 
-def _export_graph(module: nn.Module, example: torch.Tensor, input_name: str, path: str, opset: int) -> None:
-    """Trace at batch >= 2 with a dynamic batch axis and check the graph with ``onnx.checker``."""
+def export_graph(module: nn.Module, example: torch.Tensor, input_name: str, path: str, opset: int = OPSET) -> None:
+    """Trace ``module`` on ``example`` (batch >= 2) with a dynamic batch axis; check with ``onnx.checker``."""
     import onnx
 
+    if example.shape[0] < 2:
+        # At batch 1 the tracer may bake the batch size into reshapes; the dynamic axis would then lie.
+        raise ValueError(f"trace at batch >= 2, got {example.shape[0]}")
     module.eval()
-    with torch.no_grad():
-        torch.onnx.export(
-            module, (example,), path, input_names=[input_name], output_names=[OUTPUT],
-            dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
-            opset_version=opset, dynamo=False, do_constant_folding=True,
-        )
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's eval fast path is one fused op (aten::_native_multi_head_attention) that the
+    # exporter cannot express; the standard path traces into plain matmul/softmax ops with the same numbers.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # TorchScript exporter deprecation and tracer warnings
+            torch.onnx.export(
+                module, (example,), path, input_names=[input_name], output_names=[OUTPUT],
+                dynamic_axes={input_name: {0: "batch"}, OUTPUT: {0: "batch"}},
+                opset_version=opset, dynamo=False, do_constant_folding=True,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     onnx.checker.check_model(onnx.load(path))
 
 
+def convert_fp16(source: str, target: str) -> None:
+    """Write a float16 copy of the graph at ``source`` (weights and compute; inputs/outputs stay as they are)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(source), keep_io_types=True)
+    _topological_sort(model.graph)  # the converter appends the input casts at the end of the node list
+    onnx.checker.check_model(model)
+    onnx.save(model, target)
+
+
+def _topological_sort(graph) -> None:
+    """Reorder ``graph.node`` in place so every node comes after the producers of its inputs."""
+    available = {value.name for value in graph.input} | {init.name for init in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        ready = [node for node in pending if all(name in available for name in node.input)]
+        if not ready:
+            raise ValueError("the float16 graph has a cycle or an input no node produces")
+        for node in ready:
+            available.update(node.output)
+        ready_ids = {id(node) for node in ready}
+        pending = [node for node in pending if id(node) not in ready_ids]
+        ordered.extend(ready)
+    copies = [type(node)() for node in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
+
+
 def _normalise(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float64)
     return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
 
 
-def check_parity(module: nn.Module, path: str, inputs: torch.Tensor, tolerance: float = 1e-4) -> Parity:
-    """Run ``inputs`` through eager ``module`` and the ONNX file; raise ``ParityError`` over ``tolerance``."""
+def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
+    """Max abs difference and min cosine of the L2-normalised rows of two [N, D] arrays."""
+    a, b = _normalise(reference), _normalise(candidate)
+    return Parity(max_abs_diff=float(np.abs(a - b).max()), min_cosine=float((a * b).sum(axis=1).min()), batch=len(a))
+
+
+def check_parity(
+    module: nn.Module, path: str, inputs: torch.Tensor, tolerance: float = FP32_TOLERANCE,
+    min_cosine: float | None = None,
+) -> Parity:
+    """Run ``inputs`` through eager ``module`` and the ONNX file on ONNX Runtime's CPU provider.
+
+    Raises ``ParityError`` when the max abs diff exceeds ``tolerance`` or, if given, the min cosine is
+    below ``min_cosine`` (the fp16 criterion; then ``tolerance`` is not applied).
+    """
     import onnxruntime as ort
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    from export.runtime import session_options
+
+    # The runtime's own session options, so the check covers the graph as it will be optimised and run.
+    options = session_options(threads=None, fp16=min_cosine is not None)
+    session = ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
     with torch.no_grad():
-        eager = _normalise(module(inputs).float().numpy())
-    onnx_out = _normalise(session.run([OUTPUT], {input_name: inputs.numpy()})[0])
-    parity = Parity(
-        max_abs_diff=float(np.abs(eager - onnx_out).max()),
-        min_cosine=float((eager * onnx_out).sum(axis=1).min()),
-        batch=int(inputs.shape[0]),
-    )
-    if not parity.max_abs_diff <= tolerance:
-        raise ParityError(f"{os.path.basename(path)}: max abs diff {parity.max_abs_diff:.3g} > {tolerance:g} "
+        eager = module(inputs).float().numpy()
+    parity = compare(eager, session.run([OUTPUT], {input_name: inputs.numpy()})[0])
+    name = os.path.basename(path)
+    if min_cosine is not None:
+        if not parity.min_cosine >= min_cosine:
+            raise ParityError(f"{name}: min cosine {parity.min_cosine:.6f} < {min_cosine} "
+                              f"(max abs diff {parity.max_abs_diff:.3g}); the export is not faithful")
+    elif not parity.max_abs_diff <= tolerance:
+        raise ParityError(f"{name}: max abs diff {parity.max_abs_diff:.3g} > {tolerance:g} "
                           f"(min cosine {parity.min_cosine:.6f}); the export is not faithful")
     return parity
 
 
-def preprocess_info(saved: dict, model, has_text: bool) -> dict:
+def client_steps(config, uint8_input: bool) -> list[str]:
+    """What a client must do to an image before the image encoder, in order (recorded in preprocess.json)."""
+    mode = "grayscale (L)" if config.channels == 1 else "RGB"
+    size = config.image_size
+    steps = [
+        f"decode the image and convert it to {mode}",
+        f"resize so the shorter side is {size} px (bicubic)",
+        f"centre-crop {size}x{size}",
+    ]
+    if uint8_input:
+        steps.append(f"stack as uint8 [N, {size}, {size}, {config.channels}] (NHWC, values 0-255) into input "
+                     f"'{UINT8_INPUT}'; the graph scales and normalises")
+    else:
+        steps += [
+            "scale to [0, 1] (divide by 255)",
+            f"subtract mean {list(config.mean)} and divide by std {list(config.std)} per channel",
+            f"transpose to float32 [N, {config.channels}, {size}, {size}] (NCHW) into input '{IMAGE_INPUT}'",
+        ]
+    steps.append(f"L2-normalise the '{OUTPUT}' rows (the graph returns unnormalised embeddings)")
+    return steps
+
+
+def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = False, fp16: bool = False) -> dict:
+    """The ``preprocess.json`` contents for ``model`` (see ``export/runtime.py`` for the reader)."""
     config = model.config
+    variants = {"fp32": {"image": IMAGE_MODEL, "text": TEXT_MODEL if has_text else None}}
+    if fp16:
+        variants["fp16"] = {"image": IMAGE_MODEL_FP16, "text": TEXT_MODEL_FP16 if has_text else None}
     return {
         "image_size": config.image_size,
         "channels": config.channels,
@@ -106,21 +229,59 @@ def preprocess_info(saved: dict, model, has_text: bool) -> dict:
         "std": list(config.std),
         "resize": "bicubic",
         "crop": "center",
+        "input_format": "uint8_nhwc" if uint8_input else "float32_nchw",
+        "client_steps": client_steps(config, uint8_input),
         "embed_dim": model.embed_dim,
-        "image_input": IMAGE_INPUT,
+        "image_input": UINT8_INPUT if uint8_input else IMAGE_INPUT,
         "text_input": TEXT_INPUT if has_text else None,
         "output": OUTPUT,
+        "normalized_output": False,
         "opset": OPSET,
+        "variants": variants,
         "tokenizer": (
-            {"type": "clip_bpe", "vocab_file": VOCAB_NAME, "context_length": config.text.context_length}
+            {
+                "type": "clip_bpe", "vocab_file": VOCAB_NAME, "context_length": config.text.context_length,
+                "source": "open_clip's bundled BPE (bpe_simple_vocab_16e6), lower-cased, ftfy + whitespace cleaning",
+                "start_token": config.text.vocab_size - 2, "end_token": config.text.vocab_size - 1, "pad_token": 0,
+                "truncate": "rows longer than context_length are cut to context_length and the last position set to end_token",
+            }
             if has_text else None
         ),
         "model": {k: v for k, v in saved.items() if k not in ("model",)},
     }
 
 
-def export_model(model_dir: str, output_dir: str, opset: int = OPSET, tolerance: float = 1e-4, seed: int = 0) -> dict:
-    """Export ``model_dir`` (a ``RUN/model``) to ``output_dir``; returns the parity report."""
+def _image_inputs(batch: int, config, uint8_input: bool, generator: torch.Generator) -> torch.Tensor:
+    size, channels = config.image_size, config.channels
+    if uint8_input:
+        return torch.randint(0, 256, (batch, size, size, channels), dtype=torch.uint8, generator=generator)
+    return torch.randn(batch, channels, size, size, generator=generator)
+
+
+class _FloatReference(nn.Module):
+    """Eager reference for the uint8 graph: the textbook (x / 255 - mean) / std, not the fused form."""
+
+    def __init__(self, model, mean, std):
+        super().__init__()
+        self.model = model
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        pixels = (images.permute(0, 3, 1, 2).to(torch.float32) / 255.0 - self.mean) / self.std
+        return self.model.encode_image(pixels)
+
+
+def export_model(
+    model_dir: str, output_dir: str, opset: int = OPSET, tolerance: float = FP32_TOLERANCE, seed: int = 0,
+    uint8_input: bool = False, fp16: bool = False, fp16_min_cosine: float = FP16_MIN_COSINE,
+) -> dict:
+    """Export ``model_dir`` (a ``RUN/model``) to ``output_dir``; returns the parity report
+    ``{"image": {...}, "text": {...}, "image_fp16": {...}, "text_fp16": {...}}`` (towers present only).
+
+    Raises ``FileNotFoundError`` for a model directory without config or weights and ``ParityError``
+    when a graph disagrees with eager PyTorch; ``output_dir`` is then left as it was.
+    """
     from trainer.models import bpe_vocab_path, load_model
 
     model, saved = load_model(model_dir)
@@ -132,20 +293,36 @@ def export_model(model_dir: str, output_dir: str, opset: int = OPSET, tolerance:
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     report: dict = {}
     try:
-        size, channels = config.image_size, config.channels
-        image = _ImageEncoder(model).eval()
-        image_path = os.path.join(staging, "image_encoder.onnx")
-        _export_graph(image, torch.randn(2, channels, size, size, generator=generator), IMAGE_INPUT, image_path, opset)
+        if uint8_input:
+            image = _Uint8ImageEncoder(model, config.mean, config.std).eval()
+            reference = _FloatReference(model, config.mean, config.std).eval()
+            input_name = UINT8_INPUT
+        else:
+            image = reference = _ImageEncoder(model).eval()
+            input_name = IMAGE_INPUT
+        image_path = os.path.join(staging, IMAGE_MODEL)
+        export_graph(image, _image_inputs(TRACE_BATCH, config, uint8_input, generator), input_name, image_path, opset)
         # Fresh inputs at another batch size: checks the dynamic axis as well as the numbers.
-        report["image"] = check_parity(image, image_path, torch.randn(5, channels, size, size, generator=generator), tolerance).to_dict()
+        check_inputs = _image_inputs(CHECK_BATCH, config, uint8_input, generator)
+        report["image"] = check_parity(reference, image_path, check_inputs, tolerance).to_dict()
+        if fp16:
+            fp16_path = os.path.join(staging, IMAGE_MODEL_FP16)
+            convert_fp16(image_path, fp16_path)
+            report["image_fp16"] = check_parity(reference, fp16_path, check_inputs, min_cosine=fp16_min_cosine).to_dict()
         if model.text is not None:
             text = _TextEncoder(model).eval()
-            text_path = os.path.join(staging, "text_encoder.onnx")
+            text_path = os.path.join(staging, TEXT_MODEL)
             length, vocab = config.text.context_length, config.text.vocab_size
-            _export_graph(text, _random_tokens(2, length, vocab, generator), TEXT_INPUT, text_path, opset)
-            report["text"] = check_parity(text, text_path, _random_tokens(5, length, vocab, generator), tolerance).to_dict()
+            export_graph(text, _random_tokens(TRACE_BATCH, length, vocab, generator), TEXT_INPUT, text_path, opset)
+            tokens = _random_tokens(CHECK_BATCH, length, vocab, generator)
+            report["text"] = check_parity(text, text_path, tokens, tolerance).to_dict()
+            if fp16:
+                fp16_path = os.path.join(staging, TEXT_MODEL_FP16)
+                convert_fp16(text_path, fp16_path)
+                report["text_fp16"] = check_parity(text, fp16_path, tokens, min_cosine=fp16_min_cosine).to_dict()
             shutil.copyfile(bpe_vocab_path(), os.path.join(staging, VOCAB_NAME))
-        info = preprocess_info(saved, model, model.text is not None)
+        info = preprocess_info(saved, model, model.text is not None, uint8_input=uint8_input, fp16=fp16)
+        info["opset"] = opset
         info["parity"] = report
         with open(os.path.join(staging, "preprocess.json"), "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=2)

@@ -2,12 +2,18 @@
 
 Reads a directory written by ``python -m export``::
 
-    image_encoder.onnx   input "pixels" float32 [N, C, H, W] -> output "embedding" float32 [N, D]
-    text_encoder.onnx    (image-text models only) input "tokens" int64 [N, L] -> "embedding" [N, D]
-    preprocess.json      image_size, channels, mean, std, resize, crop, embed_dim, input/output names,
-                         tokenizer (null or {"type": "clip_bpe", "vocab_file", "context_length"}), model
-    <vocab_file>         CLIP BPE merges, when the model has a text encoder
+    image_encoder.onnx       input "pixels" float32 [N, C, H, W] (normalised), or with ``--uint8-input``
+                             "images" uint8 [N, H, W, C] (the graph normalises) -> "embedding" float32 [N, D]
+    text_encoder.onnx        (image-text models only) input "tokens" int64 [N, L] -> "embedding" [N, D]
+    *.fp16.onnx              (``--fp16``) float16 variants with float32 inputs/outputs, for GPUs
+    preprocess.json          image_size, channels, mean, std, resize, crop, input_format, client_steps,
+                             embed_dim, input/output names, variants, tokenizer (null or
+                             {"type": "clip_bpe", "vocab_file", "context_length", ...}), model, parity
+    <vocab_file>             CLIP BPE merges, when the model has a text encoder
 
+Execution providers: TensorRT (when its libraries load), CUDA (when a driver is present), always CPU as
+the fallback; one log line names the provider each session really uses. On CUDA the fp16 variant is
+used when exported, and batches run through IO binding (outputs stay on the device until copied once).
 Serving code (``index``, ``app``) depends on this module, so it must never import torch.
 """
 from __future__ import annotations
@@ -21,15 +27,20 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from trainer.data.preprocess import Preprocess, preprocess_batch
+from trainer.data.preprocess import Preprocess, preprocess_image, resize_center_crop
 
 logger = logging.getLogger(__name__)
 
 IMAGE_MODEL = "image_encoder.onnx"
 TEXT_MODEL = "text_encoder.onnx"
 PREPROCESS = "preprocess.json"
+TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+FLOAT_NCHW, UINT8_NHWC = "float32_nchw", "uint8_nhwc"
+INPUT_FORMATS = (FLOAT_NCHW, UINT8_NHWC)
+PRECISIONS = ("auto", "fp32", "fp16")
+_ONNX_TYPES = {FLOAT_NCHW: "tensor(float)", UINT8_NHWC: "tensor(uint8)"}
 
 
 class EncoderError(RuntimeError):
@@ -43,25 +54,44 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-def _cuda_driver_present() -> bool:
-    """Whether an NVIDIA driver can be loaded.
+def _library_loads(*names: str) -> bool:
+    """Whether one of the shared libraries ``names`` can be loaded.
 
-    onnxruntime-gpu lists CUDAExecutionProvider even on machines without a GPU and then logs a loud
-    error when the session falls back; probing libcuda first keeps CPU-only machines quiet.
+    onnxruntime-gpu lists CUDA/TensorRT providers even on machines without a GPU and then logs a loud
+    error when the session falls back; probing the libraries first keeps CPU-only machines quiet.
     """
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    for name in names:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        return True
+    return False
+
+
+def _cuda_driver_present() -> bool:
+    return _library_loads("libcuda.so.1")
+
+
+def _tensorrt_present() -> bool:
+    if os.environ.get("MANYVIEW_TENSORRT", "1").lower() in ("0", "false", "no", "off"):
         return False
-    return True
+    return _library_loads("libnvinfer.so.10", "libnvinfer.so.8")
 
 
-def default_providers() -> list[str]:
-    """CUDA first when onnxruntime offers it and a driver is present, always CPU as the fallback."""
+def provider_name(provider: Any) -> str:
+    """The name of a provider given as ``"Name"`` or ``("Name", {options})``."""
+    return provider[0] if isinstance(provider, (tuple, list)) else str(provider)
+
+
+def default_providers(device_id: int = 0, fp16: bool = False) -> list:
+    """Best first: TensorRT (its libraries load), CUDA (onnxruntime offers it and a driver is present),
+    and always CPU as the fallback. GPU providers come with their options (device ``device_id``)."""
     import onnxruntime as ort
 
-    providers = [CPU]
-    if CUDA in ort.get_available_providers() and _cuda_driver_present():
+    providers: list = [CPU]
+    available = ort.get_available_providers()
+    if CUDA in available and _cuda_driver_present():
         preload = getattr(ort, "preload_dlls", None)
         if preload is not None:
             # Without torch in the process nothing else loads the pip-installed CUDA/cuDNN libraries.
@@ -69,8 +99,57 @@ def default_providers() -> list[str]:
                 preload()
             except Exception as error:  # noqa: BLE001 - a failed preload only means CPU fallback
                 logger.debug("onnxruntime.preload_dlls failed: %s", error)
-        providers.insert(0, CUDA)
+        providers.insert(0, (CUDA, {"device_id": device_id}))
+        if TENSORRT in available and _tensorrt_present():
+            cache = Path(os.environ.get("MANYVIEW_TRT_CACHE", Path.home() / ".cache" / "manyview" / "tensorrt"))
+            providers.insert(0, (TENSORRT, {
+                "device_id": device_id, "trt_fp16_enable": bool(fp16),
+                "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+            }))
     return providers
+
+
+def session_options(threads: int | None = None, fp16: bool = False):
+    """ONNX Runtime options for throughput: all graph optimisations, sequential execution, ``threads``
+    intra-op threads (None: onnxruntime's default, one per physical core).
+
+    float16 graphs stop at the "extended" level: the remaining level only adds CPU layout transforms
+    (NCHWc), which do nothing for GPU providers, and onnxruntime 1.31's CPU provider crashes (SIGSEGV)
+    applying them to float16 ViT graphs.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED if fp16 else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
+    if threads:
+        options.intra_op_num_threads = int(threads)
+    options.enable_mem_pattern = True
+    options.enable_cpu_mem_arena = True
+    options.log_severity_level = 3  # errors only: fallbacks are reported once, by us
+    return options
+
+
+def prepare_image(image, spec: Preprocess, input_format: str = FLOAT_NCHW) -> np.ndarray:
+    """One PIL image -> the image encoder's per-image input: float32 [C, H, W] normalised
+    (``float32_nchw``) or uint8 [H, W, C] resized and cropped (``uint8_nhwc``)."""
+    if input_format == FLOAT_NCHW:
+        return preprocess_image(image, spec)
+    if input_format != UINT8_NHWC:
+        raise ValueError(f"unknown input_format {input_format!r}; expected one of {INPUT_FORMATS}")
+    image = resize_center_crop(image.convert("L" if spec.channels == 1 else "RGB"), spec.image_size)
+    array = np.asarray(image, dtype=np.uint8)
+    return np.ascontiguousarray(array[:, :, None] if array.ndim == 2 else array)
+
+
+def empty_batch(spec: Preprocess, input_format: str = FLOAT_NCHW) -> np.ndarray:
+    size, channels = spec.image_size, spec.channels
+    if input_format == UINT8_NHWC:
+        return np.zeros((0, size, size, channels), dtype=np.uint8)
+    return np.zeros((0, channels, size, size), dtype=np.float32)
 
 
 def _read_json(path: Path) -> dict:
@@ -93,48 +172,96 @@ def _static_dim(shape: Sequence[Any]) -> int | None:
 
 
 class Encoder:
-    """Embeds images (and, for image-text models, texts) with the exported ONNX encoders."""
+    """Embeds images (and, for image-text models, texts) with the exported ONNX encoders.
 
-    def __init__(self, onnx_dir: str | os.PathLike, providers: Sequence[str] | None = None) -> None:
+    ``providers``: onnxruntime providers, best first (default ``default_providers()``). ``precision``:
+    ``"auto"`` (the fp16 variant on a GPU when it was exported, else fp32), ``"fp32"`` or ``"fp16"``.
+    ``io_binding``: run batches through IO binding (default: on when a GPU provider is in use).
+    ``threads``: intra-op CPU threads (default: onnxruntime's choice). ``device_id``: the GPU to use.
+    """
+
+    def __init__(
+        self,
+        onnx_dir: str | os.PathLike,
+        providers: Sequence[Any] | None = None,
+        precision: str = "auto",
+        io_binding: bool | None = None,
+        threads: int | None = None,
+        device_id: int = 0,
+    ) -> None:
         self.directory = Path(onnx_dir).expanduser().resolve()
         if not self.directory.is_dir():
             raise FileNotFoundError(f"encoder directory {str(self.directory)!r} does not exist")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         info_path = self.directory / PREPROCESS
-        image_path = self.directory / IMAGE_MODEL
-        for required in (info_path, image_path):
-            if not required.is_file():
-                raise FileNotFoundError(f"encoder file {str(required)!r} does not exist")
+        if not info_path.is_file():
+            raise FileNotFoundError(f"encoder file {str(info_path)!r} does not exist")
         self._info = _read_json(info_path)
         self._preprocess = Preprocess.from_dict(self._info)
+        self._input_format = str(self._info.get("input_format", FLOAT_NCHW))
+        if self._input_format not in INPUT_FORMATS:
+            raise EncoderError(f"{PREPROCESS} has input_format {self._input_format!r}; expected one of {INPUT_FORMATS}")
         self._output = str(self._info.get("output", "embedding"))
-        self._providers = list(providers) if providers is not None else default_providers()
+        explicit = providers is not None
+        providers = list(providers) if explicit else default_providers(device_id)
+        self._precision = self._choose_precision(precision, providers)
+        if not explicit and self._precision == "fp16":
+            providers = default_providers(device_id, fp16=True)  # TensorRT builds fp16 engines for it
+        files = self._variant_files(self._precision)
+        image_path = self.directory / files["image"]
+        if not image_path.is_file():
+            raise FileNotFoundError(f"encoder file {str(image_path)!r} does not exist")
+        self._providers = providers
+        self._threads = threads
         self._image_session = self._open(image_path)
+        on_gpu = provider_name(self._image_session.get_providers()[0]) != CPU
+        self._io_binding = on_gpu if io_binding is None else bool(io_binding)
+        self._device = ("cuda", device_id) if on_gpu else ("cpu", 0)
         self._image_input = self._check_input(self._image_session, image_path, self._info.get("image_input", "pixels"))
+        self._check_image_input(self._image_session, image_path)
         self._dim = self._resolve_dim(self._image_session, image_path)
         self._text_session = None
         self._tokenizer = None
-        text_path = self.directory / TEXT_MODEL
-        if text_path.is_file():
+        text_name = files.get("text")
+        text_path = self.directory / text_name if text_name else None
+        if text_path is not None and text_path.is_file():
             self._text_session = self._open(text_path)
             self._text_input = self._check_input(self._text_session, text_path, self._info.get("text_input", "tokens"))
             self._check_output_dim(self._text_session, text_path)
             self._tokenizer = self._load_tokenizer()
+        elif text_name and text_name != TEXT_MODEL:
+            raise FileNotFoundError(f"encoder file {str(text_path)!r} does not exist")
 
     # -- construction helpers -------------------------------------------------------------------
+
+    def _choose_precision(self, precision: str, providers: Sequence[Any]) -> str:
+        variants = self._info.get("variants") or {}
+        if precision == "fp16" and "fp16" not in variants:
+            raise EncoderError(f"{self.directory} has no fp16 variant; export it with --fp16")
+        if precision != "auto":
+            return precision
+        on_gpu = any(provider_name(p) in (CUDA, TENSORRT) for p in providers)
+        return "fp16" if on_gpu and "fp16" in variants else "fp32"
+
+    def _variant_files(self, precision: str) -> dict:
+        variants = self._info.get("variants") or {}
+        default = {"image": IMAGE_MODEL, "text": TEXT_MODEL}
+        return {**default, **(variants.get(precision) or {})}
 
     def _open(self, path: Path):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only: fallbacks are reported once, below, by us
         try:
+            options = session_options(self._threads, fp16=self._precision == "fp16")
             session = ort.InferenceSession(str(path), sess_options=options, providers=self._providers)
         except Exception as error:  # onnxruntime raises its own exception types for corrupt models
             raise EncoderError(f"cannot load ONNX model {str(path)!r}: {error}") from error
         used = session.get_providers()
-        logger.info("%s runs on %s", path.name, used[0] if used else "no provider")
-        if self._providers and self._providers[0] == CUDA and used and used[0] != CUDA:
-            logger.warning("CUDA was requested for %s but onnxruntime fell back to %s", path.name, used[0])
+        logger.info("%s (%s) runs on %s", path.name, self._precision, used[0] if used else "no provider")
+        requested = provider_name(self._providers[0]) if self._providers else CPU
+        if requested != CPU and used and used[0] != requested:
+            logger.warning("%s was requested for %s but onnxruntime uses %s", requested, path.name, used[0])
         return session
 
     def _check_input(self, session, path: Path, expected: str) -> str:
@@ -145,6 +272,31 @@ class Encoder:
         if self._output not in outputs:
             raise EncoderError(f"{path} has outputs {outputs}, but {PREPROCESS} names the output {self._output!r}")
         return expected
+
+    def _check_image_input(self, session, path: Path) -> None:
+        """The graph's input type and fixed sizes must agree with preprocess.json (an encoder/preprocess
+        mismatch would otherwise surface as a cryptic onnxruntime error on the first batch)."""
+        node = next(node for node in session.get_inputs() if node.name == self._image_input)
+        expected_type = _ONNX_TYPES[self._input_format]
+        if node.type != expected_type:
+            raise EncoderError(
+                f"encoder/preprocess mismatch: {path.name} takes {node.type} but {PREPROCESS} says "
+                f"input_format {self._input_format!r} ({expected_type})"
+            )
+        spec = self._preprocess
+        if self._input_format == UINT8_NHWC:
+            expected = (spec.image_size, spec.image_size, spec.channels)
+            layout = "[N, H, W, C]"
+        else:
+            expected = (spec.channels, spec.image_size, spec.image_size)
+            layout = "[N, C, H, W]"
+        shape = list(node.shape)
+        if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected)):
+            raise EncoderError(
+                f"encoder/preprocess mismatch: {path.name} input {self._image_input!r} has shape {shape} but "
+                f"{PREPROCESS} (image_size={spec.image_size}, channels={spec.channels}) implies {layout} = "
+                f"[N, {', '.join(map(str, expected))}]"
+            )
 
     def _output_shape(self, session) -> Sequence[Any]:
         return next(node.shape for node in session.get_outputs() if node.name == self._output)
@@ -200,6 +352,21 @@ class Encoder:
         return self._preprocess
 
     @property
+    def input_format(self) -> str:
+        """``"float32_nchw"`` (normalised pixels) or ``"uint8_nhwc"`` (the graph normalises)."""
+        return self._input_format
+
+    @property
+    def precision(self) -> str:
+        """The variant in use: ``"fp32"`` or ``"fp16"``."""
+        return self._precision
+
+    @property
+    def io_binding(self) -> bool:
+        """Whether batches run through IO binding."""
+        return self._io_binding
+
+    @property
     def info(self) -> dict:
         """The parsed ``preprocess.json`` (includes the free-form ``model`` card)."""
         return self._info
@@ -210,32 +377,61 @@ class Encoder:
         return list(self._image_session.get_providers())
 
     def _run(self, session, name: str, batch: np.ndarray, source: str) -> np.ndarray:
-        output = session.run([self._output], {name: batch})[0]
+        if self._io_binding:
+            output = self._run_bound(session, name, batch)
+        else:
+            output = session.run([self._output], {name: batch})[0]
         if output.ndim != 2 or output.shape[1] != self._dim:
             raise EncoderError(
                 f"{source} produced embeddings of shape {tuple(output.shape)} but {PREPROCESS} says embed_dim={self._dim}"
             )
         return output.astype(np.float32, copy=False)
 
-    def encode_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Embed already preprocessed pixels float32 [N, C, H, W]; returns L2-normalised float32 [N, D]."""
-        pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    def _run_bound(self, session, name: str, batch: np.ndarray) -> np.ndarray:
+        """One batch through IO binding: the input is copied to the device once, the output is allocated
+        there by onnxruntime and copied back once (no per-node host round trips or extra staging)."""
+        import onnxruntime as ort
+
+        device, device_id = self._device
+        binding = session.io_binding()
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(batch, device, device_id))
+        binding.bind_output(self._output, device, device_id)
+        session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def prepare(self, images: Sequence[Any]) -> np.ndarray:
+        """PIL images (any size or mode) -> one input batch in this encoder's ``input_format``."""
+        if not images:
+            return empty_batch(self._preprocess, self._input_format)
+        return np.stack([prepare_image(image, self._preprocess, self._input_format) for image in images])
+
+    def encode_batch(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Embed prepared inputs (see ``prepare``): float32 [N, C, H, W] normalised pixels, or uint8
+        [N, H, W, C] for ``uint8_nhwc`` encoders. Returns L2-normalised float32 [N, D]."""
+        dtype = np.uint8 if self._input_format == UINT8_NHWC else np.float32
+        batch = np.asarray(batch)
+        if batch.dtype != dtype and not (dtype == np.float32 and np.issubdtype(batch.dtype, np.floating)):
+            raise EncoderError(f"this encoder takes {np.dtype(dtype).name} input ({self._input_format}), got {batch.dtype}")
+        batch = np.ascontiguousarray(batch, dtype=dtype)
+        step = max(1, batch_size)
         chunks = [
-            self._run(self._image_session, self._image_input, pixels[start : start + batch_size], IMAGE_MODEL)
-            for start in range(0, len(pixels), max(1, batch_size))
+            self._run(self._image_session, self._image_input, batch[start : start + step], IMAGE_MODEL)
+            for start in range(0, len(batch), step)
         ]
         if not chunks:
             return np.zeros((0, self._dim), dtype=np.float32)
         return l2_normalize(np.concatenate(chunks))
 
+    def encode_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Embed already preprocessed inputs; the same as ``encode_batch`` (kept for callers of the first API)."""
+        return self.encode_batch(pixels, batch_size)
+
     def encode_images(self, images: Iterable[Any], batch_size: int = 64) -> np.ndarray:
         """Embed PIL images (any size or mode); returns L2-normalised float32 [N, D]."""
         images = list(images)
         step = max(1, batch_size)
-        chunks = [
-            self.encode_pixels(preprocess_batch(list(images[start : start + step]), self._preprocess), step)
-            for start in range(0, len(images), step)
-        ]
+        chunks = [self.encode_batch(self.prepare(images[start : start + step]), step)
+                  for start in range(0, len(images), step)]
         if not chunks:
             return np.zeros((0, self._dim), dtype=np.float32)
         return np.concatenate(chunks)
@@ -271,4 +467,5 @@ class Encoder:
         )
 
     def __repr__(self) -> str:
-        return f"Encoder({str(self.directory)!r}, dim={self._dim}, has_text={self.has_text}, providers={self.providers})"
+        return (f"Encoder({str(self.directory)!r}, dim={self._dim}, has_text={self.has_text}, "
+                f"precision={self._precision!r}, providers={self.providers})")

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING_MODULES = ["export.runtime", "export.tokenizer", "index.build", "index.search", "trainer.data.shards",
-                   "trainer.data.preprocess"]
+SERVING_MODULES = ["export.runtime", "export.tokenizer", "export.embeddings", "export.extract", "index.build",
+                   "index.search", "trainer.data.shards", "trainer.data.preprocess"]
 HEAVY = ["torch", "torchvision", "open_clip", "timm", "accelerate", "webdataset"]
 
 

@@ -141,3 +141,30 @@ def test_embed_dim_mismatch_caught_at_run_time(tmp_path: Path, monkeypatch) -> N
     encoder = Encoder(directory)
     with pytest.raises(EncoderError, match=r"\(1, 16\).*embed_dim=8"):
         encoder.encode_images(random_images(1))
+
+
+def test_uint8_and_float_preparation_agree() -> None:
+    """The uint8 path (client resizes; the graph normalises) and the float path see the same pixels."""
+    from export.runtime import FLOAT_NCHW, UINT8_NHWC, prepare_image
+    from trainer.data.preprocess import Preprocess
+
+    spec = Preprocess(image_size=24, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3])
+    for image in random_images(2, size=40) + [Image.new("L", (30, 50), 90)]:
+        as_uint8 = prepare_image(image, spec, UINT8_NHWC)
+        assert as_uint8.dtype == np.uint8 and as_uint8.shape == (24, 24, 3)
+        normalised = (as_uint8.astype(np.float32) / 255 - np.array(spec.mean, np.float32)) / np.array(spec.std, np.float32)
+        np.testing.assert_allclose(normalised.transpose(2, 0, 1), prepare_image(image, spec, FLOAT_NCHW), atol=1e-6)
+    with pytest.raises(ValueError, match="input_format"):
+        prepare_image(image, spec, "float16_nchw")
+
+
+def test_session_options_for_throughput() -> None:
+    import onnxruntime as ort
+
+    from export.runtime import session_options
+
+    options = session_options(threads=3)
+    assert options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and options.intra_op_num_threads == 3
+    # float16 graphs stop before the CPU layout transforms (onnxruntime 1.31 crashes on fp16 ViTs there).
+    assert session_options(fp16=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
