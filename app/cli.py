@@ -2,7 +2,8 @@
 
 ``manyview prepare|pretrain|evaluate|export|extract|index|serve [args]`` equals ``python -m trainer.prepare``,
 ``trainer/pretrain.py``, ``python -m trainer.evaluate``, ``python -m export``, ``python -m export.extract``,
-``python -m index.build`` and
+``python -m index.build`` (``index-add``, ``index-evaluate``, ``index-merge``: ``index.add``, ``index.evaluate``,
+``index.merge``) and
 ``python -m app``. Subcommands import their module only when chosen, so ``serve`` never loads torch.
 """
 from __future__ import annotations
@@ -16,7 +17,10 @@ COMMANDS = {
     "evaluate": ("trainer.evaluate", "kNN / linear / zero-shot accuracy of a saved model"),
     "export": ("export.__main__", "ONNX encoders + preprocess.json, parity-checked"),
     "extract": ("export.extract", "embeddings of a shard set through the ONNX encoder (resumable, multi-process)"),
-    "index": ("index.build", "FAISS index of a shard set through the ONNX encoder"),
+    "index": ("index.build", "FAISS index of shards (through the ONNX encoder) or of extracted embeddings"),
+    "index-add": ("index.add", "append embeddings to an index, or remove ids"),
+    "index-evaluate": ("index.evaluate", "recall@1/10/100 against exact search and queries/s"),
+    "index-merge": ("index.merge", "sharded builds: train a quantizer, add parts anywhere, merge"),
     "serve": ("app.__main__", "the Gradio search app"),
 }
 

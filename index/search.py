@@ -1,13 +1,15 @@
 """Load an index directory written by ``index.build`` and answer nearest-neighbour queries.
 
-``Index.load(RUN/index)`` reads ``index.faiss``, ``metadata.parquet`` and ``index.json``, checks that
-they agree, and (when faiss sees a GPU) searches on a GPU copy. Sample images are read back from
-their shards through the metadata (shard path + key), with a small LRU cache of shard contents so
-browsing neighbours does not re-read a tar file per image. No torch is imported.
+``Index.load(RUN/index)`` reads ``index.json``, the FAISS index and the metadata it names
+(``index.store``), checks that they agree, applies the tuned search parameters (``nprobe`` /
+``efSearch``) and, when faiss sees GPUs, searches on a GPU copy (sharded over several). Searches whose
+``k`` or ``nprobe`` exceed the GPU limits run on the CPU copy with a warning. ``mmap=True`` (or an
+index file larger than half the free memory) maps the index instead of reading it, for indexes larger
+than RAM. Sample images are read back from their shards through the metadata (shard path + key), with
+a small LRU cache of shard contents. No torch is imported.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -17,18 +19,16 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from index.build import INDEX_FILE, INFO_FILE, METADATA_FILE, gpu_copy
+from index import devices
+from index.devices import set_search_params
+from index.store import INFO_FILE, IndexLoadError, data_files, read_faiss, read_info, read_metadata, stored_ids
 from trainer.data.shards import decode_image, iter_shard
 
 logger = logging.getLogger(__name__)
 
-# faiss GPU brute-force search supports k up to 2048.
-GPU_MAX_K = 2048
+GPU_MAX_K = devices.GPU_MAX_K
 DEFAULT_SHARD_CACHE = 4
-
-
-class IndexLoadError(RuntimeError):
-    """An index directory that cannot be loaded (corrupt or mutually inconsistent files)."""
+ID_CHECK_MAX = 50_000_000
 
 
 class ShardCache:
@@ -59,96 +59,74 @@ class ShardCache:
         return len(self._shards)
 
 
-def _read_info(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            info = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise IndexLoadError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(info, dict):
-        raise IndexLoadError(f"{path} must hold a JSON object")
-    return info
-
-
-def _read_faiss(path: Path) -> Any:
-    import faiss
-
-    try:
-        return faiss.read_index(str(path))
-    except Exception as error:  # faiss raises RuntimeError with a C++ message for truncated/corrupt files
-        raise IndexLoadError(f"cannot read FAISS index {str(path)!r} (corrupt or not a FAISS file): {error}") from error
-
-
-def _read_metadata(path: Path) -> dict[str, list]:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(str(path))
-    except Exception as error:  # pyarrow raises ArrowInvalid and friends for damaged files
-        raise IndexLoadError(f"cannot read metadata {str(path)!r}: {error}") from error
-    required = {"id", "key", "shard", "label", "label_name", "caption"}
-    missing = required - set(table.column_names)
-    if missing:
-        raise IndexLoadError(f"{path} lacks the column(s) {sorted(missing)}")
-    return table.to_pydict()
-
-
 class Index:
-    """A loaded image index: exact inner-product search over L2-normalised embeddings plus metadata."""
+    """A loaded image index: approximate or exact inner-product search over L2-normalised embeddings plus metadata."""
 
     def __init__(
         self,
         directory: Path,
         faiss_index: Any,
-        metadata: dict[str, list],
+        metadata: Any,
         info: dict,
         max_shards: int = DEFAULT_SHARD_CACHE,
         use_gpu: bool | None = None,
     ) -> None:
-        """Prefer ``Index.load``; this constructor takes already read and checked parts."""
+        """Prefer ``Index.load``; this constructor takes already read and checked parts
+        (``metadata``: a ``pyarrow.Table`` or a dict of columns)."""
+        import pyarrow as pa
+
         self.directory = directory
         self._cpu_index = faiss_index
-        self._search_index, self._gpu_resources = gpu_copy(faiss_index, use_gpu)
-        self._metadata = metadata
         self._info = info
-        self._row_of = {int(sample_id): row for row, sample_id in enumerate(metadata["id"])}
+        self.search_params = dict(info.get("search_params") or {})
+        set_search_params(faiss_index, self.search_params)
+        self._search_index, self._gpu_resources = devices.to_gpu(faiss_index, use_gpu)
+        if self._gpu_resources is not None:
+            set_search_params(self._search_index, self._gpu_limited(self.search_params))
+        self._metadata = metadata if isinstance(metadata, pa.Table) else pa.table(metadata)
+        self._ids = self._metadata.column("id").to_numpy().astype(np.int64)
+        self._id_order = np.argsort(self._ids, kind="stable")
+        self._sorted_ids = self._ids[self._id_order]
         self._shards = ShardCache(max_shards)
+        self._lock = threading.Lock()  # search parameters are index state; Gradio calls from threads
 
     @classmethod
-    def load(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None, max_shards: int = DEFAULT_SHARD_CACHE) -> "Index":
-        """Load and cross-check ``index.faiss``, ``metadata.parquet`` and ``index.json``."""
+    def load(cls, index_dir: str | os.PathLike, use_gpu: bool | None = None, max_shards: int = DEFAULT_SHARD_CACHE,
+             mmap: bool | None = None) -> "Index":
+        """Load and cross-check the files ``index.json`` names (see ``index.store``)."""
         directory = Path(index_dir).expanduser().resolve()
         if not directory.is_dir():
             raise FileNotFoundError(f"index directory {str(directory)!r} does not exist")
-        for name in (INFO_FILE, INDEX_FILE, METADATA_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"index file {str(directory / name)!r} does not exist")
-        info = _read_info(directory / INFO_FILE)
-        faiss_index = _read_faiss(directory / INDEX_FILE)
-        metadata = _read_metadata(directory / METADATA_FILE)
-        cls._check_consistency(directory, info, faiss_index, metadata)
-        return cls(directory, faiss_index, metadata, info, max_shards, use_gpu)
+        info = read_info(directory)
+        files = data_files(directory, info)
+        for path in files.values():
+            if not path.is_file():
+                raise FileNotFoundError(f"index file {str(path)!r} does not exist")
+        if mmap is None:
+            mmap = files["index"].stat().st_size > _available_memory() // 2
+        faiss_index = read_faiss(files["index"], mmap=mmap, family=info.get("family"))
+        metadata = read_metadata(files["metadata"])
+        cls._check_consistency(directory, info, faiss_index, metadata, files)
+        gpu = (False if use_gpu is None else use_gpu) if mmap else use_gpu  # a mapped index stays on the CPU by default
+        return cls(directory, faiss_index, metadata, info, max_shards, gpu)
 
     @staticmethod
-    def _check_consistency(directory: Path, info: dict, faiss_index: Any, metadata: dict[str, list]) -> None:
+    def _check_consistency(directory: Path, info: dict, faiss_index: Any, metadata: Any, files: dict) -> None:
+        index_name, metadata_name = files["index"].name, files["metadata"].name
         if "dim" in info and int(info["dim"]) != int(faiss_index.d):
             raise IndexLoadError(
-                f"{directory / INFO_FILE} says dim={info['dim']} but {INDEX_FILE} holds {faiss_index.d}-dimensional vectors"
+                f"{directory / INFO_FILE} says dim={info['dim']} but {index_name} holds {faiss_index.d}-dimensional vectors"
             )
         if "count" in info and int(info["count"]) != int(faiss_index.ntotal):
             raise IndexLoadError(
-                f"{directory / INFO_FILE} says count={info['count']} but {INDEX_FILE} holds {faiss_index.ntotal} vectors"
+                f"{directory / INFO_FILE} says count={info['count']} but {index_name} holds {faiss_index.ntotal} vectors"
             )
-        if len(metadata["id"]) != int(faiss_index.ntotal):
-            raise IndexLoadError(
-                f"{METADATA_FILE} has {len(metadata['id'])} rows but {INDEX_FILE} holds {faiss_index.ntotal} vectors"
-            )
-        if hasattr(faiss_index, "id_map"):
-            import faiss
-
-            stored = faiss.vector_to_array(faiss_index.id_map)
-            if not np.array_equal(np.sort(stored), np.sort(np.asarray(metadata["id"], dtype=np.int64))):
-                raise IndexLoadError(f"the sample ids in {METADATA_FILE} and {INDEX_FILE} differ; rebuild the index")
+        if metadata.num_rows != int(faiss_index.ntotal):
+            raise IndexLoadError(f"{metadata_name} has {metadata.num_rows} rows but {index_name} holds {faiss_index.ntotal} vectors")
+        if faiss_index.ntotal <= ID_CHECK_MAX:  # reading every id of a billion-vector index would take minutes
+            stored = stored_ids(faiss_index)
+            if stored is not None and not np.array_equal(np.sort(stored), np.sort(metadata.column("id").to_numpy())):
+                raise IndexLoadError(f"the sample ids in {metadata_name} and {index_name} differ; rebuild the index")
 
     # -- properties ----------------------------------------------------------------------------
 
@@ -175,15 +153,26 @@ class Index:
     @property
     def ids(self) -> np.ndarray:
         """All sample ids, in metadata order."""
-        return np.asarray(self._metadata["id"], dtype=np.int64)
+        return self._ids
+
+    @property
+    def faiss_index(self) -> Any:
+        """The CPU FAISS index (for evaluation and updates)."""
+        return self._cpu_index
 
     # -- queries -------------------------------------------------------------------------------
 
-    def search(self, vectors: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    @staticmethod
+    def _gpu_limited(params: dict) -> dict:
+        return {name: min(int(value), devices.GPU_MAX_NPROBE) if name == "nprobe" else value for name, value in params.items()}
+
+    def search(self, vectors: np.ndarray, k: int = 10, params: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The ``k`` most similar samples for each query: ``(scores float32 [Q, k], ids int64 [Q, k])``.
 
         ``vectors`` is float32 ``[Q, D]`` (a single ``[D]`` vector is accepted); ``k`` is clamped to the
-        collection size. Scores are inner products, i.e. cosine similarities for normalised queries.
+        collection size (approximate indexes may pad with id -1, score -inf). Scores are inner products,
+        i.e. cosine similarities for normalised queries. ``params`` overrides the tuned search
+        parameters for this call (e.g. ``{"nprobe": 64}``).
         """
         queries = np.asarray(vectors, dtype=np.float32)
         if queries.ndim == 1:
@@ -195,25 +184,42 @@ class Index:
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         k = min(int(k), self.count)
+        wanted = {**self.search_params, **(params or {})}
+        index = self._search_index
         if self.on_gpu:
-            k = min(k, GPU_MAX_K)
-        scores, ids = self._search_index.search(np.ascontiguousarray(queries), k)
+            reason = devices.exceeds_gpu_limits(k, wanted)
+            if reason:
+                logger.warning("%s exceeds the GPU limits; searching on the CPU copy", reason)
+                index = self._cpu_index
+        with self._lock:
+            if params:
+                set_search_params(index, wanted)
+            try:
+                scores, ids = index.search(np.ascontiguousarray(queries), k)
+            finally:
+                if params:
+                    set_search_params(index, self.search_params)
         return scores.astype(np.float32, copy=False), ids.astype(np.int64, copy=False)
+
+    def rows(self, ids: Iterable[int]) -> np.ndarray:
+        """Metadata row numbers of ``ids``; ``KeyError`` for an id that is not in the index."""
+        wanted = np.asarray(list(ids), dtype=np.int64).ravel()
+        positions = np.searchsorted(self._sorted_ids, wanted)
+        positions = np.minimum(positions, len(self._sorted_ids) - 1)
+        missing = self._sorted_ids[positions] != wanted
+        if missing.any():
+            raise KeyError(f"sample id {int(wanted[missing][0])} is not in the index")
+        return self._id_order[positions]
 
     def records(self, ids: Iterable[int]) -> list[dict]:
         """Metadata rows for ``ids`` in the given order; negative ids (faiss padding) are skipped.
 
         Raises ``KeyError`` for an id that is not in the index.
         """
-        rows = []
-        for sample_id in np.asarray(list(ids), dtype=np.int64).ravel():
-            if sample_id < 0:
-                continue
-            row = self._row_of.get(int(sample_id))
-            if row is None:
-                raise KeyError(f"sample id {int(sample_id)} is not in the index")
-            rows.append({column: values[row] for column, values in self._metadata.items()})
-        return rows
+        wanted = [int(i) for i in np.asarray(list(ids), dtype=np.int64).ravel() if i >= 0]
+        if not wanted:
+            return []
+        return self._metadata.take(self.rows(wanted)).to_pylist()
 
     def image(self, sample_id: int, mode: str = "RGB"):
         """The sample's image as a PIL image in ``mode``, read from its shard (shards are LRU-cached)."""
@@ -230,7 +236,15 @@ class Index:
         return self.count
 
     def __repr__(self) -> str:
-        return f"Index({str(self.directory)!r}, count={self.count}, dim={self.dim}, gpu={self.on_gpu})"
+        return (f"Index({str(self.directory)!r}, count={self.count}, dim={self.dim}, "
+                f"factory={self._info.get('factory')!r}, gpu={self.on_gpu})")
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
 
 
 def load(index_dir: str | os.PathLike, **kwargs: Any) -> Index:

@@ -1,18 +1,22 @@
-"""index.build and index.search: exact FAISS index over shard images, metadata, atomic writes."""
+"""index.build and index.search over shard images: the chosen exact index, metadata, atomic writes, errors.
+
+Index choice, tuning, updates, merging and evaluation on generated vectors: ``test_index_scale.py``."""
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-import index.build as build_module
+import index.sources as sources_module
 from export.runtime import Encoder, EncoderError
 from index.build import build_index, main
 from index.search import Index, IndexLoadError, ShardCache
+from index.store import data_files, read_info
 from onnx_fixtures import (
     CIFAR_DIR,
     CIFAR_SKIP_REASON,
@@ -54,6 +58,16 @@ def loaded(built) -> Index:
     return Index.load(built[0])
 
 
+def _files(directory: Path) -> dict[str, Path]:
+    """The data files the committed ``index.json`` names."""
+    return data_files(directory, read_info(directory))
+
+
+def _names(directory: Path) -> list[str]:
+    """Visible files, with the generation tag masked."""
+    return sorted(re.sub(r"-\d{6}-[0-9a-f]{6}", "-GEN", p.name) for p in directory.iterdir() if not p.name.startswith("."))
+
+
 def _all_images() -> dict[int, object]:
     """The generated images by sample id, as make_shard wrote them (minus the corrupt one)."""
     images = dict(enumerate(random_images(FIRST, seed=1)))
@@ -63,7 +77,7 @@ def _all_images() -> dict[int, object]:
 
 def test_build_writes_all_files(built, onnx_dir: Path, shards: Path) -> None:
     output, info = built
-    assert sorted(p.name for p in output.iterdir()) == ["index.faiss", "index.json", "metadata.parquet"]
+    assert _names(output) == ["index-GEN.faiss", "index.json", "metadata-GEN.parquet"]
     on_disk = json.loads((output / "index.json").read_text())
     assert on_disk == info
     assert info["factory"] == "Flat" and info["metric"] == "inner_product"
@@ -76,12 +90,15 @@ def test_build_writes_all_files(built, onnx_dir: Path, shards: Path) -> None:
     assert info["has_text"] is True
     assert info["build_seconds"] >= 0 and info["created"]
     assert info["recall"]["recall"] == pytest.approx(1.0)
+    assert info["family"] == "flat" and info["search_params"] == {} and info["train_size"] == 0
+    assert "exact search is cheap" in info["choice"]["reason"]
+    assert len(info["encoder_fingerprint"]) == 64
 
 
 def test_metadata_columns(built, shards: Path) -> None:
     import pyarrow.parquet as pq
 
-    table = pq.read_table(built[0] / "metadata.parquet")
+    table = pq.read_table(_files(built[0])["metadata"])
     assert table.column_names == ["id", "key", "shard", "label", "label_name", "caption"]
     assert str(table.schema.field("id").type) == "int64" and str(table.schema.field("label").type) == "int64"
     rows = table.to_pylist()
@@ -180,7 +197,7 @@ def test_empty_collection(onnx_dir: Path, tmp_path: Path) -> None:
     shard = make_shard(tmp_path / "bad" / "all-bad.tar", count=3, corrupt_keys=(0, 1, 2))
     with pytest.raises(ValueError, match=r"empty collection.*3 sample\(s\) skipped"):
         build_index(onnx_dir, str(shard), tmp_path / "index", progress=False)
-    assert not (tmp_path / "index" / "index.faiss").exists()
+    assert not (tmp_path / "index" / "index.json").exists()
 
 
 def test_duplicate_ids(onnx_dir: Path, shards: Path, tmp_path: Path) -> None:
@@ -204,18 +221,19 @@ def test_load_missing(tmp_path: Path, built) -> None:
     with pytest.raises(FileNotFoundError, match="no-index"):
         Index.load(tmp_path / "no-index")
     copy = Path(shutil.copytree(built[0], tmp_path / "copy"))
-    (copy / "metadata.parquet").unlink()
-    with pytest.raises(FileNotFoundError, match="metadata.parquet"):
+    _files(copy)["metadata"].unlink()
+    with pytest.raises(FileNotFoundError, match=r"metadata-.*\.parquet"):
         Index.load(copy)
 
 
 def test_load_corrupt_index(tmp_path: Path, built) -> None:
     copy = Path(shutil.copytree(built[0], tmp_path / "copy"))
-    data = (copy / "index.faiss").read_bytes()
-    (copy / "index.faiss").write_bytes(data[: len(data) // 3])
-    with pytest.raises(IndexLoadError, match="index.faiss"):
+    faiss_file = _files(copy)["index"]
+    data = faiss_file.read_bytes()
+    faiss_file.write_bytes(data[: len(data) // 3])
+    with pytest.raises(IndexLoadError, match=r"index-.*\.faiss"):
         Index.load(copy)
-    (copy / "index.faiss").write_bytes(b"garbage")
+    faiss_file.write_bytes(b"garbage")
     with pytest.raises(IndexLoadError, match="corrupt"):
         Index.load(copy)
 
@@ -233,22 +251,22 @@ def test_load_dim_mismatch(tmp_path: Path, built) -> None:
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir()) if path.name != ".lock"}
 
 
 def test_failed_build_mid_stream_keeps_previous_index(onnx_dir: Path, shards: Path, built, tmp_path: Path, monkeypatch) -> None:
     target = Path(shutil.copytree(built[0], tmp_path / "index"))
     before = _snapshot(target)
-    real_add = build_module._add_batch
+    real_embed = sources_module.embed_batch
     calls = {"n": 0}
 
-    def failing_add(*args, **kwargs):
+    def failing_embed(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash while embedding")
-        return real_add(*args, **kwargs)
+        return real_embed(*args, **kwargs)
 
-    monkeypatch.setattr(build_module, "_add_batch", failing_add)
+    monkeypatch.setattr(sources_module, "embed_batch", failing_embed)
     with pytest.raises(RuntimeError, match="simulated crash"):
         build_index(onnx_dir, str(shards / "part-*.tar*"), target, batch_size=16, progress=False)
     assert _snapshot(target) == before
@@ -263,7 +281,7 @@ def test_failed_write_keeps_previous_index_and_cleans_up(onnx_dir: Path, shards:
     def failing_write(*args, **kwargs):
         raise OSError("simulated disk full while writing metadata")
 
-    # index.faiss's temporary is already written when the metadata write fails.
+    # the new generation's index file is already written when the metadata write fails.
     monkeypatch.setattr(pq, "write_table", failing_write)
     with pytest.raises(OSError, match="disk full"):
         build_index(onnx_dir, str(shards / "part-000000.tar"), target, progress=False)
@@ -275,7 +293,7 @@ def test_rebuild_replaces_index(onnx_dir: Path, shards: Path, built, tmp_path: P
     target = Path(shutil.copytree(built[0], tmp_path / "index"))
     build_index(onnx_dir, str(shards / "part-000000.tar"), target, progress=False)
     assert Index.load(target).count == FIRST
-    assert sorted(p.name for p in target.iterdir()) == ["index.faiss", "index.json", "metadata.parquet"]
+    assert _names(target) == ["index-GEN.faiss", "index.json", "metadata-GEN.parquet"]  # the old generation is gone
 
 
 # -- real data ------------------------------------------------------------------------------------
@@ -297,7 +315,7 @@ def test_cifar_subset(onnx_dir: Path, tmp_path: Path) -> None:
     for sample_id, top_id, top_score in zip(probe, found[:, 0], scores[:, 0]):
         # Exact duplicates could tie; the self-match must score 1 either way.
         assert top_id == sample_id or top_score == pytest.approx(1.0, abs=1e-5)
-    assert os.path.getsize(tmp_path / "index" / "index.faiss") > 0
+    assert os.path.getsize(_files(tmp_path / "index")["index"]) > 0
 
 
 def test_gpu_request_matches_cpu(onnx_dir: Path, shards: Path, loaded: Index, tmp_path: Path) -> None:
@@ -313,3 +331,33 @@ def test_gpu_request_matches_cpu(onnx_dir: Path, shards: Path, loaded: Index, tm
     gpu_scores, gpu_ids = gpu.search(queries, k=5)
     np.testing.assert_array_equal(gpu_ids, cpu_ids)
     np.testing.assert_allclose(gpu_scores, cpu_scores, atol=1e-4)
+
+
+# -- extracted embeddings (export.extract) -> index.build --embeddings -> index.add ----------------
+
+
+def test_build_and_add_from_extracted_embeddings(onnx_dir: Path, shards: Path, loaded: Index, tmp_path: Path) -> None:
+    extract = pytest.importorskip("export.extract")
+    from index.add import main as add_main
+
+    common = ["--encoder", str(onnx_dir), "--workers", "0", "--dtype", "float32", "--no-progress"]
+    assert extract.main(common + ["--data", str(shards / "part-*.tar*"), "--output", str(tmp_path / "emb")]) == 0
+    assert main(["--embeddings", str(tmp_path / "emb"), "--output", str(tmp_path / "ix"), "--no-progress"]) == 0
+    index = Index.load(tmp_path / "ix")
+    assert index.count == loaded.count and index.info["factory"] == "Flat"
+    assert index.info["encoder_fingerprint"] == loaded.info["encoder_fingerprint"]
+    queries = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    np.testing.assert_array_equal(index.search(queries, 5)[1], loaded.search(queries, 5)[1])
+    assert index.records([FIRST + 2]) == loaded.records([FIRST + 2])
+
+    make_shard(tmp_path / "more" / "more-000000.tar", count=20, start=1000, seed=5)
+    assert extract.main(common + ["--data", str(tmp_path / "more" / "more-000000.tar"), "--output", str(tmp_path / "emb2")]) == 0
+    assert add_main(["--index", str(tmp_path / "ix"), "--embeddings", str(tmp_path / "emb2")]) == 0
+    grown = Index.load(tmp_path / "ix")
+    assert grown.count == loaded.count + 20
+    picture = grown.image(1005)  # the new sample's image is read back from its shard
+    assert grown.search(Encoder(onnx_dir).encode_images([picture]), 1)[1][0, 0] == 1005
+    other = make_onnx_dir(tmp_path / "other-onnx", with_text=False, dim=16, seed=9)
+    assert extract.main(["--encoder", str(other), "--workers", "0", "--no-progress", "--data",
+                         str(tmp_path / "more" / "more-000000.tar"), "--output", str(tmp_path / "emb3")]) == 0
+    assert add_main(["--index", str(tmp_path / "ix"), "--embeddings", str(tmp_path / "emb3")]) == 2  # another encoder

@@ -1,0 +1,228 @@
+"""Build one IVF index from many machines: train once, fill parts independently, merge.
+
+    # 1. embeddings per shard, in parallel (export.extract under accelerate launch), then:
+    python -m index.merge train --embeddings EMB --parts PARTS [--index 'IVF65536_HNSW32,Flat'] [--max-memory 64G]
+    # 2. any number of processes / machines, each on its slice of EMB's parts:
+    python -m index.merge add --embeddings EMB --parts PARTS --part 3 --num-parts 16
+    # 3. one machine: merge in RAM, or on disk (inverted lists memory-mapped, larger than RAM)
+    python -m index.merge merge --parts PARTS --output RUN/index [--on-disk] [--tune-queries 1000]
+
+``PARTS/trained.faiss`` is the empty index with its coarse quantizer (and PQ / OPQ) trained on a
+random sample; ``PARTS/plan.json`` records the factory, dim, sample size and the embeddings. Each
+``part-<i>-of-<n>.faiss`` holds the vectors of EMB parts ``i, i+n, i+2n, ...`` with their ids, and
+``part-<i>-of-<n>.parquet`` their metadata. Merging uses FAISS's own ``merge_from`` (RAM) or
+``OnDiskInvertedLists`` (``faiss.contrib.ondisk.merge_ondisk``); the result is an ordinary index
+directory (``index.store``) that ``index.search.Index.load`` maps from disk. No torch.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from index import devices
+from index.build import METRIC, gather_rows, new_index, resolve_choice
+from index.select import choose_index, nlist_for, quantizer_for, train_size_for
+from index.sources import EmbeddingsSource
+from index.store import commit, next_generation, read_info, writer_lock
+from index.tune import drop_self, exact_neighbours, tune
+
+logger = logging.getLogger(__name__)
+
+TRAINED_FILE = "trained.faiss"
+PLAN_FILE = "plan.json"
+
+
+def _write_atomic(path: Path, write) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: str | None = None,
+          max_memory: int | None = None, train_size: int | None = None, use_gpu: bool | None = None, seed: int = 0) -> dict:
+    """Train the shared quantizer on a random sample of ``embeddings``; writes ``trained.faiss`` + ``plan.json``."""
+    import faiss
+
+    source = EmbeddingsSource(embeddings)
+    if factory is None:
+        choice = choose_index(source.count, source.dim, max_memory)
+        if choice.family in ("flat", "hnsw"):  # parts can only be merged through inverted lists
+            nlist = nlist_for(source.count)
+            factory = f"{quantizer_for(nlist)},Flat"
+        else:
+            factory = choice.factory
+    choice = resolve_choice(source.count, source.dim, factory, max_memory)
+    index = new_index(source.dim, factory)
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError as error:
+        raise ValueError(f"{factory!r} has no inverted lists; only IVF indexes can be built in parts and merged") from error
+    count = min(source.count, int(train_size or choice.train_size or train_size_for("ivf", source.count, choice.nlist)))
+    rows = np.random.default_rng(seed).choice(source.count, size=count, replace=False)
+    started = time.perf_counter()
+    sample, _ = gather_rows(source, rows)
+    index = devices.train(index, sample, use_gpu)
+    output = Path(parts_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output / TRAINED_FILE, lambda name: faiss.write_index(index, name))
+    plan = {"factory": factory, "family": choice.family, "dim": source.dim, "count": source.count, "nlist": choice.nlist,
+            "train_size": count, "train_seconds": round(time.perf_counter() - started, 3),
+            "embeddings": source.path, "encoder_fingerprint": source.fingerprint, "describe": source.describe()}
+    _write_atomic(output / PLAN_FILE, lambda name: Path(name).write_text(json.dumps(plan, indent=2) + "\n"))
+    return plan
+
+
+def read_plan(parts_dir: str | os.PathLike) -> dict:
+    path = Path(parts_dir) / PLAN_FILE
+    if not path.is_file() or not (Path(parts_dir) / TRAINED_FILE).is_file():
+        raise FileNotFoundError(f"{parts_dir} has no {PLAN_FILE}/{TRAINED_FILE}; run `python -m index.merge train` first")
+    return json.loads(path.read_text())
+
+
+def add_part(parts_dir: str | os.PathLike, part: int, num_parts: int, embeddings: str | os.PathLike | None = None,
+             use_gpu: bool | None = None) -> dict:
+    """Fill a copy of the trained index with EMB parts ``part, part + num_parts, ...``; writes ``part-<i>-of-<n>``."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from export.embeddings import METADATA_COLUMNS, part_names, read_part
+
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
+    plan = read_plan(parts_dir)
+    path = str(embeddings or plan["embeddings"])
+    index = faiss.read_index(str(Path(parts_dir) / TRAINED_FILE))
+    index, keep_alive = devices.to_gpu(index, use_gpu)
+    tables = []
+    for name in part_names(path)[part::num_parts]:
+        vectors, table = read_part(path, name)
+        if vectors.shape[1] != plan["dim"]:
+            raise ValueError(f"dimension mismatch: part {name} is {vectors.shape[1]}-d, the trained index {plan['dim']}-d")
+        index.add_with_ids(vectors, table.column("id").to_numpy().astype(np.int64))
+        tables.append(table.select(list(METADATA_COLUMNS)))
+    index = devices.to_cpu(index, keep_alive)
+    stem = Path(parts_dir) / f"part-{part:05d}-of-{num_parts:05d}"
+    table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in METADATA_COLUMNS})
+    _write_atomic(stem.with_suffix(".parquet"), lambda name: pq.write_table(table, name))
+    _write_atomic(stem.with_suffix(".faiss"), lambda name: faiss.write_index(index, name))  # last: the part's commit
+    return {"part": part, "num_parts": num_parts, "count": int(index.ntotal), "file": str(stem.with_suffix(".faiss"))}
+
+
+def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: bool = False,
+          target_recall: float = 0.95, recall_k: int = 10, tune_queries: int = 1000, seed: int = 0) -> dict:
+    """Merge every ``part-*.faiss`` of ``parts_dir`` into one index directory; tunes ``nprobe`` against exact
+    search over the plan's embeddings (a full scan per query batch; ``tune_queries=0`` skips it)."""
+    import faiss
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from faiss.contrib.ondisk import merge_ondisk
+
+    plan = read_plan(parts_dir)
+    part_files = sorted(Path(parts_dir).glob("part-*-of-*.faiss"))
+    if not part_files:
+        raise FileNotFoundError(f"{parts_dir} holds no part-*.faiss; run `python -m index.merge add` first")
+    totals = {name.name.split("-of-")[1] for name in part_files}
+    if len(totals) != 1 or len(part_files) != int(next(iter(totals)).split(".")[0]):
+        raise ValueError(f"{parts_dir} holds {len(part_files)} part file(s) of differing or incomplete splits: "
+                         f"{[p.name for p in part_files][:4]}...")
+    started = time.perf_counter()
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
+    ids = table.column("id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("duplicate sample ids across parts; ids must be unique in an index")
+    trained = faiss.read_index(str(Path(parts_dir) / TRAINED_FILE))
+    with writer_lock(output):
+        previous = read_info(output) if (output / "index.json").is_file() else None
+        generation = next_generation(previous)
+        extra = {}
+        if on_disk:
+            lists = f"lists-{generation}.ivfdata"
+            merge_ondisk(trained, [str(p) for p in part_files], str(output / lists))
+            extra["lists"] = lists
+        else:
+            for part_file in part_files:
+                trained.merge_from(faiss.read_index(str(part_file)), 0)
+        index = trained
+        if int(index.ntotal) != len(ids):
+            raise ValueError(f"the parts hold {index.ntotal} vectors but their metadata {len(ids)} rows")
+        tuning = {"params": {}, "recall": None, "k": recall_k, "queries": 0, "target": target_recall, "reached": False}
+        if tune_queries:
+            source = EmbeddingsSource(plan["embeddings"])
+            query_rows = np.random.default_rng(seed).choice(source.count, size=min(tune_queries, source.count), replace=False)
+            queries, query_ids = gather_rows(source, query_rows)
+            blocks = ((v, t.column("id").to_numpy()) for v, t in source.blocks())
+            truth = drop_self(exact_neighbours(queries, blocks, recall_k + 1).ids, query_ids, recall_k)
+            tuning = tune(index, plan["family"], queries, truth, recall_k, target_recall, exclude=query_ids, nlist=plan["nlist"])
+        info = {
+            "factory": plan["factory"], "family": plan["family"], "metric": METRIC, "dim": int(index.d),
+            "count": int(index.ntotal), "count_at_build": int(index.ntotal),
+            "choice": {"reason": "index.merge of independently built parts", "max_memory": None},
+            "train_size": plan["train_size"], "search_params": tuning["params"], "recall": tuning,
+            "merged_parts": len(part_files), "on_disk": on_disk, **plan["describe"],
+            "encoder_fingerprint": plan.get("encoder_fingerprint"),
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        return commit(output, index, table, info, generation=generation, extra_files=extra)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m index.merge", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    train_cmd = commands.add_parser("train", help="train the shared quantizer on a sample")
+    train_cmd.add_argument("--embeddings", required=True)
+    train_cmd.add_argument("--parts", required=True, help="working directory for the trained index and the parts")
+    train_cmd.add_argument("--index", dest="factory", help="IVF factory string (default: chosen from size and memory)")
+    train_cmd.add_argument("--max-memory", help="memory budget of the merged index, e.g. 64G")
+    train_cmd.add_argument("--train-size", type=int)
+    add_cmd = commands.add_parser("add", help="fill one part")
+    add_cmd.add_argument("--parts", required=True)
+    add_cmd.add_argument("--part", type=int, required=True)
+    add_cmd.add_argument("--num-parts", type=int, required=True)
+    add_cmd.add_argument("--embeddings", help="default: the plan's embeddings")
+    merge_cmd = commands.add_parser("merge", help="merge all parts into an index directory")
+    merge_cmd.add_argument("--parts", required=True)
+    merge_cmd.add_argument("--output", required=True)
+    merge_cmd.add_argument("--on-disk", action="store_true", help="inverted lists in one memory-mapped file")
+    merge_cmd.add_argument("--target-recall", type=float, default=0.95)
+    merge_cmd.add_argument("--recall-k", type=int, default=10)
+    merge_cmd.add_argument("--tune-queries", type=int, default=1000, help="0 skips tuning (no exact scan)")
+    for command in (train_cmd, add_cmd):
+        command.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is present")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "train":
+            from index.select import parse_memory
+
+            memory = parse_memory(args.max_memory) if args.max_memory else None
+            result: Any = train(args.embeddings, args.parts, args.factory, memory, args.train_size, False if args.cpu else None)
+        elif args.command == "add":
+            result = add_part(args.parts, args.part, args.num_parts, args.embeddings, False if args.cpu else None)
+        else:
+            result = merge(args.parts, args.output, args.on_disk, args.target_recall, args.recall_k, args.tune_queries)
+            result = {key: value for key, value in result.items() if key not in ("recall", "shards", "skipped_keys")}
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

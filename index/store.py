@@ -1,0 +1,239 @@
+"""An index directory on disk: generations committed by one atomic write of ``index.json``.
+
+    RUN/index/index.json                 the commit point: factory, metric, dim, count, tuned search
+                                         parameters, ... and ``files`` naming the current generation
+    RUN/index/index-<gen>.faiss          the FAISS index (always written from its CPU copy)
+    RUN/index/metadata-<gen>.parquet     id, key, shard, label, label_name, caption (one row per vector)
+    RUN/index/lists-<gen>.ivfdata        only for indexes merged on disk (``index.merge --on-disk``)
+
+A write (build, add, remove, merge) puts the new generation's files next to the old ones, then
+replaces ``index.json`` with ``os.replace`` and only then deletes the previous generation. A crash at
+any point leaves an ``index.json`` that names complete, mutually consistent files. Writers hold an
+advisory lock (``.lock``) so two writers never interleave. Directories written before generations
+existed (``index.faiss`` + ``metadata.parquet``, no ``files`` entry) still load.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+INFO_FILE = "index.json"
+LEGACY_FILES = {"index": "index.faiss", "metadata": "metadata.parquet"}
+METADATA_COLUMNS = ("id", "key", "shard", "label", "label_name", "caption")
+LOCK_FILE = ".lock"
+_GENERATION = re.compile(r"^(index|metadata|lists)-(\d{6})-[0-9a-f]{6}\.(faiss|parquet|ivfdata)$")
+
+
+class IndexLoadError(RuntimeError):
+    """An index directory that cannot be loaded (corrupt or mutually inconsistent files)."""
+
+
+def read_info(directory: str | os.PathLike) -> dict:
+    """The parsed ``index.json``; ``FileNotFoundError`` when absent, ``IndexLoadError`` when not JSON."""
+    path = Path(directory) / INFO_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise IndexLoadError(f"{path} is not valid JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise IndexLoadError(f"{path} must hold a JSON object")
+    return info
+
+
+def data_files(directory: str | os.PathLike, info: dict) -> dict[str, Path]:
+    """Paths of the current generation's files (``index``, ``metadata``, maybe ``lists``)."""
+    names = dict(LEGACY_FILES)
+    names.update(info.get("files") or {})
+    return {role: Path(directory) / name for role, name in names.items()}
+
+
+def next_generation(info: dict | None) -> str:
+    """``<counter>-<random>``: ordered, and unique even if two writers ignore the lock."""
+    previous = 0
+    for name in ((info or {}).get("files") or {}).values():
+        match = _GENERATION.match(name)
+        if match:
+            previous = max(previous, int(match.group(2)))
+    return f"{previous + 1:06d}-{uuid.uuid4().hex[:6]}"
+
+
+@contextlib.contextmanager
+def writer_lock(directory: str | os.PathLike) -> Iterator[None]:
+    """Exclusive advisory lock on the index directory for the duration of a write."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise RuntimeError(f"another process is writing {path} (lock {path / LOCK_FILE}); try again later") from error
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def commit(directory: str | os.PathLike, cpu_index: Any, table: Any, info: dict,
+           generation: str | None = None, extra_files: dict[str, str] | None = None) -> dict:
+    """Write a new generation (index, metadata, then ``index.json``) and drop the previous one.
+
+    ``extra_files`` (role -> file name already written in ``directory`` for this generation, e.g.
+    the on-disk lists) are recorded in ``files``. Returns the committed info.
+    """
+    import faiss
+    import pyarrow.parquet as pq
+
+    output = Path(directory)
+    output.mkdir(parents=True, exist_ok=True)
+    previous = read_info(output) if (output / INFO_FILE).is_file() else None
+    generation = generation or next_generation(previous)
+    files = {"index": f"index-{generation}.faiss", "metadata": f"metadata-{generation}.parquet", **(extra_files or {})}
+    info = {**info, "files": files}
+    info_tmp = output / f".{INFO_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    written = [output / files["index"], output / files["metadata"], info_tmp]
+    try:
+        faiss.write_index(cpu_index, str(output / files["index"]))
+        pq.write_table(table, str(output / files["metadata"]))
+        _write_json(info_tmp, info)
+        os.replace(info_tmp, output / INFO_FILE)  # the commit point
+    except BaseException:
+        for path in written + [output / name for name in (extra_files or {}).values()]:
+            if path.exists():
+                path.unlink()
+        raise
+    remove_stale(output, info)
+    return info
+
+
+def remove_stale(directory: str | os.PathLike, info: dict) -> None:
+    """Delete generation files (and legacy files) that ``info`` does not name."""
+    output = Path(directory)
+    keep = set((info.get("files") or {}).values())
+    for entry in output.iterdir():
+        stale_generation = _GENERATION.match(entry.name) is not None
+        stale_legacy = entry.name in LEGACY_FILES.values()
+        stale_temporary = entry.name.startswith(f".{INFO_FILE}.tmp-")
+        if (stale_generation or stale_legacy or stale_temporary) and entry.name not in keep:
+            entry.unlink(missing_ok=True)
+
+
+def read_faiss(path: Path, mmap: bool = False, family: str | None = None) -> Any:
+    """``faiss.read_index`` with clear errors; on-disk lists are looked up next to the index file.
+
+    ``mmap`` maps the data instead of reading it (for indexes larger than RAM): IVF inverted lists
+    (``IO_FLAG_MMAP``, for ``family`` "ivf"/"ivfpq") or flat vector storage (``IO_FLAG_MMAP_IFC``).
+    """
+    import faiss
+
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {str(path)!r} does not exist")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP if family in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC
+    try:
+        return faiss.read_index(str(path), flags)
+    except Exception as error:  # faiss raises RuntimeError with a C++ message for truncated/corrupt files
+        raise IndexLoadError(f"cannot read FAISS index {str(path)!r} (corrupt or not a FAISS file): {error}") from error
+
+
+def read_metadata(path: Path) -> Any:
+    """The metadata ``pyarrow.Table`` (memory-mapped), checked for the required columns."""
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise FileNotFoundError(f"index file {str(path)!r} does not exist")
+    try:
+        table = pq.read_table(str(path), memory_map=True)
+    except Exception as error:  # pyarrow raises ArrowInvalid and friends for damaged files
+        raise IndexLoadError(f"cannot read metadata {str(path)!r}: {error}") from error
+    missing = set(METADATA_COLUMNS) - set(table.column_names)
+    if missing:
+        raise IndexLoadError(f"{path} lacks the column(s) {sorted(missing)}")
+    return table
+
+
+# -- what an index holds ----------------------------------------------------------------------------
+
+
+def _ivf(index: Any) -> Any:
+    import faiss
+
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def stored_ids(index: Any) -> np.ndarray | None:
+    """Every id in ``index`` (IDMap's table or the inverted lists), or None when ids are positions."""
+    import faiss
+
+    outer = faiss.downcast_index(index)
+    if hasattr(outer, "id_map"):
+        return faiss.vector_to_array(outer.id_map).astype(np.int64)
+    ivf = _ivf(index)
+    if ivf is None:
+        return None
+    lists = ivf.invlists
+    found = []
+    for number in range(ivf.nlist):
+        size = lists.list_size(number)
+        if size:
+            pointer = lists.get_ids(number)
+            found.append(faiss.rev_swig_ptr(pointer, size).copy())
+            lists.release_ids(number, pointer)
+    return np.concatenate(found).astype(np.int64) if found else np.zeros(0, dtype=np.int64)
+
+
+def stored_vectors(index: Any, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+    """``(float32 [n, D], ids [n])`` blocks of the exact stored vectors, for indexes that keep them
+    (Flat, HNSW over Flat storage, IVF-Flat); None for compressed ones (PQ), whose exact vectors
+    must come from the embeddings they were built from."""
+    import faiss
+
+    outer = faiss.downcast_index(index)
+    if hasattr(outer, "id_map"):
+        inner = faiss.downcast_index(outer.index)
+        if not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
+            return None
+        ids = faiss.vector_to_array(outer.id_map).astype(np.int64)
+
+        def from_id_map() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for start in range(0, len(ids), chunk):
+                stop = min(len(ids), start + chunk)
+                yield inner.reconstruct_n(start, stop - start), ids[start:stop]
+
+        return from_id_map()
+    if isinstance(outer, faiss.IndexIVFFlat):
+
+        def from_lists() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            lists = outer.invlists
+            for number in range(outer.nlist):
+                size = lists.list_size(number)
+                if not size:
+                    continue
+                codes = faiss.rev_swig_ptr(lists.get_codes(number), size * lists.code_size).copy()
+                ids = faiss.rev_swig_ptr(lists.get_ids(number), size).copy()
+                yield codes.view(np.float32).reshape(size, outer.d), ids.astype(np.int64)
+
+        return from_lists()
+    return None

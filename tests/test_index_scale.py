@@ -1,0 +1,367 @@
+"""Approximate indexes on generated vectors: recall tuning, updates, crash safety, merging parts,
+memory-mapped loading, evaluation, GPU fallbacks and clear errors (CPU; small sizes)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import index.store as store_module
+from export.embeddings import finalize, metadata_table, open_output, write_part
+from index import devices
+from index.add import add_arrays, add_embeddings, remove_ids
+from index.add import main as add_main
+from index.build import build_arrays, build_index, resolve_choice
+from index.build import main as build_main
+from index.evaluate import evaluate
+from index.evaluate import main as evaluate_main
+from index.merge import add_part, merge, train
+from index.search import Index
+from index.store import data_files, read_info
+from index.tune import drop_self, exact_neighbours, recall_at, tune
+
+COUNT, DIM = 4000, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin when the shared 2-core machine is oversubscribed (10x slower); the
+    vectors here are tiny, so one thread is both faster and steadier."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
+
+
+def clustered(count: int, dim: int = DIM, centres: int = 40, spread: float = 1.6, seed: int = 0) -> np.ndarray:
+    """Unit vectors around ``centres`` fixed random directions (the same for every ``seed``, which draws
+    the points): IVF needs several probes, as on real embeddings."""
+    means = np.random.default_rng(1234).standard_normal((centres, dim)).astype(np.float32)
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    points = means[rng.integers(0, centres, count)] + spread * rng.standard_normal((count, dim)).astype(np.float32) / np.sqrt(dim)
+    return (points / np.linalg.norm(points, axis=1, keepdims=True)).astype(np.float32)
+
+
+def brute_force(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids by numpy (independent of faiss)."""
+    order = np.argsort(-(queries @ vectors.T), axis=1, kind="stable")[:, :k]
+    return ids[order]
+
+
+@pytest.fixture(scope="module")
+def vectors() -> np.ndarray:
+    return clustered(COUNT)
+
+
+@pytest.fixture(scope="module")
+def ivf_dir(vectors: np.ndarray, tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("ivf")
+    build_arrays(vectors, output, ids=np.arange(COUNT) + 1000, factory="IVF64,Flat", target_recall=0.9, tune_queries=300)
+    return output
+
+
+def make_embeddings(directory: Path, vectors: np.ndarray, first_id: int, parts: int = 1, fingerprint: str = "enc-a") -> Path:
+    encoder = {"fingerprint": fingerprint, "directory": "/models/enc", "preprocess": {"model": {"objective": "test"}}}
+    open_output(directory, encoder, vectors.shape[1], dtype="float32")
+    for number, block in enumerate(np.array_split(np.arange(len(vectors)), parts)):
+        ids = first_id + block
+        table = metadata_table(ids, [f"k{i}" for i in ids], ["/s.tar"] * len(ids), ids % 10, ["c"] * len(ids), ["x"] * len(ids))
+        write_part(directory, f"{number:06d}-000000", vectors[block], table)
+    finalize(directory)
+    return directory
+
+
+# -- exact search, recall and tuning ------------------------------------------------------------------
+
+
+def test_recall_hand_example() -> None:
+    found = np.array([[1, 2, 3], [7, 8, -1]])
+    truth = np.array([[1, 3, 5], [9, 8, 7]])
+    # row 0: {1, 3} of 3; row 1: {7, 8} of 3 -> (2/3 + 2/3) / 2
+    assert recall_at(found, truth, 3) == pytest.approx(2 / 3)
+    assert recall_at(found, truth, 1) == pytest.approx(0.5)  # 1 == 1, 7 != 9
+    np.testing.assert_array_equal(drop_self(np.array([[5, 1, 2], [3, 5, 4]]), np.array([5, 5]), 2), [[1, 2], [3, 4]])
+
+
+def test_exact_neighbours_streams_blocks(vectors: np.ndarray) -> None:
+    ids = np.arange(COUNT) * 3
+    queries = vectors[:20] + 0.01
+    blocks = [(vectors[s:s + 700], ids[s:s + 700]) for s in range(0, COUNT, 700)]
+    truth = exact_neighbours(queries, blocks, 10)
+    np.testing.assert_array_equal(truth.ids, brute_force(queries, vectors, ids, 10))
+    assert np.all(np.diff(truth.scores, axis=1) <= 1e-6)
+
+
+def test_ivf_tuning_reaches_target(ivf_dir: Path, vectors: np.ndarray) -> None:
+    info = read_info(ivf_dir)
+    assert info["factory"] == "IVF64,Flat" and info["train_size"] == COUNT  # 64 lists x 64 points > 4000
+    tuned = info["recall"]
+    assert tuned["reached"] and tuned["recall"] >= 0.9 and tuned["k"] == 10 and tuned["queries"] == 300
+    nprobe = info["search_params"]["nprobe"]
+    assert 1 <= nprobe < 64 and tuned["queries_per_s"] > 0 and tuned["latency_ms"] > 0
+    assert [p["params"]["nprobe"] for p in tuned["curve"]][:3] == [1, 2, 4]
+    # independent check on fresh queries: the stored nprobe gives about the target recall
+    index = Index.load(ivf_dir)
+    queries = clustered(200, seed=5)
+    _, found = index.search(queries, 10)
+    truth = brute_force(queries, vectors, np.arange(COUNT) + 1000, 10)
+    assert recall_at(found, truth, 10) >= 0.85
+    _, one = index.search(queries, 10, params={"nprobe": 1})  # a per-call override, then the tuned value again
+    assert recall_at(one, truth, 10) < recall_at(found, truth, 10)
+    _, again = index.search(queries, 10)
+    np.testing.assert_array_equal(again, found)
+
+
+def test_higher_target_needs_more_probes(vectors: np.ndarray) -> None:
+    import faiss
+
+    index = faiss.index_factory(DIM, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add_with_ids(vectors, np.arange(COUNT))
+    queries = clustered(200, seed=7)
+    truth = brute_force(queries, vectors, np.arange(COUNT), 10)
+    low = tune(index, "ivf", queries, truth, 10, 0.8, nlist=64)
+    high = tune(index, "ivf", queries, truth, 10, 0.99, nlist=64)
+    assert low["params"]["nprobe"] <= high["params"]["nprobe"] and high["recall"] >= 0.99
+    # ids that are not indexed can never be found: not reached, and the cheapest point of the plateau is kept
+    unreachable = tune(index, "ivf", queries, truth + 10**6, 10, 0.95, nlist=64)
+    assert not unreachable["reached"] and unreachable["params"] == {"nprobe": 1} and unreachable["recall"] == 0
+
+
+def test_hnsw_tuning_raises_ef_search(vectors: np.ndarray, tmp_path: Path) -> None:
+    info, _ = build_arrays(vectors, tmp_path / "hnsw", factory="HNSW8", target_recall=0.98, tune_queries=300)
+    assert info["family"] == "hnsw" and info["recall"]["recall"] >= 0.98
+    assert info["search_params"]["efSearch"] >= 16
+    assert Index.load(tmp_path / "hnsw").search(vectors[:2], 1)[1][:, 0].tolist() == [0, 1]
+
+
+def test_memory_budget_chooses_pq(vectors: np.ndarray) -> None:
+    # (training OPQ is slow on a shared 2-core machine; the PQ build path is exercised in test_evaluate_errors)
+    choice = resolve_choice(COUNT, DIM, None, 250_000)
+    assert choice.factory == "OPQ32,IVF64,PQ32" and choice.family == "ivfpq" and "OPQ codes" in choice.reason
+    assert resolve_choice(COUNT, DIM, None, 10**9).factory == "Flat"
+    given = resolve_choice(COUNT, DIM, "IVF16,PQ8x4", None)
+    assert given.family == "ivfpq" and given.nlist == 16 and given.reason == "--index given"
+
+
+# -- updates ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF64,Flat", "HNSW8"])
+def test_add_and_remove(vectors: np.ndarray, tmp_path: Path, factory: str) -> None:
+    target = tmp_path / "ix"
+    build_arrays(vectors[:3000], target, factory=factory, tune_queries=100)
+    info = add_arrays(target, vectors[3000:], np.arange(3000, COUNT))
+    index = Index.load(target)
+    assert index.count == COUNT == info["count"] and info["updates"][-1]["added"] == 1000
+    assert index.search(vectors[3500], 1)[1][0, 0] == 3500
+    assert index.records([3500])[0]["id"] == 3500
+    info = remove_ids(target, [3500, 7])
+    index = Index.load(target)
+    assert index.count == COUNT - 2 and info["updates"][-1]["removed"] == 2
+    _, found = index.search(vectors[[3500, 7]], 5)
+    assert not np.isin(found, [3500, 7]).any()
+    with pytest.raises(KeyError, match="3500"):
+        index.records([3500])
+    with pytest.raises(KeyError, match="99999"):
+        remove_ids(target, [99999])
+    assert sorted(p.name.split("-")[0] for p in target.iterdir() if not p.name.startswith(".")) == ["index", "index.json", "metadata"]
+
+
+def test_add_rejects_duplicates_and_other_dims(ivf_dir: Path, tmp_path: Path) -> None:
+    target = Path(shutil.copytree(ivf_dir, tmp_path / "ix"))
+    before = read_info(target)
+    with pytest.raises(ValueError, match=r"duplicate sample id\(s\) \[1000"):
+        add_arrays(target, clustered(3, seed=9), np.array([1000, 1, 2]))
+    with pytest.raises(ValueError, match=r"dimension mismatch: the new embeddings are 16-d .* 32-d"):
+        add_arrays(target, np.ones((2, 16), dtype=np.float32), np.array([1, 2]))
+    assert read_info(target) == before
+
+
+def test_add_embeddings_checks_the_encoder(tmp_path: Path, vectors: np.ndarray) -> None:
+    first = make_embeddings(tmp_path / "emb-a", vectors[:3000], 0, parts=3)
+    info = build_index(None, None, tmp_path / "ix", embeddings=first, factory="IVF32,Flat")
+    assert info["count"] == 3000 and info["encoder_fingerprint"] == "enc-a" and info["embeddings"] == str(first.resolve())
+    more = make_embeddings(tmp_path / "emb-b", vectors[3000:], 3000)
+    assert add_embeddings(tmp_path / "ix", more)["count"] == COUNT
+    records = Index.load(tmp_path / "ix").records([5, 3005])
+    assert [r["key"] for r in records] == ["k5", "k3005"] and records[1]["label"] == 5
+    other = make_embeddings(tmp_path / "emb-c", clustered(10, seed=3), 9000, fingerprint="enc-b")
+    with pytest.raises(ValueError, match="encoder mismatch"):
+        add_embeddings(tmp_path / "ix", other)
+    assert add_main(["--index", str(tmp_path / "ix"), "--remove", "5", "6"]) == 0
+    assert Index.load(tmp_path / "ix").count == COUNT - 2
+    assert add_main(["--index", str(tmp_path / "ix"), "--remove", "5"]) == 2  # already gone
+
+
+def test_crash_mid_add_leaves_previous_index(ivf_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import pyarrow.parquet as pq
+
+    target = Path(shutil.copytree(ivf_dir, tmp_path / "ix"))
+    files_before = sorted(p.name for p in target.iterdir())
+    queries = clustered(5, seed=11)
+    expected = Index.load(target).search(queries, 5)[1]
+
+    def crash(*args, **kwargs):
+        raise OSError("simulated crash while writing the metadata")
+
+    monkeypatch.setattr(pq, "write_table", crash)  # the new index file is already on disk by then
+    with pytest.raises(OSError, match="simulated crash"):
+        add_arrays(target, clustered(10, seed=12), np.arange(10))
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == files_before
+    np.testing.assert_array_equal(Index.load(target).search(queries, 5)[1], expected)
+
+    # killed between the commit and the cleanup: the new generation is complete and loads;
+    # the next write removes the leftovers
+    monkeypatch.setattr(store_module, "remove_stale", lambda *args: None)
+    add_arrays(target, clustered(10, seed=12), np.arange(10))
+    monkeypatch.undo()
+    assert Index.load(target).count == COUNT + 10
+    assert len(list(target.glob("index-*.faiss"))) == 2
+    remove_ids(target, [0])
+    assert len(list(target.glob("index-*.faiss"))) == 1 and len(list(target.glob("metadata-*.parquet"))) == 1
+
+
+def test_legacy_layout_still_loads(ivf_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "legacy"
+    target.mkdir()
+    info = read_info(ivf_dir)
+    files = data_files(ivf_dir, info)
+    shutil.copy(files["index"], target / "index.faiss")
+    shutil.copy(files["metadata"], target / "metadata.parquet")
+    (target / "index.json").write_text(json.dumps({k: v for k, v in info.items() if k != "files"}))
+    assert Index.load(target).count == COUNT
+
+
+# -- scale: mmap, parts and merging -------------------------------------------------------------------
+
+
+def test_mmap_load_matches(ivf_dir: Path, tmp_path: Path, vectors: np.ndarray) -> None:
+    import faiss
+
+    queries = clustered(20, seed=13)
+    mapped = Index.load(ivf_dir, mmap=True)
+    assert not mapped.on_gpu
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(mapped.faiss_index).invlists)
+    assert type(lists).__name__ == "OnDiskInvertedLists"  # mapped from the file, not read into RAM
+    assert not devices.gpu_supported(mapped.faiss_index)
+    np.testing.assert_array_equal(mapped.search(queries, 10)[1], Index.load(ivf_dir).search(queries, 10)[1])
+    build_arrays(vectors, tmp_path / "flat", factory="Flat", tune_queries=20)
+    mapped_flat, flat = Index.load(tmp_path / "flat", mmap=True), Index.load(tmp_path / "flat")
+    np.testing.assert_array_equal(mapped_flat.search(queries, 10)[1], flat.search(queries, 10)[1])
+
+
+@pytest.mark.parametrize("on_disk", [False, True])
+def test_parts_merge_into_one_index(vectors: np.ndarray, tmp_path: Path, on_disk: bool) -> None:
+    import faiss
+
+    emb = make_embeddings(tmp_path / "emb", vectors, 0, parts=5)
+    plan = train(emb, tmp_path / "parts", factory="IVF32,Flat")
+    assert plan["train_size"] == 2048 and plan["nlist"] == 32
+    add_part(tmp_path / "parts", 0, 2)
+    with pytest.raises(ValueError, match="incomplete splits"):
+        merge(tmp_path / "parts", tmp_path / "ix")
+    add_part(tmp_path / "parts", 1, 2)
+    info = merge(tmp_path / "parts", tmp_path / "ix", on_disk=on_disk, target_recall=0.9, tune_queries=200)
+    assert info["count"] == COUNT and info["merged_parts"] == 2 and info["recall"]["recall"] >= 0.9
+    assert ("lists" in info["files"]) == on_disk
+    merged = Index.load(tmp_path / "ix")
+    # the same trained quantizer filled in one go gives the same neighbours
+    single = faiss.read_index(str(tmp_path / "parts" / "trained.faiss"))
+    single.add_with_ids(vectors, np.arange(COUNT))
+    single.nprobe = merged.search_params["nprobe"]
+    queries = clustered(30, seed=17)
+    np.testing.assert_array_equal(merged.search(queries, 10)[1], single.search(queries, 10)[1])
+    assert merged.records([3999])[0]["key"] == "k3999"
+    if on_disk:
+        assert not devices.gpu_supported(merged.faiss_index)  # on-disk lists stay on the CPU
+        with pytest.raises(ValueError, match="merged on disk"):
+            add_arrays(tmp_path / "ix", clustered(2, seed=1), np.array([-5, -6]) + 10**6)
+
+
+def test_merge_needs_ivf(vectors: np.ndarray, tmp_path: Path) -> None:
+    emb = make_embeddings(tmp_path / "emb", vectors[:500], 0)
+    with pytest.raises(ValueError, match="only IVF indexes"):
+        train(emb, tmp_path / "parts", factory="HNSW8")
+    with pytest.raises(FileNotFoundError, match="index.merge train"):
+        add_part(tmp_path / "nothing", 0, 1)
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+
+
+def test_evaluate_reports_recall_and_speed(ivf_dir: Path, tmp_path: Path, capsys) -> None:
+    result = evaluate(ivf_dir, num_queries=200)
+    assert result["queries"] == 200 and result["queries_from"].startswith("stored vectors")
+    assert 0.85 <= result["recall@10"] <= 1.0 and 0.0 < result["recall@100"] <= 1.0 and result["recall@1"] > 0.8
+    assert result["queries_per_s"] > 0 and result["exact_queries_per_s"] > 0
+    exact = evaluate(ivf_dir, num_queries=50, params={"nprobe": 64})  # every list: exact
+    assert exact["recall@1"] == exact["recall@10"] == exact["recall@100"] == 1.0
+    np.save(tmp_path / "q.npy", clustered(40, seed=21))
+    assert evaluate_main(["--index", str(ivf_dir), "--queries", str(tmp_path / "q.npy"), "--k", "1,10"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["queries"] == 40 and set(printed) >= {"recall@1", "recall@10", "queries_per_s"}
+
+
+def test_evaluate_errors(ivf_dir: Path, tmp_path: Path, vectors: np.ndarray, capsys) -> None:
+    with pytest.raises(ValueError, match=r"k=5000 is larger than the collection \(3999"):
+        evaluate(ivf_dir, ks=(1, 5000), num_queries=10)
+    with pytest.raises(ValueError, match="dimension mismatch: queries are 8-d"):
+        evaluate(ivf_dir, queries=np.ones((3, 8), dtype=np.float32))
+    build_arrays(vectors, tmp_path / "pq", factory="IVF16,PQ8x4", tune_queries=50)
+    with pytest.raises(ValueError, match="compressed vectors; give --base"):
+        evaluate(tmp_path / "pq")
+    emb = make_embeddings(tmp_path / "emb", vectors, 0)
+    assert evaluate(tmp_path / "pq", base=emb, ks=(10,), num_queries=50)["exact_from"] == str(emb)
+    assert evaluate_main(["--index", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# -- errors and GPU fallbacks -------------------------------------------------------------------------
+
+
+def test_build_errors(vectors: np.ndarray, tmp_path: Path, capsys) -> None:
+    with pytest.raises(ValueError, match="invalid --index factory string 'IVF,Nonsense'"):
+        build_arrays(vectors, None, factory="IVF,Nonsense")
+    with pytest.raises(ValueError, match="empty collection"):
+        build_arrays(np.zeros((0, DIM), dtype=np.float32), None)
+    with pytest.raises(ValueError, match="--recall-k 100 must be smaller than the collection"):
+        build_arrays(vectors[:50], None, recall_k=100)
+    with pytest.raises(ValueError, match="4096 inverted lists but the collection holds only 4000"):
+        build_arrays(vectors, None, factory="IVF4096,Flat")
+    with pytest.raises(ValueError, match="duplicate sample id"):
+        build_arrays(vectors[:10], None, ids=np.array([1] * 10))
+    assert build_main(["--output", str(tmp_path / "x")]) == 2
+    assert "--embeddings" in capsys.readouterr().err
+    emb = tmp_path / "partial"
+    open_output(emb, {"fingerprint": "f"}, DIM, dtype="float32", shards=["/a.tar"])
+    assert build_main(["--embeddings", str(emb), "--output", str(tmp_path / "x")]) == 2
+    assert "incomplete" in capsys.readouterr().err
+
+
+def test_gpu_paths_fall_back_to_cpu(ivf_dir: Path, monkeypatch) -> None:
+    """No GPU here: every GPU entry point returns the CPU index; searches beyond the GPU limits use the CPU copy."""
+    import faiss
+
+    index = Index.load(ivf_dir, use_gpu=True)
+    assert index.on_gpu == (faiss.get_num_gpus() > 0)
+    cpu = faiss.read_index(str(data_files(ivf_dir, read_info(ivf_dir))["index"]))
+    assert devices.to_gpu(cpu, use_gpu=False) == (cpu, None)
+    assert devices.exceeds_gpu_limits(10, {"nprobe": 32}) is None
+    assert devices.exceeds_gpu_limits(4096, {}) == "k=4096 > 2048"
+    assert devices.exceeds_gpu_limits(10, {"nprobe": 4000}) == "nprobe=4000 > 2048"
+
+    class BrokenGpuIndex:  # stands in for a GPU copy that cannot serve k > 2048
+        def search(self, *args):
+            raise AssertionError("the GPU copy must not be asked for k > 2048")
+
+    index._gpu_resources, index._search_index = object(), BrokenGpuIndex()
+    scores, found = index.search(clustered(2, seed=3), k=3000)
+    assert found.shape == (2, 3000) and (found >= 0).sum() > 0

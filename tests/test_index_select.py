@@ -1,0 +1,95 @@
+"""index.select: which index a collection of a given size, dimension and memory budget gets."""
+from __future__ import annotations
+
+import pytest
+
+from index.select import (
+    EXACT_MAX,
+    choose_index,
+    describe_factory,
+    estimate_bytes,
+    nlist_for,
+    parse_memory,
+    train_size_for,
+)
+
+GiB, MiB = 1 << 30, 1 << 20
+
+
+def test_parse_memory() -> None:
+    assert parse_memory("8G") == 8 * GiB
+    assert parse_memory("512M") == 512 * MiB
+    assert parse_memory("512MiB") == 512 * MiB
+    assert parse_memory("1.5T") == int(1.5 * (1 << 40))
+    assert parse_memory("1000") == 1000 and parse_memory(4096) == 4096
+    for bad in ("lots", "8Q", "0", "-1G"):
+        with pytest.raises(ValueError, match="memory"):
+            parse_memory(bad)
+
+
+def test_nlist_is_four_sqrt_n_with_enough_points_per_list() -> None:
+    assert nlist_for(1_000_000) == 4096  # 4 * 1000, nearest power of two
+    assert nlist_for(60_000) == 1024  # 4 * 245 = 980
+    assert nlist_for(1_000_000_000) == 131072  # 4 * 31623 = 126491
+    # 1000 vectors: 4 sqrt(n) = 126 -> 128, but 128 lists would get < 39 points each -> 16 (62 each)
+    assert nlist_for(1000) == 16
+    assert nlist_for(1) == 1
+    with pytest.raises(ValueError):
+        nlist_for(0)
+
+
+def test_small_collections_are_exact() -> None:
+    choice = choose_index(60_000 - 10_001, 512, max_memory=GiB)
+    assert choice.factory == "Flat" and choice.family == "flat" and choice.train_size == 0
+    assert choose_index(EXACT_MAX, 128, GiB).factory == "Flat"
+    assert choose_index(EXACT_MAX + 1, 128, GiB).factory == "HNSW32"
+
+
+def test_one_million_vectors_by_memory_budget() -> None:
+    """1M x 128: vectors are 512 MB; the graph adds ~280 MB; PQ codes shrink each vector to m bytes."""
+    count, dim = 1_000_000, 128
+    hnsw = choose_index(count, dim, 8 * GiB)
+    assert hnsw.factory == "HNSW32" and hnsw.estimated_bytes == estimate_bytes("hnsw", count, dim)
+    ivf = choose_index(count, dim, 600 * MiB)  # 520 MB of vectors + ids fit, the graph does not
+    assert ivf.factory == "IVF4096,Flat" and ivf.nlist == 4096 and ivf.train_size == 64 * 4096
+    assert "HNSW needs" in ivf.reason
+    pq = choose_index(count, dim, 200 * MiB)  # 64-byte codes + 8-byte ids = 72 MB
+    assert pq.factory == "OPQ64,IVF4096,PQ64" and pq.pq_bytes == 64 and pq.train_size == 262_144
+    tight = choose_index(count, dim, 20 * MiB)  # (8 + 8) bytes per vector = 16 MB
+    assert tight.factory == "OPQ8,IVF4096,PQ8"
+    with pytest.raises(ValueError, match=r"do not fit in --max-memory .*raise --max-memory"):
+        choose_index(count, dim, 5 * MiB)
+
+
+def test_beyond_hnsw_and_billions() -> None:
+    assert choose_index(20_000_000, 128, 64 * GiB).factory == "IVF16384,Flat"  # too many for an HNSW build
+    billion = choose_index(1_000_000_000, 128, 128 * GiB)
+    assert billion.factory == "OPQ64,IVF131072_HNSW32,PQ64"  # HNSW coarse quantizer for 131072 lists
+    assert billion.estimated_bytes <= 128 * GiB
+
+
+def test_pq_bytes_divide_the_dimension() -> None:
+    choice = choose_index(1_000_000, 96, 100 * MiB)
+    assert choice.factory == "OPQ48,IVF4096,PQ48" and 96 % choice.pq_bytes == 0
+
+
+def test_training_sizes() -> None:
+    assert train_size_for("flat", 10**6) == 0 and train_size_for("hnsw", 10**6) == 0
+    assert train_size_for("ivf", 10**6, 4096) == 262_144
+    assert train_size_for("ivfpq", 100_000, 256) == 65_536  # PQ codebooks want more than 64 per list
+    assert train_size_for("ivf", 5_000, 4096) == 5_000  # never more than the collection
+
+
+def test_every_choice_is_a_valid_factory() -> None:
+    faiss = pytest.importorskip("faiss")
+    for count, memory in ((10_000, GiB), (100_000, GiB), (10**6, 600 * MiB), (10**6, 20 * MiB), (10**9, 128 * GiB)):
+        choice = choose_index(count, 128, memory)
+        index = faiss.index_factory(128, choice.factory, faiss.METRIC_INNER_PRODUCT)
+        assert index.d == 128 and describe_factory(choice.factory) == choice.family
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="empty collection"):
+        choose_index(0, 128, GiB)
+    with pytest.raises(ValueError, match="dim"):
+        choose_index(10, 0, GiB)
