@@ -5,6 +5,7 @@ data-loader worker processes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,12 @@ class AugmentConfig:
     jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
     blur_prob: float = 0.0
+    solarize_prob: float = 0.0  # BYOL: invert pixels >= 0.5 (128 of 255) with this probability, after blur
     channels: int = 3
 
 
 def augmentation(size: int, mean, std, config: AugmentConfig) -> T.Compose:
-    """Random resized crop, flip, colour jitter, grayscale, optional blur, then normalise."""
+    """Random resized crop, flip, colour jitter, grayscale, optional blur and solarize, then normalise."""
     s = config.jitter_strength
     steps: list = [T.RandomResizedCrop(size, scale=tuple(config.crop_scale), antialias=True)]
     if config.flip > 0:
@@ -37,18 +39,39 @@ def augmentation(size: int, mean, std, config: AugmentConfig) -> T.Compose:
     if config.blur_prob > 0:
         kernel = max(3, (size // 10) | 1)  # ~10% of the image side, odd
         steps.append(T.RandomApply([T.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=config.blur_prob))
+    if config.solarize_prob > 0:
+        steps.append(T.RandomSolarize(threshold=128, p=config.solarize_prob))  # on the PIL image: 0.5 of 255
     steps += [T.ToTensor(), T.Normalize(mean, std)]
     return T.Compose(steps)
 
 
-class TwoViews:
-    """Two independently augmented views ``view0``/``view1`` of the same image (SimCLR, MoCo, BYOL, ...)."""
+def view_configs(augment: dict, second_view_augment: dict | None = None) -> tuple[AugmentConfig, AugmentConfig | None]:
+    """``AugmentConfig``s for view0 and view1 from option mappings: view1's is view0's with
+    ``second_view_augment`` laid over it (None when that is empty: both views share one recipe).
+    Unknown field names raise ValueError."""
+    try:
+        first = AugmentConfig(**augment)
+        second = AugmentConfig(**{**augment, **second_view_augment}) if second_view_augment else None
+    except TypeError as error:
+        known = ", ".join(f.name for f in dataclasses.fields(AugmentConfig))
+        raise ValueError(f"augment: {error}; known fields: {known}") from None
+    return first, second
 
-    def __init__(self, size: int, mean, std, config: AugmentConfig | None = None):
+
+class TwoViews:
+    """Two independently augmented views ``view0``/``view1`` of the same image (SimCLR, MoCo, BYOL, ...).
+
+    ``second_config`` gives view1 its own recipe (BYOL's asymmetric views: blur 1.0 / 0.1, solarize 0 / 0.2);
+    without it both views use ``config``.
+    """
+
+    def __init__(self, size: int, mean, std, config: AugmentConfig | None = None,
+                 second_config: AugmentConfig | None = None):
         self.transform = augmentation(size, mean, std, config or AugmentConfig())
+        self.second_transform = augmentation(size, mean, std, second_config) if second_config else self.transform
 
     def __call__(self, image, sample) -> dict:
-        return {"view0": self.transform(image), "view1": self.transform(image)}
+        return {"view0": self.transform(image), "view1": self.second_transform(image)}
 
 
 class ImageText:

@@ -6,7 +6,8 @@ Objectives hold an ``EmbeddingModel`` plus their training-only heads (projectors
 
 The image path is always ``encode_image(normalised RGB [N, C, H, W]) -> [N, D]``:
     backbone  (one backbone, or a ``ViewSplitEncoder``: colour conversion + one backbone per channel group,
-               features concatenated; CMC)
+               features concatenated; CMC; or a ``PatchGridEncoder``: the backbone on a grid of patches,
+               mean-pooled; CPC)
     -> image_head        (optional Linear-BN-ReLU layers kept from a projection head; SimCLR v2)
     -> image_projection  (optional linear map into a shared image-text space; CLIP)
 """
@@ -46,6 +47,13 @@ class ModelConfig:
     # Projection-head layers exported with the encoder (SimCLR v2 fine-tunes from the middle of its head):
     # {"hidden_dim": int, "layers": int} -> layers x (Linear-BN-ReLU) after the backbone.
     image_head: dict | None = None
+    # Patch-grid encoder (CPC): {"patch": P, "stride": S} splits the image into the grid of P x P patches at
+    # stride S, encodes every patch with the backbone (built for P px input) and mean-pools the patch
+    # features into the image's embedding (``PatchGridEncoder``). None: the backbone sees the whole image.
+    patch_grid: dict | None = None
+    # Normalisation in the backbone: None keeps the backbone's own (batch norm for CNNs); "layer" replaces every
+    # BatchNorm2d by GroupNorm(1, C), layer norm over (C, H, W) per sample with a per-channel affine (CPC v2).
+    backbone_norm: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -81,6 +89,66 @@ class ViewSplitEncoder(nn.Module):
         return torch.cat(self.forward_views(images), dim=1)
 
 
+def grid_patches(images: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, Gh, Gw, C, patch, patch] (``Tensor.unfold``), Gh = (H - patch) // stride + 1; patch
+    (i, j) is ``images[:, :, i*stride : i*stride + patch, j*stride : j*stride + patch]``."""
+    return images.unfold(2, patch, stride).unfold(3, patch, stride).permute(0, 2, 3, 1, 4, 5)
+
+
+class PatchGridEncoder(nn.Module):
+    """An image encoder made of a patch encoder (CPC): image -> grid of overlapping patches -> ``encoder`` on
+    every patch as one batch -> mean of the patch features, the image representation CPC evaluates.
+
+    ``encode_grid`` gives the per-patch features the objective trains on.
+    """
+
+    def __init__(self, encoder: nn.Module, patch: int, stride: int):
+        super().__init__()
+        self.encoder = encoder
+        self.patch, self.stride = patch, stride
+
+    def encode_grid(self, patches: torch.Tensor) -> torch.Tensor:
+        """[N, Gh, Gw, C, P, P] patches -> [N, Gh, Gw, D] features."""
+        n, rows, cols = patches.shape[:3]
+        features = self.encoder(patches.reshape(-1, *patches.shape[3:]))
+        return features.reshape(n, rows, cols, features.shape[-1])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.encode_grid(grid_patches(images, self.patch, self.stride))
+        return grid.flatten(1, 2).mean(dim=1)
+
+
+def _check_patch_grid(config: ModelConfig) -> tuple[int, int]:
+    """(patch, stride) of ``config.patch_grid`` (stride defaults to patch // 2), validated and resolved."""
+    unknown = sorted(set(config.patch_grid) - {"patch", "stride"})
+    if unknown:
+        raise ValueError(f"patch_grid takes patch and stride, got unknown {unknown}")
+    if config.colour_space is not None or config.view_channels is not None:
+        raise ValueError("patch_grid works with one plain backbone, not with colour_space / view_channels")
+    if "patch" not in config.patch_grid:
+        raise ValueError("patch_grid needs a patch size: {'patch': P, 'stride': S}")
+    patch = int(config.patch_grid["patch"])
+    stride = int(config.patch_grid.get("stride") or max(1, patch // 2))
+    if not (0 < patch <= config.image_size and stride > 0):
+        raise ValueError(f"patch_grid: need 0 < patch <= image_size ({config.image_size}) and stride > 0, "
+                         f"got patch {patch}, stride {stride}")
+    if (config.image_size - patch) % stride:
+        raise ValueError(f"patch_grid: patches of {patch} px at stride {stride} do not tile a {config.image_size} px "
+                         f"image exactly ((image_size - patch) must be a multiple of stride)")
+    config.patch_grid = {"patch": patch, "stride": stride}  # resolved, as saved in config.json
+    return patch, stride
+
+
+def batch_norm_to_layer_norm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` by GroupNorm(1, C): layer norm over (C, H, W) of each sample
+    with BN's per-channel affine, so no statistics are shared between the samples (patches) of a batch."""
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.GroupNorm(1, module.num_features, eps=module.eps, affine=module.affine)
+    for name, child in module.named_children():
+        setattr(module, name, batch_norm_to_layer_norm(child))
+    return module
+
+
 def _check_views(config: ModelConfig) -> list[list[int]]:
     """The channel groups of ``config`` (default: all channels in one group), validated."""
     groups = config.view_channels or [list(range(config.channels))]
@@ -109,8 +177,12 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        patch_grid = _check_patch_grid(config) if config.patch_grid is not None else None
+        if config.backbone_norm not in (None, "layer"):
+            raise ValueError(f"backbone_norm must be None or 'layer', got {config.backbone_norm!r}")
         if config.colour_space is None and config.view_channels is None:
-            backbone = build_backbone(config.backbone, config.image_size, config.channels)
+            input_size = patch_grid[0] if patch_grid else config.image_size  # a patch encoder sees patches
+            backbone = build_backbone(config.backbone, input_size, config.channels)
             config.mean = list(config.mean or backbone.mean)
             config.std = list(config.std or backbone.std)
             self.backbone = backbone.module
@@ -124,6 +196,10 @@ class EmbeddingModel(nn.Module):
             colour = ColourSpace(config.colour_space, config.mean, config.std) if config.colour_space else None
             self.backbone = ViewSplitEncoder(config.backbone, config.image_size, groups, colour)
             self.feature_dim = self.backbone.feature_dim
+        if config.backbone_norm == "layer":
+            self.backbone = batch_norm_to_layer_norm(self.backbone)
+        if patch_grid is not None:
+            self.backbone = PatchGridEncoder(self.backbone, *patch_grid)
         self.config = config
         width = self.feature_dim
         self.image_head = None

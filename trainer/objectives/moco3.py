@@ -13,7 +13,8 @@ overrides.
 Implementation choices: queries are gathered with gradient and the loss is computed over the global batch
 on every rank, which equals the paper's per-rank loss with labels offset by rank after DDP's gradient
 averaging; batch norm (heads, key side) uses global statistics like the paper's SyncBN. Both views share one
-augmentation recipe: ``TwoViews`` has no per-view settings, so BYOL's asymmetric blur/solarize is not used.
+augmentation recipe (the paper's asymmetric blur/solarize is available through ``TwoViews``' second config,
+as ``byol`` uses it, but not wired into this objective's options yet).
 """
 from __future__ import annotations
 
