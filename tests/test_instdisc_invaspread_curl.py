@@ -280,9 +280,9 @@ def test_two_processes_equal_one_process_on_the_global_batch(build, tmp_path):
 @pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
 @pytest.mark.parametrize("name,steps,objective_args", [
     ("invaspread", 80, ["--objective", "invaspread", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4"]),
-    # One view per step, so 160 steps cost about what 80 two-view steps do. Z is re-estimated per batch for the
+    # One view per step, so 200 steps cost about what 100 two-view steps do (160 steps: 0.297 vs floor 0.278 once). Z is re-estimated per batch for the
     # first epoch (32 steps): fixed on the first batch's random bank it silences the positive term (see instdisc.py).
-    ("instdisc", 160, ["--objective", "instdisc", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
+    ("instdisc", 200, ["--objective", "instdisc", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
                        "--set", "proximal_weight=3", "--set", "normaliser_warmup_steps=32"]),
 ])
 def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
