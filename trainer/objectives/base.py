@@ -38,6 +38,23 @@ class ObjectiveSpec:
         return max(1, -(-self.num_train_samples // self.global_batch_size))
 
 
+def steps_from_epochs(spec: ObjectiveSpec, steps: int | None, epochs: float, what: str) -> int:
+    """A duration given in steps (when set) or in epochs of ``spec``'s training set, as optimizer steps."""
+    if steps is not None:
+        if steps < 0:
+            raise ValueError(f"{what}: steps must be >= 0, got {steps}")
+        return int(steps)
+    if epochs < 0:
+        raise ValueError(f"{what}: epochs must be >= 0, got {epochs}")
+    if epochs == 0:
+        return 0
+    per_epoch = spec.steps_per_epoch()
+    if per_epoch is None:
+        raise ValueError(f"{what} is given in epochs but the training-set size or batch size is unknown; "
+                         f"give it in steps instead")
+    return int(round(epochs * per_epoch))
+
+
 def parse_options(options_type: type, options: dict[str, Any], objective: str):
     """Turn an options mapping into the objective's typed dataclass; unknown keys are an error."""
     names = {f.name for f in dataclasses.fields(options_type)}

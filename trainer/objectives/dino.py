@@ -34,10 +34,9 @@ from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad
 from trainer.losses.dino import dino_loss, teacher_temperature_at
 from trainer.models import ModelConfig
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .swav import steps_from_epochs
 
 
 class WeightNormLinear(nn.Module):

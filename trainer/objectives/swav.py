@@ -32,25 +32,8 @@ from trainer.distributed import gather_no_grad, gather_with_grad, rank, world_si
 from trainer.losses.clustering import sinkhorn, swav_loss
 from trainer.models import ModelConfig, projection_mlp
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
-
-
-def steps_from_epochs(spec: ObjectiveSpec, steps: int | None, epochs: float, what: str) -> int:
-    """A duration given in steps (when set) or in epochs of ``spec``'s training set, as optimizer steps."""
-    if steps is not None:
-        if steps < 0:
-            raise ValueError(f"{what}: steps must be >= 0, got {steps}")
-        return int(steps)
-    if epochs < 0:
-        raise ValueError(f"{what}: epochs must be >= 0, got {epochs}")
-    if epochs == 0:
-        return 0
-    per_epoch = spec.steps_per_epoch()
-    if per_epoch is None:
-        raise ValueError(f"{what} is given in epochs but the training-set size or batch size is unknown; "
-                         f"give it in steps instead")
-    return int(round(epochs * per_epoch))
 
 
 @dataclass
