@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -55,7 +56,7 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
 from trainer.config import TrainConfig, load_recipe, recipe_path
-from trainer.data.shards import expand_patterns
+from trainer.data.shards import count_samples, expand_patterns
 from trainer.models import EmbeddingModel, ModelConfig, build_backbone, save_model
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 
@@ -153,11 +154,18 @@ def transform_for(method: str, options: dict, image_size: int, mean, std):
     raise ValueError(f"no lightly transform for {method!r}")
 
 
-def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: int, max_steps: int):
+def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: int, max_steps: int,
+                 steps_per_epoch: int = 1):
     """(model, step_loss) as in lightly's example for ``method``; ``step_loss(views, step)`` returns the loss
-    (momentum updates included, before the forward as the examples do) and the model exposes ``.backbone``."""
+    (momentum updates included, before the forward as the examples do) and the model exposes ``.backbone``.
+    Durations manyview's recipes give in epochs become steps (``steps_per_epoch``), and lightly is given
+    steps where it counts epochs, so both sides freeze and warm up for the same number of steps."""
     def opt(name, default):
         return options.get(name, default)
+
+    def steps(name: str, default_epochs: float) -> int:
+        given = options.get(f"{name}_steps")
+        return int(given) if given is not None else round(float(opt(f"{name}_epochs", default_epochs)) * steps_per_epoch)
 
     hidden, out_dim = int(opt("projection_hidden_dim", 2048)), int(opt("projection_dim", opt("embed_dim", 128)))
     if method == "simclr":
@@ -200,7 +208,7 @@ def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: i
         return model, lambda views, step: criterion(model(views[0]), model(views[1]))
     if method == "swav":
         model = Projected(backbone, SwaVProjectionHead(feature_dim, hidden, out_dim))
-        frozen = int(opt("freeze_prototypes_steps", None) or 0)
+        frozen = steps("freeze_prototypes", 1.0)
         model.prototypes = SwaVPrototypes(out_dim, n_prototypes=int(opt("num_prototypes", 300)),
                                           n_steps_frozen_prototypes=frozen)
         criterion = SwaVLoss(temperature=float(opt("temperature", 0.1)),
@@ -213,15 +221,16 @@ def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: i
             return criterion(outputs[:2], outputs[2:])
         return model, swav_loss
     if method == "dino":
-        num_outputs, bottleneck = int(opt("num_prototypes", opt("output_dim", 4096))), int(opt("bottleneck_dim", 256))
-        freeze = int(opt("freeze_last_layer_steps", None) or 0)
+        num_outputs, bottleneck = int(opt("out_dim", 4096)), int(opt("bottleneck_dim", 256))
+        hidden = int(opt("hidden_dim", 2048))
+        freeze = steps("freeze_last_layer", 1.0)
         online = Projected(backbone, DINOProjectionHead(feature_dim, hidden, bottleneck, num_outputs,
                                                         freeze_last_layer=freeze))
         model = WithMomentum(online, DINOProjectionHead(feature_dim, hidden, bottleneck, num_outputs))
         model.projection_head_momentum.load_state_dict(online.projection_head.state_dict())
-        warmup = int(opt("teacher_temperature_warmup_steps", 0) or 0)
-        criterion = DINOLoss(output_dim=num_outputs, warmup_teacher_temp=float(opt("teacher_temperature_start", 0.04)),
-                             teacher_temp=float(opt("teacher_temperature", 0.04)), warmup_teacher_temp_epochs=warmup,
+        warmup = steps("warmup_teacher_temperature", 30.0)
+        criterion = DINOLoss(output_dim=num_outputs, warmup_teacher_temp=float(opt("warmup_teacher_temperature", 0.04)),
+                             teacher_temp=float(opt("teacher_temperature", 0.07)), warmup_teacher_temp_epochs=warmup,
                              student_temp=float(opt("student_temperature", 0.1)),
                              center_momentum=float(opt("center_momentum", 0.9)))
 
@@ -254,7 +263,10 @@ def train(args: argparse.Namespace) -> dict:
     options = config.objective_options
     torch.manual_seed(args.seed)
     built = build_backbone("resnet18-cifar", config.data.image_size)
-    model, step_loss = build_method(args.method, options, built.module, built.feature_dim, args.max_steps)
+    urls = expand_patterns(args.train_data)
+    steps_per_epoch = max(1, math.ceil(count_samples(urls) / args.batch_size))
+    model, step_loss = build_method(args.method, options, built.module, built.feature_dim, args.max_steps,
+                                    steps_per_epoch)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device)
 
@@ -265,7 +277,7 @@ def train(args: argparse.Namespace) -> dict:
     optimizer = build_optimizer([{"params": decay, "weight_decay": config.optim.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}], config.optim, base_lr)
     transform = transform_for(args.method, options, config.data.image_size, built.mean, built.std)
-    loader = loader_for(expand_patterns(args.train_data), transform, args.batch_size, args.num_workers,
+    loader = loader_for(urls, transform, args.batch_size, args.num_workers,
                         config.data.shuffle_buffer, args.seed)
 
     os.makedirs(args.output, exist_ok=True)
