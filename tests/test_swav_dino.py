@@ -170,15 +170,20 @@ def test_dino_with_a_vit_backbone_trains_one_step(backbone):
 # ---------------------------------------------------------------- SwAV objective
 
 
-def test_swav_forward_is_swapped_prediction_on_sinkhorn_codes_with_unit_prototypes():
-    objective = _build("swav", temperature=0.2)
+@pytest.mark.parametrize("jointly", [False, True])
+def test_swav_forward_is_swapped_prediction_on_sinkhorn_codes_with_unit_prototypes(jointly):
+    objective = _build("swav", temperature=0.2, encode_crops_jointly=jointly)
     assert torch.allclose(objective.prototypes.weight.norm(dim=1), torch.ones(12), atol=1e-6)
     batch = _crops(8)
     outputs = objective(batch)
-    with torch.no_grad():  # one backbone pass per resolution: the globals together, then the locals
-        globals_ = objective.encoder.encode_image(torch.cat([batch["global0"], batch["global1"]]))
-        locals_ = objective.encoder.encode_image(torch.cat([batch["local0"], batch["local1"]]))
-        z = F.normalize(objective.projector(torch.cat([globals_, locals_])), dim=1)
+    names = ["global0", "global1", "local0", "local1"]
+    with torch.no_grad():
+        if jointly:  # one backbone pass per resolution: the globals together, then the locals (BN over both)
+            features = torch.cat([objective.encoder.encode_image(torch.cat([batch["global0"], batch["global1"]])),
+                                  objective.encoder.encode_image(torch.cat([batch["local0"], batch["local1"]]))])
+        else:  # one pass per crop
+            features = torch.cat([objective.encoder.encode_image(batch[name]) for name in names])
+        z = F.normalize(objective.projector(features), dim=1)
         scores = (z @ objective.prototypes.weight.t()).view(4, 8, -1)
     codes = torch.stack([sinkhorn(scores[0]), sinkhorn(scores[1])])
     assert torch.allclose(outputs["loss"], swav_loss(scores, codes, (0, 1), 0.2), rtol=1e-5)
@@ -223,7 +228,7 @@ def test_swav_queue_fills_after_the_start_and_joins_sinkhorn_once_full():
     assert outputs["queue_used"] == 1
     with torch.no_grad():
         crops = [batch[k] for k in ("global0", "global1", "local0", "local1")]
-        features = torch.cat([objective.encoder.encode_image(torch.cat(crops[:2])), objective.encoder.encode_image(torch.cat(crops[2:]))])
+        features = torch.cat([objective.encoder.encode_image(crop) for crop in crops])  # one pass per crop
         scores = objective.prototypes(F.normalize(objective.projector(features), dim=1)).view(4, 8, -1)
         queue_scores = [objective.queue[i] @ objective.prototypes.weight.t() for i in range(2)]
     codes = torch.stack([sinkhorn(torch.cat([queue_scores[i], scores[i]]))[-8:] for i in range(2)])
@@ -255,7 +260,7 @@ def test_dino_centre_is_an_ema_of_teacher_means_and_temperature_follows_the_step
     outputs = objective(batch)
     assert outputs["teacher_temperature"].item() == pytest.approx(0.04)
     with torch.no_grad():
-        teacher = objective.teacher_head(objective.teacher_encoder.encode_image(torch.cat([batch["global0"], batch["global1"]])))
+        teacher = objective.teacher_head(torch.cat([objective.teacher_encoder.encode_image(batch[k]) for k in ("global0", "global1")]))
     teacher_before = objective.teacher_head.mlp[0].weight.clone()
     _perturb(objective.head)
     objective.after_step(0, 10)

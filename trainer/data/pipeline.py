@@ -1,6 +1,7 @@
 """WebDataset pipelines: an endless, per-rank training stream of objective views, and an ordered eval pass.
 
-Training draws shards with replacement (``ResampledShards``, seeded by rank and worker), so every rank
+Training draws shards with replacement (``ResampledShards``, seeded by rank and worker) and shuffles
+samples with a seeded buffer, so a run's data order is a function of its seed; every rank
 yields batches forever and the loop decides the step count: ranks never wait on an uneven shard split.
 Data workers decode and build the objective's views; undecodable images are skipped, logged and counted
 (``batch["skipped"]`` carries the count since the previous batch of that worker).
@@ -8,6 +9,7 @@ Data workers decode and build the objective's views; undecodable images are skip
 from __future__ import annotations
 
 import logging
+import random
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -55,6 +57,37 @@ class BuildViews:
             yield out
 
 
+class SeededShuffle:
+    """Pipeline stage: a buffered shuffle whose RNG is seeded by ``seed`` and the data-loader worker.
+
+    webdataset's own ``shuffle`` seeds from pid and wall-clock time when no seed is given, so the
+    sample order (and with it every short run's result) changed from run to run."""
+
+    def __init__(self, bufsize: int, initial: int, seed: int):
+        self.bufsize, self.initial, self.seed = bufsize, min(initial, bufsize), seed
+
+    def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(self.seed * 1_000_003 + (info.id if info is not None else 0))
+        buffer: list = []
+        for sample in source:
+            buffer.append(sample)
+            if len(buffer) < self.initial:
+                continue
+            if len(buffer) >= self.bufsize:
+                yield _pop_random(buffer, rng)
+            elif rng.random() < 0.5:  # fill towards bufsize while already yielding
+                yield _pop_random(buffer, rng)
+        while buffer:
+            yield _pop_random(buffer, rng)
+
+
+def _pop_random(buffer: list, rng: random.Random):
+    index = rng.randrange(len(buffer))
+    buffer[index], buffer[-1] = buffer[-1], buffer[index]
+    return buffer.pop()
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors; numbers become int64 tensors; ``skipped`` is summed."""
     batch: dict = {}
@@ -83,7 +116,7 @@ def train_batches(
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
-        wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 500)),
+        SeededShuffle(shuffle_buffer, initial=500, seed=seed),
         BuildViews(views),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

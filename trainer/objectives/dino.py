@@ -22,13 +22,13 @@ not used: the loop has a fixed weight decay and a global-norm ``--grad-clip``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.multicrop import MultiCropViews, accepted_local_size, crops_in_order, encode_crops
+from trainer.data.multicrop import MultiCropOptions, MultiCropViews, accepted_local_size, crops_in_order, encode_crops
 from trainer.data.views import AugmentConfig
 from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_size
 from trainer.losses.dino import dino_loss, teacher_temperature_at
@@ -79,7 +79,7 @@ class DINOHead(nn.Module):
 
 
 @dataclass
-class DINOOptions:
+class DINOOptions(MultiCropOptions):
     out_dim: int = 4096                # K; paper 65536 for ImageNet
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -97,11 +97,6 @@ class DINOOptions:
     freeze_last_layer_epochs: float = 1.0
     freeze_last_layer_steps: int | None = None
     num_local_crops: int = 8
-    local_crop_size: int = 16          # paper 96 px next to 224 px global crops
-    global_crop_scale: tuple = (0.14, 1.0)
-    local_crop_scale: tuple = (0.05, 0.14)
-    augment: dict = field(default_factory=lambda: {"jitter_strength": 0.5, "jitter_prob": 0.8,
-                                                   "grayscale_prob": 0.2, "blur_prob": 0.0})
 
 
 @register
@@ -144,9 +139,9 @@ class DINO(Objective):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         crops = crops_in_order(batch)
         count, rows = len(crops), crops[0].shape[0]
-        student = self.head(encode_crops(self.encoder.encode_image, crops)).view(count, rows, -1)  # [V, n, K]
+        student = self.head(encode_crops(self.encoder.encode_image, crops, self.options.encode_crops_jointly)).view(count, rows, -1)  # [V, n, K]
         with torch.no_grad():
-            teacher = self.teacher_head(encode_crops(self.teacher_encoder.encode_image, crops[:2])).view(2, rows, -1)
+            teacher = self.teacher_head(encode_crops(self.teacher_encoder.encode_image, crops[:2], self.options.encode_crops_jointly)).view(2, rows, -1)
             total = all_reduce_sum(teacher.float().sum(dim=(0, 1)))
             self._batch_center = total / (2 * rows * world_size())
             global_teacher = gather_no_grad(teacher.transpose(0, 1).contiguous()).transpose(0, 1)  # [2, B, K]

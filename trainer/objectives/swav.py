@@ -5,7 +5,8 @@ layer without bias whose rows are re-normalised to unit length after every optim
 code does before each forward). The codes of the two global crops come from Sinkhorn-Knopp (3 iterations,
 epsilon 0.05) with the equipartition taken over the global batch (sums all-reduced across processes); each
 code is predicted from the scores of every other crop (swapped prediction, temperature 0.1). Multi-crop:
-2 global crops at the image size + V local crops at ``local_crop_size`` (one backbone pass per resolution).
+2 global crops at the image size + V local crops at ``local_crop_size`` (one backbone pass per crop, or per
+resolution with ``encode_crops_jointly``).
 
 The prototypes take no update during the first epoch (``freeze_prototypes_epochs``, or
 ``freeze_prototypes_steps``): their gradient is dropped before the optimizer step. With
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.multicrop import MultiCropViews, accepted_local_size, crops_in_order, encode_crops
+from trainer.data.multicrop import MultiCropOptions, MultiCropViews, accepted_local_size, crops_in_order, encode_crops
 from trainer.data.views import AugmentConfig
 from trainer.distributed import gather_no_grad, gather_with_grad, rank, world_size
 from trainer.losses.clustering import sinkhorn, swav_loss
@@ -37,7 +38,7 @@ from .diagnostics import embedding_std
 
 
 @dataclass
-class SwAVOptions:
+class SwAVOptions(MultiCropOptions):
     projection_dim: int = 128
     projection_hidden_dim: int = 2048
     num_prototypes: int = 300          # paper 3000 for ImageNet's 1000 classes
@@ -50,12 +51,6 @@ class SwAVOptions:
     queue_length: int = 0              # 0: no queue; the paper uses 3840 at batch 256
     queue_start_epochs: float = 15.0
     queue_start_steps: int | None = None
-    num_local_crops: int = 6
-    local_crop_size: int = 16          # paper 96 px next to 224 px global crops
-    global_crop_scale: tuple = (0.14, 1.0)
-    local_crop_scale: tuple = (0.05, 0.14)
-    augment: dict = field(default_factory=lambda: {"jitter_strength": 0.5, "jitter_prob": 0.8,
-                                                   "grayscale_prob": 0.2, "blur_prob": 0.0})
 
 
 @register
@@ -111,7 +106,7 @@ class SwAV(Objective):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         crops = crops_in_order(batch)
         count, rows = len(crops), crops[0].shape[0]
-        z = F.normalize(self.projector(encode_crops(self.encoder.encode_image, crops)), dim=1)
+        z = F.normalize(self.projector(encode_crops(self.encoder.encode_image, crops, self.options.encode_crops_jointly)), dim=1)
         scores = self.prototypes(z).view(count, rows, -1)  # [V, n, K]
         codes = []
         with torch.no_grad():
