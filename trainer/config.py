@@ -54,6 +54,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     resume: bool = False
+    # Split each step's batch into micro-batches of this size with cached gradients (objectives with
+    # embed()/loss_from_embeddings(): the contrastive loss still sees the whole batch). None: one pass.
+    micro_batch_size: int | None = None
+    channels_last: bool = False  # NHWC memory format for CNN backbones (faster convolutions under autocast on GPU)
+    compile: bool = False  # torch.compile the encoder
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     objective_options: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +129,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-every", type=int)
     add("--seed", type=int)
     add("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    add("--micro-batch-size", type=int, help="train each step's batch in micro-batches of this size with cached "
+        "gradients, keeping every negative of the full batch (contrastive objectives: simclr, supcon, align_uniform, clip)")
+    add("--channels-last", action="store_true", default=None, help="NHWC memory format for CNN backbones")
+    add("--compile", action="store_true", default=None, help="torch.compile the encoder")
     add("--set", action="append", default=[], metavar="KEY=VALUE",
         help="objective option override, e.g. --set temperature=0.2 (YAML value syntax)")
 
@@ -133,6 +142,7 @@ _FLAG_TARGETS = {
     "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"), "time_budget": ("", "time_budget"),
     "seed": ("", "seed"), "mixed_precision": ("", "mixed_precision"),
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),
+    "micro_batch_size": ("", "micro_batch_size"), "channels_last": ("", "channels_last"), "compile": ("", "compile"),
     "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),
     "num_workers": ("data", "num_workers"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
     "weight_decay": ("optim", "weight_decay"), "warmup_steps": ("optim", "warmup_steps"),
@@ -165,4 +175,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("give --max-steps or --epochs")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.micro_batch_size is not None and not 1 <= config.micro_batch_size <= config.batch_size:
+        raise ConfigError(f"--micro-batch-size must be in [1, --batch-size={config.batch_size}], got {config.micro_batch_size}")
     return config

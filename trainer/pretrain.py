@@ -23,6 +23,7 @@ from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_args
 from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
 from trainer.distributed import synchronise_batch_norm
+from trainer.grad_cache import average_gradients, grad_cache_backward, supports_grad_cache
 from trainer.objectives.diagnostics import COLLAPSE_THRESHOLD, is_collapsed
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 
@@ -72,6 +73,18 @@ def append_metrics(path: str, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def trim_metrics(path: str, step: int) -> None:
+    """Keep only the rows of ``path`` up to ``step`` (all of them gone for a fresh run), atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
+    staging = path + ".tmp"
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+    os.replace(staging, path)
+
+
 def train(config: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the final step's metrics."""
     from accelerate import Accelerator
@@ -98,6 +111,13 @@ def train(config: TrainConfig) -> dict:
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.
         objective = synchronise_batch_norm(objective, accelerator.device)
+    if config.micro_batch_size and config.micro_batch_size < config.batch_size and not supports_grad_cache(objective):
+        raise ValueError(f"objective {config.objective!r} cannot train in micro-batches (--micro-batch-size): it does "
+                         f"not split into embed()/loss_from_embeddings(); use a smaller --batch-size instead")
+    if config.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    if config.compile:
+        objective.encoder.compile()  # in place: parameter names (checkpoints, the saved model) stay the same
     global_batch = config.batch_size * accelerator.num_processes
     base_lr = scaled_lr(config.optim, global_batch)
     optimizer = build_optimizer(objective.parameter_groups(config.optim.weight_decay), config.optim, base_lr)
@@ -116,6 +136,7 @@ def train(config: TrainConfig) -> dict:
             accelerator.load_state(checkpoint)
             log.info("resumed from %s at step %d", checkpoint, state.step)
     if accelerator.is_main_process:
+        trim_metrics(metrics_path, state.step)  # rows a killed run logged after its last checkpoint
         with open(os.path.join(config.output, "train_config.json"), "w", encoding="utf-8") as handle:
             json.dump({**config.to_dict(), "world_size": accelerator.num_processes, "total_steps": total_steps}, handle, indent=2)
         log.info("objective=%s backbone=%s processes=%d global batch=%d steps=%d lr=%.4g shards=%d",
@@ -129,10 +150,28 @@ def train(config: TrainConfig) -> dict:
     return last
 
 
+def stream_seed(seed: int, rank: int, step: int) -> int:
+    """The data stream's seed for ``rank`` starting at ``step``: shard draws, sample shuffle and the workers'
+    augmentation RNG all follow from it."""
+    return seed * 7919 + rank * 104729 + step
+
+
+def _train_step(accelerator, objective, task, batch: dict, config: TrainConfig) -> dict:
+    """Forward and backward for one optimizer step; gradients are averaged over processes on return."""
+    with accelerator.autocast():
+        if config.micro_batch_size and config.micro_batch_size < config.batch_size:
+            outputs = grad_cache_backward(task, batch, config.micro_batch_size, accelerator.backward)
+            average_gradients(task.parameters())  # the cached passes bypass DistributedDataParallel
+            return outputs
+        outputs = objective(batch)
+    loss = outputs["loss"]
+    if torch.isfinite(loss.detach()).all():
+        accelerator.backward(loss)
+    return outputs
+
+
 def _loop(accelerator, objective, optimizer, state, config, views, urls, total_steps, base_lr, metrics_path, tqdm, train_batches) -> dict:
     task = accelerator.unwrap_model(objective)
-    rank_seed = config.seed * 7919 + accelerator.process_index * 104729 + state.step  # new stream after resume
-    batches = train_batches(urls, views, config.batch_size, config.data.num_workers, rank_seed, config.data.shuffle_buffer)
     progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=config.objective, dynamic_ncols=True)
     objective.train()
@@ -140,59 +179,69 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
     started = time.perf_counter()
     window_start, window_images = started, 0
     last: dict = {}
-    for batch in batches:
-        lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        skipped_total += int(batch.pop("skipped", 0))
-        batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with accelerator.autocast():
-            outputs = objective(batch)
-        loss = outputs["loss"]
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLoss(
-                f"loss is {loss.item()} at step {state.step}; stopping. The last good checkpoint is kept in "
-                f"{os.path.join(config.output, 'checkpoints')}; lower --lr or enable --grad-clip and --resume."
-            )
-        accelerator.backward(loss)
-        grad_norm = None
-        if config.optim.grad_clip and config.optim.grad_clip > 0:
-            grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
-        task.before_optimizer_step(state.step, total_steps)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        task.after_step(state.step, total_steps)
-        state.step += 1
-        images = config.batch_size * accelerator.num_processes
-        state.images_seen += images
-        window_images += images
-        progress.update(1)
+    finished = False
+    while not finished:
+        # A fresh data stream at the start and after every checkpoint, seeded by the step: a run resumed from a
+        # checkpoint sees exactly the batches the uninterrupted run saw from there.
+        batches = train_batches(urls, views, config.batch_size, config.data.num_workers,
+                                stream_seed(config.seed, accelerator.process_index, state.step), config.data.shuffle_buffer)
+        for batch in batches:
+            lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            skipped_total += int(batch.pop("skipped", 0))
+            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if config.channels_last:
+                batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
+                         for k, v in batch.items()}
+            outputs = _train_step(accelerator, objective, task, batch, config)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss.detach()).all():
+                raise NonFiniteLoss(
+                    f"loss is {loss.item()} at step {state.step}; stopping. The last good checkpoint is kept in "
+                    f"{os.path.join(config.output, 'checkpoints')}; lower --lr or enable --grad-clip and --resume."
+                )
+            grad_norm = None
+            if config.optim.grad_clip and config.optim.grad_clip > 0:
+                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
+            task.before_optimizer_step(state.step, total_steps)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            task.after_step(state.step, total_steps)
+            state.step += 1
+            images = config.batch_size * accelerator.num_processes
+            state.images_seen += images
+            window_images += images
+            progress.update(1)
 
-        if state.step % config.log_every == 0 or state.step == total_steps:
-            reduced = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
-                       for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
-            elapsed = time.perf_counter() - window_start
-            last = {"step": state.step, **reduced, "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9),
-                    "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time()}
-            if grad_norm is not None:
-                last["grad_norm"] = float(grad_norm)
-            if "embedding_std" in last:
-                last["collapsed"] = is_collapsed(last["embedding_std"])
-                if last["collapsed"] and accelerator.is_main_process:
-                    log.warning("step %d: embeddings have collapsed (embedding_std %.4f < %.2f: every image maps "
-                                "to nearly the same point); lower the lr or check the objective's settings",
-                                state.step, last["embedding_std"], COLLAPSE_THRESHOLD)
-            window_start, window_images = time.perf_counter(), 0
-            if accelerator.is_main_process:
-                append_metrics(metrics_path, last)
-                progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{last['images_per_s']:.0f}")
-        if config.checkpoint_every and state.step % config.checkpoint_every == 0 and state.step < total_steps:
-            save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
-        if state.step >= total_steps:
-            break
-        if config.time_budget is not None and _budget_spent(accelerator, started, config.time_budget):
-            log.info("time budget of %.0f s spent at step %d", config.time_budget, state.step)
-            break
+            if state.step % config.log_every == 0 or state.step == total_steps:
+                reduced = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
+                           for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+                elapsed = time.perf_counter() - window_start
+                last = {"step": state.step, **reduced, "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9),
+                        "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time()}
+                if grad_norm is not None:
+                    last["grad_norm"] = float(grad_norm)
+                if "embedding_std" in last:
+                    last["collapsed"] = is_collapsed(last["embedding_std"])
+                    if last["collapsed"] and accelerator.is_main_process:
+                        log.warning("step %d: embeddings have collapsed (embedding_std %.4f < %.2f: every image maps "
+                                    "to nearly the same point); lower the lr or check the objective's settings",
+                                    state.step, last["embedding_std"], COLLAPSE_THRESHOLD)
+                window_start, window_images = time.perf_counter(), 0
+                if accelerator.is_main_process:
+                    append_metrics(metrics_path, last)
+                    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{last['images_per_s']:.0f}")
+            if state.step >= total_steps or (config.time_budget is not None
+                                             and _budget_spent(accelerator, started, config.time_budget)):
+                if state.step < total_steps:
+                    log.info("time budget of %.0f s spent at step %d", config.time_budget, state.step)
+                finished = True
+                break
+            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+                save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
+                break  # next segment: a new stream seeded by this step
+        del batches  # shuts down this segment's data workers
     progress.close()
     save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
     if skipped_total:

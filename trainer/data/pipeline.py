@@ -126,6 +126,7 @@ def train_batches(
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # the workers' torch/random/numpy seeds follow from it
     )
 
 

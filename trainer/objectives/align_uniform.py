@@ -33,8 +33,7 @@ class AlignUniform(TwoViewObjective):
     key = "align_uniform"
     Options = AlignUniformOptions
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = self.project_views(batch)
+    def loss_from_projections(self, z1: torch.Tensor, z2: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         align = alignment(z1, z2, self.options.alpha)
         uniform = 0.5 * (uniformity(z1, self.options.t) + uniformity(z2, self.options.t))
         loss = self.options.align_weight * align + self.options.uniform_weight * uniform

@@ -51,9 +51,14 @@ class CLIP(Objective):
         config = self.encoder.config
         return ImageText(config.image_size, config.mean, config.std, config.text.context_length, self.options.crop_scale)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        image = self.encoder.encode_image(batch["image"])
-        text = self.encoder.encode_text(batch["tokens"])
+    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
+        """This process's image and text embeddings [n, embed_dim] (the split ``trainer.grad_cache`` uses)."""
+        return {"image": self.encoder.encode_image(batch["image"]), "text": self.encoder.encode_text(batch["tokens"])}
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         scale = self.logit_scale.exp().clamp(max=self.options.max_logit_scale)
-        loss = clip_loss(gather_with_grad(image), gather_with_grad(text), scale)
+        loss = clip_loss(gather_with_grad(embeddings["image"]), gather_with_grad(embeddings["text"]), scale)
         return {"loss": loss, "logit_scale": scale.detach()}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.loss_from_embeddings(self.embed(batch), batch)

@@ -41,8 +41,7 @@ class SimCLR(TwoViewObjective):
     key = "simclr"
     Options = SimCLROptions
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = self.project_views(batch)
+    def loss_from_projections(self, z1: torch.Tensor, z2: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         if self.options.loss == "infonce":
             loss = nt_xent(z1, z2, self.options.temperature)
         else:

@@ -33,8 +33,7 @@ class SupCon(TwoViewObjective):
     key = "supcon"
     Options = SupConOptions
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        z1, z2 = self.project_views(batch)
+    def loss_from_projections(self, z1: torch.Tensor, z2: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         features = torch.stack([z1, z2], dim=1)  # [N_global, 2, D]
         labels = gather_no_grad(batch["label"].to(features.device)) if self.options.use_labels else None
         loss = supcon(features, labels, self.options.temperature, self.options.base_temperature)

@@ -29,8 +29,10 @@ class TwoViewOptions:
 
 
 class TwoViewObjective(Objective):
-    """Subclasses set ``key`` and ``Options`` (a ``TwoViewOptions``) and write ``forward`` with
-    ``project_views``."""
+    """Subclasses set ``key`` and ``Options`` (a ``TwoViewOptions``) and write ``loss_from_projections``.
+
+    ``forward`` is ``embed`` (this process's projections) then ``loss_from_embeddings`` (gather, loss), the split
+    ``trainer.grad_cache`` uses to train a large batch in micro-batches."""
 
     def __init__(self, spec: ObjectiveSpec, options: TwoViewOptions):
         super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
@@ -43,12 +45,22 @@ class TwoViewObjective(Objective):
         config = self.encoder.config
         return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
 
-    def project_views(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Projections [N_global, projection_dim] of view0 and view1, gathered over processes with gradient."""
+    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
+        """This process's projections ``z1``, ``z2`` [n, projection_dim] of view0 and view1."""
         if self.options.encode_views_jointly:
             views = torch.cat([batch["view0"], batch["view1"]])  # one pass: BN sees both views together
             z1, z2 = self.projector(self.encoder.encode_image(views)).chunk(2)
         else:
             z1 = self.projector(self.encoder.encode_image(batch["view0"]))
             z2 = self.projector(self.encoder.encode_image(batch["view1"]))
-        return gather_with_grad(z1), gather_with_grad(z2)
+        return {"z1": z1, "z2": z2}
+
+    def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
+        return self.loss_from_projections(gather_with_grad(embeddings["z1"]), gather_with_grad(embeddings["z2"]), batch)
+
+    def loss_from_projections(self, z1: torch.Tensor, z2: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """The loss on projections [N_global, projection_dim] of view0 and view1 gathered over processes."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.loss_from_embeddings(self.embed(batch), batch)
