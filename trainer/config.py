@@ -22,6 +22,7 @@ class DataConfig:
     image_size: int = 32
     num_workers: int = 2
     shuffle_buffer: int = 2000
+    samples_per_epoch: int | None = None  # epoch length for --epochs and epoch-based schedules; None: counted
     mean: list[float] | None = None  # None: the backbone family's default
     std: list[float] | None = None
 
@@ -125,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mixed-precision", choices=["no", "fp16", "bf16"])
     add("--image-size", type=int)
     add("--num-workers", type=int, help="data loader workers per process")
+    add("--samples-per-epoch", type=int, help="epoch length in samples (remote pipe:/URL shards cannot be counted)")
     add("--checkpoint-every", type=int, help="save resumable state every N steps")
     add("--log-every", type=int)
     add("--seed", type=int)
@@ -144,7 +146,7 @@ _FLAG_TARGETS = {
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),
     "micro_batch_size": ("", "micro_batch_size"), "channels_last": ("", "channels_last"), "compile": ("", "compile"),
     "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),
-    "num_workers": ("data", "num_workers"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
+    "num_workers": ("data", "num_workers"), "samples_per_epoch": ("data", "samples_per_epoch"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
     "weight_decay": ("optim", "weight_decay"), "warmup_steps": ("optim", "warmup_steps"),
     "grad_clip": ("optim", "grad_clip"),
 }

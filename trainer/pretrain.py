@@ -34,9 +34,25 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def total_steps_for(config: TrainConfig, samples: int, world_size: int) -> int:
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+
+
+def samples_per_epoch(config: TrainConfig, urls: list[str]) -> int | None:
+    """The epoch length: ``data.samples_per_epoch`` when given, else counted from local shards (manifest or tar
+    headers, once); None for remote shards without one (then the run needs --max-steps)."""
+    if config.data.samples_per_epoch:
+        return int(config.data.samples_per_epoch)
+    if any(url.startswith(REMOTE_PREFIXES) for url in urls):
+        return None
+    return count_samples(urls)
+
+
+def total_steps_for(config: TrainConfig, samples: int | None, world_size: int) -> int:
     if config.max_steps is not None:
         return int(config.max_steps)
+    if not samples:
+        raise ValueError("--epochs needs the epoch length, which remote (pipe:/URL) shards cannot give: "
+                         "set --samples-per-epoch, or train for --max-steps")
     return max(1, math.ceil(config.epochs * samples / (config.batch_size * world_size)))
 
 
@@ -100,7 +116,7 @@ def train(config: TrainConfig) -> dict:
     # silently treating each launched process as a lone one.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
     set_seed(config.seed)  # identical initial weights on every process
-    num_samples = count_samples(urls)  # manifest lookup, or a read of every tar header: once
+    num_samples = samples_per_epoch(config, urls)
     total_steps = total_steps_for(config, num_samples, accelerator.num_processes)
     objective = objective_cls.build(ObjectiveSpec(
         backbone=config.backbone, image_size=config.data.image_size,
