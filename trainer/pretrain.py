@@ -166,6 +166,15 @@ def train(config: TrainConfig) -> dict:
     return last
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def stream_seed(seed: int, rank: int, step: int) -> int:
     """The data stream's seed for ``rank`` starting at ``step``: shard draws, sample shuffle and the workers'
     augmentation RNG all follow from it."""
@@ -235,7 +244,8 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
                            for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
                 elapsed = time.perf_counter() - window_start
                 last = {"step": state.step, **reduced, "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9),
-                        "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time()}
+                        "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time(),
+                        "peak_memory_mb": peak_memory_mb(accelerator.device)}
                 if grad_norm is not None:
                     last["grad_norm"] = float(grad_norm)
                 if "embedding_std" in last:

@@ -258,11 +258,21 @@ def loader_for(urls: list[str], transform, batch_size: int, num_workers: int, sh
                                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated when on a GPU, else this process's peak resident set size (as manyview logs)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def train(args: argparse.Namespace) -> dict:
     config = recipe(args.method)
     options = config.objective_options
     torch.manual_seed(args.seed)
-    built = build_backbone("resnet18-cifar", config.data.image_size)
+    image_size = args.image_size or config.data.image_size
+    built = build_backbone(args.backbone, image_size)
     urls = expand_patterns(args.train_data)
     steps_per_epoch = max(1, math.ceil(count_samples(urls) / args.batch_size))
     model, step_loss = build_method(args.method, options, built.module, built.feature_dim, args.max_steps,
@@ -276,7 +286,7 @@ def train(args: argparse.Namespace) -> dict:
     # The recipe's optimizer (SGD or LARS, built by the same code as manyview's) so that only the libraries differ.
     optimizer = build_optimizer([{"params": decay, "weight_decay": config.optim.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}], config.optim, base_lr)
-    transform = transform_for(args.method, options, config.data.image_size, built.mean, built.std)
+    transform = transform_for(args.method, options, image_size, built.mean, built.std)
     loader = loader_for(urls, transform, args.batch_size, args.num_workers,
                         config.data.shuffle_buffer, args.seed)
 
@@ -292,7 +302,8 @@ def train(args: argparse.Namespace) -> dict:
             lr = lr_at(step, base_lr, config.optim.warmup_steps, args.max_steps, config.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss = step_loss(views, step)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+                loss = step_loss(views, step)
             loss.backward()
             if hasattr(model, "after_backward"):
                 model.after_backward(step)
@@ -300,7 +311,8 @@ def train(args: argparse.Namespace) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             images_seen += args.batch_size
-            record = {"step": step, "loss": loss.item(), "lr": lr, "images_seen": images_seen, "time": time.time()}
+            record = {"step": step, "loss": loss.item(), "lr": lr, "images_seen": images_seen, "time": time.time(),
+                      "peak_memory_mb": peak_memory_mb(device)}
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
             if not torch.isfinite(torch.tensor(record["loss"])):
@@ -308,10 +320,10 @@ def train(args: argparse.Namespace) -> dict:
             if step >= args.max_steps or time.perf_counter() - started >= args.time_budget:
                 break
 
-    encoder = EmbeddingModel(ModelConfig(backbone="resnet18-cifar", image_size=config.data.image_size))
+    encoder = EmbeddingModel(ModelConfig(backbone=args.backbone, image_size=image_size))
     encoder.backbone.load_state_dict({k: v.cpu() for k, v in model.backbone.state_dict().items()})
     save_model(encoder, os.path.join(args.output, "model"),
-               {"objective": f"lightly-{args.method}", "backbone": "resnet18-cifar", "steps": step,
+               {"objective": f"lightly-{args.method}", "backbone": args.backbone, "steps": step,
                 "train_data": args.train_data})
     return {"steps": step, "images_seen": images_seen, "seconds": time.perf_counter() - started}
 
@@ -326,6 +338,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, required=True, help="seconds of training")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backbone", default="resnet18-cifar")
+    parser.add_argument("--image-size", type=int, help="default: the recipe's")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
     args = parser.parse_args(argv)
     print(json.dumps(train(args)))
     return 0

@@ -1,0 +1,150 @@
+"""The kNN table: every objective trained for the same budget on the same CIFAR-10 data, against its
+random-init floor, so users see how the objectives compare (and which learn at all in a short run).
+
+Each objective trains ``cnn-small`` at batch 64 for ``--steps`` steps on 2,000 CIFAR-10 training images (shards
+0 of the shared set, re-sharded by 1,000), then weighted kNN top-1 (k=200, t=0.1) over those 2,000 as the bank
+and 2,000 test images as queries; the floor is the same command with ``--max-steps 0`` (same seed: the same
+initial weights). Options are the recipes' with what a 32 px, 64-image batch, few-hundred-step run needs
+(AdamW, short warm-up, smaller heads): the same for every objective where it applies, listed in ``SETTINGS``.
+
+    python tests/benchmarks/bench_learning.py --steps 300 --output tests/benchmarks/RESULTS_learning.md
+    python tests/benchmarks/bench_learning.py --steps 1000 --only byol,simsiam,dino --output ...
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE.parent.parent))
+
+from learning_helpers import knn_after  # noqa: E402
+
+ADAMW = ["--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4", "--warmup-steps", "10"]
+TEXT = "text={width: 64, heads: 2, layers: 1, context_length: 16}"
+
+# objective -> (paper family, extra arguments). Learning rates are per 256 images (the loop scales by 64/256).
+SETTINGS: dict[str, tuple[str, list[str]]] = {
+    "simclr": ("contrastive", ADAMW),
+    "simclr2": ("contrastive", ADAMW),
+    "moco": ("contrastive", [*ADAMW, "--set", "queue_size=1024"]),
+    "moco2": ("contrastive", [*ADAMW, "--set", "queue_size=1024", "--set", "projection_hidden_dim=256"]),
+    "moco3": ("contrastive", [*ADAMW, "--set", "projection_hidden_dim=256", "--set", "predictor_hidden_dim=256"]),
+    "instdisc": ("contrastive", [*ADAMW, "--set", "proximal_weight=3", "--set", "normaliser_warmup_steps=32"]),
+    "invaspread": ("contrastive", ADAMW),
+    "cmc": ("contrastive", ADAMW),
+    "curl": ("contrastive", ADAMW),
+    "supcon": ("supervised contrastive", [*ADAMW, "--set", "projection_hidden_dim=128"]),
+    "align_uniform": ("contrastive", [*ADAMW, "--set", "projection_hidden_dim=128"]),
+    "clip": ("image-text", ["--lr", "4e-3", "--set", TEXT]),
+    "cpc": ("predictive", [*ADAMW, "--lr", "8e-3", "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2",
+                           "--set", "context_layers=1", "--set", "context_hidden_dim=64", "--set", "target_dim=64"]),
+    "cpc2": ("predictive", [*ADAMW, "--lr", "8e-3", "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2",
+                            "--set", "context_layers=1", "--set", "context_hidden_dim=64", "--set", "target_dim=64"]),
+    "byol": ("non-contrastive", ADAMW),
+    "simsiam": ("non-contrastive", ADAMW),
+    "barlow_twins": ("non-contrastive", [*ADAMW, "--lr", "3e-3", "--set", "projection_dim=512",
+                                         "--set", "projection_hidden_dim=512"]),
+    "swav": ("clustering", [*ADAMW, "--lr", "1.6e-2", "--set", "num_prototypes=64", "--set", "projection_hidden_dim=256",
+                            "--set", "num_local_crops=0", "--set", "freeze_prototypes_steps=0", "--set", "queue_length=0",
+                            "--set", "global_crop_scale=[0.3, 1.0]"]),
+    "dino": ("clustering / distillation", [*ADAMW, "--set", "out_dim=256", "--set", "num_local_crops=2",
+                                            "--set", "warmup_teacher_temperature_steps=50", "--set", "freeze_last_layer_steps=0"]),
+    "pixpro": ("dense", [*ADAMW, "--lr", "2e-3", "--set", "projection_hidden_dim=256", "--set", "mode=pixcontrast",
+                         "--set", "batch_negatives=true"]),
+    "patchnce": ("dense", [*ADAMW, "--lr", "2e-3"]),
+    "exemplar": ("pretext", ADAMW),
+    "context": ("pretext", ADAMW),
+    "jigsaw": ("pretext", ADAMW),
+    "colorization": ("pretext", [*ADAMW, "--lr", "3e-3"]),
+    "counting": ("pretext", [*ADAMW, "--lr", "3e-3"]),
+    "rotation": ("pretext", ADAMW),
+    "jigsaw_clustering": ("pretext", [*ADAMW, "--lr", "3e-3"]),
+}
+
+
+def prepare_shards(workdir: Path, data: str) -> Path:
+    from trainer.prepare import prepare
+
+    shards = workdir / "cifar-2k"
+    if not (shards / "manifest.json").exists():
+        prepare(f"{data}/train-000000.tar.gz::{data}/test-000000.tar.gz", str(shards), shard_size=1000, limit=2000)
+    return shards
+
+
+def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", module="webdataset")
+    import trainer.objectives as registry
+
+    parser = argparse.ArgumentParser(prog="bench_learning", description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--only", help="comma-separated objectives (default: every registered one in SETTINGS)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", default=str(HERE.parent.parent.parent / "shared" / "data" / "cifar10"))
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "manyview-bench-learning"))
+    parser.add_argument("--output")
+    args = parser.parse_args(argv)
+    registered = set(registry.list_objectives())
+    names = [n.strip() for n in args.only.split(",")] if args.only else [n for n in SETTINGS if n in registered]
+    unknown = [n for n in names if n not in SETTINGS or n not in registered]
+    if unknown:
+        parser.error(f"no settings or no registered objective for {unknown}")
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    shards = prepare_shards(workdir, args.data)
+    command = "python tests/benchmarks/bench_learning.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    rows, started = [], time.perf_counter()
+    for name in names:
+        family, extra = SETTINGS[name]
+        objective_args = ["--objective", name, *extra, "--seed", str(args.seed)]
+        run = workdir / name
+        shutil.rmtree(run, ignore_errors=True)
+        t0 = time.perf_counter()
+        floor = knn_after(shards, run / "floor", 0, objective_args)
+        trained = knn_after(shards, run / "trained", args.steps, objective_args)
+        metrics = [json.loads(line) for line in (run / "trained" / "metrics.jsonl").read_text().splitlines()]
+        row = {"objective": name, "family": family, "floor": floor, "knn_top1": trained, "gain": trained - floor,
+               "collapsed": any(m.get("collapsed") for m in metrics), "seconds": time.perf_counter() - t0,
+               "args": objective_args}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    from bench_vs_lightly import machine_description
+
+    machine = machine_description()
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"## {now}: {args.steps} steps, batch 64, cnn-small, seed {args.seed}", "",
+             f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}",
+             f"- Command: `{command}` ({(time.perf_counter() - started) / 60:.0f} min in all)", "",
+             "| objective | family | floor | kNN top-1 | gain (points) | beats floor + 2 | collapsed | train+eval s |",
+             "|---|---|---:|---:|---:|---|---|---:|"]
+    for r in sorted(rows, key=lambda r: -r["knn_top1"]):
+        lines.append(f"| `{r['objective']}` | {r['family']} | {100 * r['floor']:.1f} | {100 * r['knn_top1']:.1f} | "
+                     f"{100 * r['gain']:+.1f} | {'yes' if r['gain'] >= 0.02 else 'no'} | "
+                     f"{'yes' if r['collapsed'] else 'no'} | {r['seconds']:.0f} |")
+    lines.append("")
+    markdown = "\n".join(lines)
+    print("\n" + markdown)
+    if args.output:
+        fresh = not os.path.exists(args.output)
+        with open(args.output, "a", encoding="utf-8") as handle:
+            if fresh:
+                handle.write("# kNN after the same short budget, every objective\n\nWritten by "
+                             "`tests/benchmarks/bench_learning.py` (one dated section per run). Per-objective options "
+                             "are in its `SETTINGS`.\n\n")
+            handle.write(markdown + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
