@@ -156,3 +156,4 @@ def test_pretrain_with_micro_batches(cifar_2k_shards, tmp_path):
     assert main(byol) == 2  # a clear error: byol has no embed()/loss_from_embeddings() split
     with pytest.raises(SystemExit):
         main([*common, "--output", str(tmp_path / "bad"), "--micro-batch-size", "64"])  # larger than the batch
+

@@ -1,5 +1,5 @@
-"""WebDataset at scale: remote shards through ``pipe:`` URLs with an explicit epoch length, and a clear error
-when an epoch cannot be known."""
+"""Training at scale: remote shards through ``pipe:`` URLs with an explicit epoch length (and a clear error when
+an epoch cannot be known), and batched augmentation on the training device."""
 import json
 import logging
 
@@ -30,3 +30,25 @@ def test_epochs_over_pipe_urls_without_an_epoch_length_is_a_clear_error(cifar_2k
     with caplog.at_level(logging.ERROR):
         assert main([*_common(cifar_2k_shards, tmp_path / "no-length"), "--epochs", "1"]) == 2
     assert "--samples-per-epoch" in caplog.text
+
+
+@pytest.mark.parametrize("objective", ["simclr", "byol"])
+def test_pretrain_with_batched_augmentation_on_the_device(cifar_2k_shards, tmp_path, objective):
+    """--augment-on-device on: workers only decode, the loop makes view0/view1 as batched ops (here on the CPU);
+    the same seed gives the same losses, and recipes it cannot serve are refused clearly."""
+    import json
+
+    import trainer.objectives.byol  # noqa: F401
+    import trainer.objectives.pixpro  # noqa: F401
+    from trainer.pretrain import main
+
+    common = ["--objective", objective, "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--backbone", "cnn-small",
+              "--batch-size", "16", "--max-steps", "3", "--log-every", "1", "--checkpoint-every", "0",
+              "--num-workers", "1", "--augment-on-device", "on"]
+    losses = []
+    for run in ("a", "b"):
+        assert main([*common, "--output", str(tmp_path / run)]) == 0
+        losses.append([json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    pixpro = ["--objective", "pixpro", *common[2:], "--output", str(tmp_path / "pixpro")]
+    assert main(pixpro) == 2  # crop geometry travels with pixpro's views: not a plain two-view recipe

@@ -23,6 +23,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000
     samples_per_epoch: int | None = None  # epoch length for --epochs and epoch-based schedules; None: counted
+    # Two-view augmentation as batched tensor ops on the training device (workers only decode): on | off | auto
+    # (auto: on when the device is a GPU).
+    augment_on_device: str = "auto"
     mean: list[float] | None = None  # None: the backbone family's default
     std: list[float] | None = None
 
@@ -126,6 +129,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--mixed-precision", choices=["no", "fp16", "bf16"])
     add("--image-size", type=int)
     add("--num-workers", type=int, help="data loader workers per process")
+    add("--augment-on-device", choices=["auto", "on", "off"],
+        help="two-view augmentation as batched tensor ops on the training device (auto: on a GPU)")
     add("--samples-per-epoch", type=int, help="epoch length in samples (remote pipe:/URL shards cannot be counted)")
     add("--checkpoint-every", type=int, help="save resumable state every N steps")
     add("--log-every", type=int)
@@ -146,7 +151,8 @@ _FLAG_TARGETS = {
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),
     "micro_batch_size": ("", "micro_batch_size"), "channels_last": ("", "channels_last"), "compile": ("", "compile"),
     "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),
-    "num_workers": ("data", "num_workers"), "samples_per_epoch": ("data", "samples_per_epoch"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
+    "num_workers": ("data", "num_workers"), "samples_per_epoch": ("data", "samples_per_epoch"),
+    "augment_on_device": ("data", "augment_on_device"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
     "weight_decay": ("optim", "weight_decay"), "warmup_steps": ("optim", "warmup_steps"),
     "grad_clip": ("optim", "grad_clip"),
 }
@@ -177,6 +183,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError("give --max-steps or --epochs")
     if config.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.data.augment_on_device not in ("auto", "on", "off"):
+        raise ConfigError(f"data.augment_on_device must be auto, on or off, got {config.data.augment_on_device!r}")
     if config.micro_batch_size is not None and not 1 <= config.micro_batch_size <= config.batch_size:
         raise ConfigError(f"--micro-batch-size must be in [1, --batch-size={config.batch_size}], got {config.micro_batch_size}")
     return config

@@ -137,7 +137,7 @@ def train(config: TrainConfig) -> dict:
     global_batch = config.batch_size * accelerator.num_processes
     base_lr = scaled_lr(config.optim, global_batch)
     optimizer = build_optimizer(objective.parameter_groups(config.optim.weight_decay), config.optim, base_lr)
-    views = objective.views()
+    views = device_augmentation(objective.views(), config.data.augment_on_device, accelerator.device)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -164,6 +164,28 @@ def train(config: TrainConfig) -> dict:
     write_model(accelerator, objective, config, state.step)
     accelerator.end_training()
     return last
+
+
+def device_augmentation(views, mode: str, device: torch.device):
+    """``views`` split into decoding in the workers and batched augmentation on ``device`` (``on_device``), when
+    ``mode`` asks for it (``auto``: on a GPU) and the recipe is a plain two-view one; else ``views`` unchanged."""
+    from trainer.data.views import TwoViews
+
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return views
+    reason = None
+    if type(views) is not TwoViews:
+        reason = f"this objective's {type(views).__name__} views cannot be made on the device (two-view recipes can)"
+    elif any(c is not None and c.background_prob > 0 for c in (views.config, views.second_config)):
+        reason = "background augmentation needs the whole decoded image in the workers"
+    if reason:
+        if mode == "on":
+            raise ValueError(f"--augment-on-device on: {reason}; use --augment-on-device off")
+        return views
+    from trainer.data.batched_augment import device_views_from
+
+    log.info("augmentation: batched on %s; data workers only decode", device)
+    return device_views_from(views)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -205,17 +227,24 @@ def _loop(accelerator, objective, optimizer, state, config, views, urls, total_s
     window_start, window_images = started, 0
     last: dict = {}
     finished = False
+    on_device = getattr(views, "on_device", None)  # batched augmentation on the training device
     while not finished:
         # A fresh data stream at the start and after every checkpoint, seeded by the step: a run resumed from a
         # checkpoint sees exactly the batches the uninterrupted run saw from there.
         batches = train_batches(urls, views, config.batch_size, config.data.num_workers,
                                 stream_seed(config.seed, accelerator.process_index, state.step), config.data.shuffle_buffer)
+        generator = None
+        if on_device is not None:
+            generator = torch.Generator(device=accelerator.device)
+            generator.manual_seed(stream_seed(config.seed, accelerator.process_index, state.step))
         for batch in batches:
             lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             skipped_total += int(batch.pop("skipped", 0))
             batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            if on_device is not None:
+                batch = on_device(batch, generator)
             if config.channels_last:
                 batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                          for k, v in batch.items()}
