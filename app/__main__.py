@@ -1,6 +1,10 @@
 """``python -m app --encoder RUN/onnx --index RUN/index [--host 127.0.0.1] [--port 7860]``.
 
-Serves the search UI (``app.ui``) on ONNX + FAISS only. Binds 127.0.0.1 unless told otherwise and never
+    [--text-index RUN/caption-index]                       a caption index (``python -m app.caption_index``)
+    [--compare-encoder B/onnx --compare-index B/index]     a second pair for the Compare tab
+    [--auth user:pass] (or MANYVIEW_AUTH)  [--max-upload 25mb]  [--map-points 2000]  [--metrics RUN/metrics.jsonl]
+
+Serves the app (``app.ui``) on ONNX + FAISS only. Binds 127.0.0.1 unless told otherwise and never
 creates a public share link. Problems a user can fix (a missing directory, an encoder/index pair of
 different dimensions) are reported as one ``error: ...`` line and exit status 2, not as a traceback.
 """
@@ -9,7 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import Any, Sequence
+
+from app.collection import MAP_POINTS
+from app.safety import AUTH_ENV, DEFAULT_MAX_UPLOAD, SafetyError, auth_from, blocked_paths, exposure_warning, parse_size
 
 EXIT_USAGE = 2
 
@@ -26,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=7860, help="port to bind (default 7860)")
     parser.add_argument("--title", default="manyview search", help="page title")
+    parser.add_argument("--text-index", help="a caption-embedding index of the same samples (python -m app.caption_index)")
+    parser.add_argument("--compare-encoder", help="second ONNX encoder directory, for the Compare tab")
+    parser.add_argument("--compare-index", help="index built with --compare-encoder, for the Compare tab")
+    parser.add_argument("--auth", default=None, help=f"user:password for a login page; several pairs separated by commas. "
+                        f"{AUTH_ENV}=user:password does the same without showing the password in the process list")
+    parser.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD, help="largest accepted upload (default 25mb)")
+    parser.add_argument("--map-points", type=int, default=MAP_POINTS, help="images sampled for the map (default 2000)")
+    parser.add_argument("--metrics", default=None, help="metrics.jsonl of the training run (default: next to the encoder)")
     return parser
 
 
@@ -67,28 +83,76 @@ def check_compatible(encoder: Any, index: Any, encoder_path: str, index_path: st
         )
 
 
+def load_pair(encoder_path: str, index_path: str) -> tuple[Any, Any]:
+    encoder = load_encoder(encoder_path)
+    index = load_index(index_path)
+    check_compatible(encoder, index, encoder_path, index_path)
+    return encoder, index
+
+
+def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The served collection and the optional comparison one; ``AppError`` for anything the user must fix."""
+    from app.collection import Collection
+    from app.diagnostics import find_metrics
+
+    if bool(args.compare_encoder) != bool(args.compare_index):
+        raise AppError("give both --compare-encoder and --compare-index (or neither)")
+    if args.map_points < 10:
+        raise AppError("--map-points must be at least 10")
+    if args.metrics and not os.path.isfile(args.metrics):
+        raise AppError(f"metrics file {args.metrics} does not exist")
+    encoder, index = load_pair(args.encoder, args.index)
+    indexes = {"images": index}
+    if args.text_index:
+        text_index = load_index(args.text_index)
+        check_compatible(encoder, text_index, args.encoder, args.text_index)
+        indexes["captions"] = text_index
+    main_collection = Collection(encoder=encoder, indexes=indexes, name="A", encoder_dir=args.encoder,
+                                 metrics_path=find_metrics(args.encoder, args.metrics), map_points=args.map_points)
+    compare = None
+    if args.compare_encoder:
+        other_encoder, other_index = load_pair(args.compare_encoder, args.compare_index)
+        compare = Collection(encoder=other_encoder, indexes={"images": other_index}, name="B",
+                             encoder_dir=args.compare_encoder, thumbs=main_collection.thumbs,
+                             metrics_path=find_metrics(args.compare_encoder), map_points=args.map_points)
+    return main_collection, compare
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, load the encoder and index, and serve until interrupted; returns the exit status."""
+    """Parse ``argv``, load the encoders and indexes, and serve until interrupted; returns the exit status."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     args = build_parser().parse_args(argv)
     try:
-        encoder = load_encoder(args.encoder)
-        index = load_index(args.index)
-        check_compatible(encoder, index, args.encoder, args.index)
-    except AppError as error:
+        auth = auth_from(args.auth)
+        max_upload = parse_size(args.max_upload)
+        collection, compare = build_collections(args)
+    except (AppError, SafetyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    warning = exposure_warning(args.host, auth)
+    if warning:
+        print(warning, file=sys.stderr)
 
     from app.ui import build_app, launch_app
 
-    demo = build_app(encoder, index, title=args.title)
+    demo = build_app(collection.encoder, title=args.title, collection=collection, compare=compare)
+    shards = {str(record) for item in (collection, compare) if item is not None
+              for record in item.index.info.get("shards") or []}
+    blocked = blocked_paths(args.encoder, args.index, args.text_index, args.compare_encoder, args.compare_index,
+                            shards=sorted(shards))
     try:
-        url = launch_app(demo, host=args.host, port=args.port, block=False)
+        url = launch_app(demo, host=args.host, port=args.port, block=False, auth=auth, max_upload=max_upload,
+                         blocked=blocked)
     except OSError as error:  # e.g. the port is taken
         print(f"error: cannot serve on {args.host}:{args.port} (try another --port): {error}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"manyview: searching {index.count} images at {url} (Ctrl-C stops)", flush=True)
+    for item in (collection, compare):  # read the shards ahead, so the first searches are as fast as the rest
+        if item is not None:
+            threading.Thread(target=item.thumbs.warm, args=(list(item.index.info.get("shards") or []),),
+                             name="manyview-warm", daemon=True).start()
+    login = " (login required)" if auth else ""
+    print(f"manyview: searching {collection.index.count} images at {url}{login} (Ctrl-C stops)", flush=True)
     demo.block_thread()  # returns after Ctrl-C, having closed the server
     return 0
 

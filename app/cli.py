@@ -4,7 +4,7 @@
 ``trainer/pretrain.py``, ``python -m trainer.evaluate``, ``python -m export``, ``python -m export.extract``,
 ``python -m index.build`` (``index-add``, ``index-evaluate``, ``index-merge``: ``index.add``, ``index.evaluate``,
 ``index.merge``) and
-``python -m app``. Subcommands import their module only when chosen, so ``serve`` never loads torch.
+``python -m app`` (``caption-index``: ``python -m app.caption_index``). Subcommands import their module only when chosen, so ``serve`` never loads torch.
 """
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ COMMANDS = {
     "index-add": ("index.add", "append embeddings to an index, or remove ids"),
     "index-evaluate": ("index.evaluate", "recall@1/10/100 against exact search and queries/s"),
     "index-merge": ("index.merge", "sharded builds: train a quantizer, add parts anywhere, merge"),
-    "serve": ("app.__main__", "the Gradio search app"),
+    "serve": ("app.__main__", "the Gradio app: search, map, diagnostics, compare"),
+    "caption-index": ("app.caption_index", "index an image index's captions (the app's text index)"),
 }
 
 
 def usage() -> str:
     lines = ["usage: manyview COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {name:10s} {text}" for name, (_, text) in COMMANDS.items()]
+    lines += [f"  {name:14s} {text}" for name, (_, text) in COMMANDS.items()]
     lines.append("\n`manyview COMMAND --help` shows each command's options.")
     return "\n".join(lines)
 

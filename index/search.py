@@ -156,6 +156,11 @@ class Index:
         return self._ids
 
     @property
+    def metadata(self) -> Any:
+        """The metadata ``pyarrow.Table`` (memory-mapped), one row per vector, in ``ids`` order."""
+        return self._metadata
+
+    @property
     def faiss_index(self) -> Any:
         """The CPU FAISS index (for evaluation and updates)."""
         return self._cpu_index

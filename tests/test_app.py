@@ -222,7 +222,12 @@ def test_handler_returns_gallery_ids_and_status(encoder: Any, index: Any) -> Non
     gallery, ids, status = _run(lambda: neighbours_for_text(encoder, index, "a ship", 8), "'a ship'")
     assert len(gallery) == len(ids) == 8
     assert re.fullmatch(r"8 results for 'a ship' in \d+ ms", status), status
-    assert min(gallery[0][0].size) >= 96, "tiny images are scaled up for the gallery"
+    assert gallery[0][0].size == (32, 32), "tiny images are sent as they are (the browser scales them up)"
+    from app.thumbnails import thumbnail
+    from PIL import Image
+
+    assert thumbnail(Image.new("RGB", (1000, 500))).size == (256, 128)  # large ones are scaled down
+    assert thumbnail(Image.new("RGB", (32, 32)), min_side=128).size == (128, 128)
 
 
 def test_status_line_wording() -> None:
@@ -265,6 +270,11 @@ def test_serving_does_not_import_torch(collection: tuple[Path, Path]) -> None:
         "import app.__main__\n"
         f"e = Encoder({str(collection[0])!r}); i = Index.load({str(collection[1])!r})\n"
         "build_app(e, i); assert len(search_text(e, i, 'a ship', 3)) == 3\n"
+        "from app.collection import Collection\n"
+        "from app import diagnostics, map_tab\n"
+        "c = Collection(encoder=e, indexes={'images': i}, map_points=40, diagnostics_count=40)\n"
+        "assert '<circle' in map_tab.map_html(c)\n"
+        "r = diagnostics.compute(c); diagnostics.norm_histogram(r['norms'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm'))\n"
         "assert not bad, bad\n"
     )
@@ -336,3 +346,309 @@ def test_cli_port_in_use(collection: tuple[Path, Path], capsys: pytest.CaptureFi
         code = main(["--encoder", str(collection[0]), "--index", str(collection[1]), "--port", str(port)])
     assert code == 2
     assert f"error: cannot serve on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# filters and history
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_result_filter_matches_labels_and_whole_caption_words() -> None:
+    from app.search import ResultFilter
+
+    ship = {"label_name": "ship", "caption": "A photo of a ship."}
+    cat = {"label_name": "cat", "caption": "a photo of a cat"}
+    assert not ResultFilter.parse(None, "").active
+    assert ResultFilter.parse(["ship", "truck"], "").matches(ship) and not ResultFilter.parse(["truck"], "").matches(ship)
+    assert ResultFilter.parse("cat", None).labels == ("cat",)
+    assert ResultFilter.parse([], "PHOTO ship").matches(ship)  # case-insensitive, every word
+    assert not ResultFilter.parse([], "photo ship").matches(cat)
+    assert not ResultFilter.parse([], "shi").matches(ship)  # whole words, not substrings
+    assert ResultFilter.parse(["cat"], "photo").describe() == "label cat, caption with 'photo'"
+
+
+def test_filtered_search_returns_only_matching_results(encoder: Any, index: Any) -> None:
+    from app.search import ResultFilter
+
+    names = sorted({str(r["label_name"]) for r in index.records(index.ids[:50])})
+    wanted = names[1]
+    hits = neighbours_for_text(encoder, index, "a photo of a ship", 6, ResultFilter.parse([wanted], ""))
+    assert len(hits) == 6 and {hit.record["label_name"] for hit in hits} == {wanted}
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    word = str(index.records([int(index.ids[0])])[0]["caption"]).split()[-1].strip(".").lower()
+    for hit in neighbours_for_text(encoder, index, "a photo", 5, ResultFilter.parse([], word)):
+        assert word in hit.record["caption"].lower()
+    assert neighbours_for_text(encoder, index, "a ship", 5, ResultFilter.parse(["no such label"], "")) == []
+    _, _, status = _run(lambda: [], "'x'", 5, ResultFilter.parse(["no such label"], ""))
+    assert "filter: label no such label; no more among the nearest" in status
+
+
+def test_history_keeps_newest_first_without_duplicates() -> None:
+    from app.search import find_history, history_label, push_history
+
+    history: list = []
+    for query in ("a ship", "a cat", "a ship"):
+        history = push_history(history, {"kind": "text", "query": query})
+    assert [history_label(entry) for entry in history] == ["text: a ship", "text: a cat"]
+    history = push_history(history, {"kind": "id", "id": 17, "name": "frog"})
+    assert history_label(history[0]) == "sample #17 (frog)"
+    assert find_history(history, "text: a cat") == {"kind": "text", "query": "a cat"}
+    assert find_history(history, "text: nothing") is None
+    for number in range(30):
+        history = push_history(history, {"kind": "text", "query": f"q{number}"}, limit=5)
+    assert len(history) == 5 and history_label(history[0]) == "text: q29"
+
+
+# ---------------------------------------------------------------------------------------------------
+# diagnostics, worked by hand
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_alignment_and_uniformity_by_hand() -> None:
+    from app.diagnostics import alignment, uniformity
+
+    # distances sqrt(2) and 0 -> squared 2 and 0 -> mean 1
+    assert alignment(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([[0.0, 1.0], [0.0, 1.0]])) == pytest.approx(1.0)
+    # one pair at squared distance 4: log exp(-2 * 4) = -8
+    assert uniformity(np.array([[1.0, 0.0], [-1.0, 0.0]])) == pytest.approx(-8.0)
+    # pairs at squared distances 4, 0, 4: log((e^-8 + 1 + e^-8) / 3)
+    three = np.array([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    assert uniformity(three) == pytest.approx(np.log((2 * np.exp(-8.0) + 1.0) / 3.0))
+    assert uniformity(np.ones((4, 3)) / np.sqrt(3)) == pytest.approx(0.0, abs=1e-9)  # collapsed
+    with pytest.raises(ValueError):
+        uniformity(np.ones((1, 3)))
+
+
+def test_weighted_knn_vote_and_zero_shot_by_hand() -> None:
+    from app.diagnostics import accuracy, recall, weighted_knn_predict, zero_shot_predict
+
+    labels, scores = np.array([[0, 1, 1]]), np.array([[0.9, 0.5, 0.5]])
+    # tau 0.1: weights 1 (class 0) vs 2 e^-4 = 0.037 (class 1); tau 1: 1 vs 2 e^-0.4 = 1.34
+    assert weighted_knn_predict(labels, scores, tau=0.1).tolist() == [0]
+    assert weighted_knn_predict(labels, scores, tau=1.0).tolist() == [1]
+    assert weighted_knn_predict(np.array([[-1, -1]]), np.array([[0.5, 0.4]])).tolist() == [-1]
+    assert zero_shot_predict(np.eye(2), np.array([[0.0, 1.0], [1.0, 0.0]]), [7, 3]).tolist() == [3, 7]
+    assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 0, 3, -1])) == pytest.approx(2 / 3)
+    assert recall(np.array([[1, 2, 3], [5, 6, -1]]), np.array([[1, 2, 4], [5, 6, 7]])) == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_pca_kmeans_and_view_scaling_by_hand() -> None:
+    from app.map_tab import VIEW, kmeans, pca_2d, to_view
+
+    points = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert np.allclose(pca_2d(points), points)  # already centred, axes = x then y, signs positive
+    assert np.allclose(pca_2d(points @ np.array([[0.0, 1.0], [1.0, 0.0]])), points)  # swapped columns: same picture
+    rng = np.random.default_rng(0)
+    blobs = np.concatenate([rng.normal(0, 0.1, (20, 4)), rng.normal(5, 0.1, (20, 4))])
+    labels = kmeans(blobs, 2)
+    assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[-1]
+    scaled = to_view(np.array([[0.0, 0.0], [1.0, 2.0]]), margin=20)
+    assert scaled.tolist() == [[20.0, VIEW - 20.0], [VIEW - 20.0, 20.0]]  # y points up
+
+
+def test_scatter_html_has_one_point_per_sample_and_escapes_labels() -> None:
+    from app.map_tab import colour_groups, scatter_html
+
+    records = [{"label_name": "<b>cat</b>"}, {"label_name": "dog"}, {"label_name": "dog"}]
+    groups, names = colour_groups(records, np.array([1, 0, 1]), "label")
+    assert groups == [0, 1, 1] and names == ["<b>cat</b>", "dog"]
+    assert colour_groups(records, np.array([1, 0, 1]), "cluster") == ([1, 0, 1], ["cluster 0", "cluster 1"])
+    page = scatter_html(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]), [10, 2**62, 12], records, groups, names,
+                        b"jpeg", 2, "caption")
+    assert page.count("<circle") == 3 and f'data-id="{2**62}"' in page
+    assert "<b>cat</b>" not in page and "&lt;b&gt;cat&lt;/b&gt;" in page
+
+
+def test_metrics_curve_and_lookup(tmp_path: Path) -> None:
+    from app.diagnostics import curve, find_metrics, read_metrics, training_curve
+
+    run = tmp_path / "run"
+    (run / "onnx").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 10, "loss": 3.5}\n{"step": 20, "loss": 3.0, "embedding_std": 0.9}\n'
+                                       'not json\n{"note": "no step"}\n{"step": 30, "loss": NaN}\n{"step": 3')
+    assert find_metrics(run / "onnx") == (run / "metrics.jsonl").resolve()
+    assert find_metrics(tmp_path / "elsewhere") is None
+    records = read_metrics(find_metrics(run / "onnx"))
+    assert [r["step"] for r in records] == [10, 20, 30]
+    assert curve(records, "loss") == ([10.0, 20.0], [3.5, 3.0])  # NaN dropped
+    assert training_curve(records) is not None and training_curve([]) is None
+
+
+def test_diagnostics_on_the_collection(encoder: Any, index: Any) -> None:
+    from app.collection import Collection
+    from app.diagnostics import compute, figures_markdown
+
+    collection = Collection(encoder=encoder, indexes={"images": index}, map_points=60, diagnostics_count=50)
+    result = compute(collection)
+    assert result["sample"] == 50 and len(result["norms"]) == 50 and result["norms_raw"]
+    assert 0.0 <= result["alignment"] <= 4.0 and -4.0 <= result["uniformity"] <= 0.0
+    assert 0.0 <= result["knn_top1"] <= 1.0 and 0.0 <= result["zero_shot_top1"] <= 1.0
+    assert result["recall"] == pytest.approx(1.0)  # a Flat index is exact
+    table = figures_markdown(result)
+    assert "kNN top-1" in table and "zero-shot top-1 (10 classes)" in table and "recall@10" in table
+    sample = collection.sample()
+    assert len(sample.ids) == 60 and sample.vectors.shape == (60, index.dim)
+    assert np.allclose(sample.vectors, encoder.encode_images(sample.images), atol=1e-4)  # stored = re-encoded
+
+
+# ---------------------------------------------------------------------------------------------------
+# thumbnails from the shards
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_thumbnail_store_reads_plain_and_compressed_shards(tmp_path: Path) -> None:
+    from app.thumbnails import ThumbnailStore, sprite_sheet
+    from trainer.data.shards import iter_shard
+
+    plain = make_shard(tmp_path / "a" / "plain-000000.tar", count=6)
+    packed = make_shard(tmp_path / "b" / "packed-000000.tar.gz", count=6, start=100)
+    expected = {(str(shard), s.key): s.image for shard in (plain, packed) for s in iter_shard(str(shard))}
+    store = ThumbnailStore(budget_bytes=1)
+    records = [{"shard": shard, "key": key} for (shard, key) in expected][::-1]
+    assert store.encoded(records) == [expected[(r["shard"], r["key"])] for r in records]
+    assert store.images(records[:1])[0].size == (32, 32)
+    with pytest.raises(KeyError, match="no image for key"):
+        store.encoded([{"shard": str(plain), "key": "missing"}])
+    with pytest.raises(FileNotFoundError):
+        store.encoded([{"shard": str(tmp_path / "gone.tar"), "key": "x"}])
+    sheet, columns = sprite_sheet(store.images(records), cell=8)
+    from PIL import Image
+
+    assert columns == 4 and Image.open(io.BytesIO(sheet)).size == (32, 24)  # 12 tiles: 4 x 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# safety
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_auth_parsing() -> None:
+    from app.safety import SafetyError, auth_from, parse_auth
+
+    assert parse_auth("alice:secret") == [("alice", "secret")]
+    assert parse_auth("alice:s:e:c, bob:pw") == [("alice", "s:e:c"), ("bob", "pw")]
+    assert parse_auth(None) == [] and parse_auth("  ") == []
+    for bad in ("alice", ":pw", "alice:", "alice:pw,"):
+        with pytest.raises(SafetyError, match="user:password"):
+            parse_auth(bad)
+    assert auth_from(None, {"MANYVIEW_AUTH": "u:p"}) == [("u", "p")]
+    assert auth_from("x:y", {"MANYVIEW_AUTH": "u:p"}) == [("x", "y")]  # the flag wins
+    assert auth_from(None, {}) == []
+
+
+def test_sizes_exposure_and_paths(tmp_path: Path) -> None:
+    from app.safety import SafetyError, blocked_paths, exposure_warning, inside, parse_size
+
+    assert parse_size("25mb") == 25_000_000 and parse_size("500 KB") == 500_000 and parse_size("1024") == 1024
+    for bad in ("lots", "-3mb", "0"):
+        with pytest.raises(SafetyError):
+            parse_size(bad)
+    assert exposure_warning("127.0.0.1", []) is None and exposure_warning("localhost", []) is None
+    assert exposure_warning("0.0.0.0", [("u", "p")]) is None
+    assert "without --auth" in exposure_warning("0.0.0.0", [])
+    root = tmp_path / "index"
+    (root / "sub").mkdir(parents=True)
+    assert inside(root / "sub" / "x.faiss", [root]) and not inside(root / ".." / "secret", [root])
+    link = root / "escape"
+    link.symlink_to(tmp_path)
+    assert not inside(link / "secret", [root])  # symlinks are resolved
+    assert blocked_paths(root, None, root / "sub", shards=[str(root / "sub" / "s.tar")]) == [str(root.resolve()),
+                                                                                            str((root / "sub").resolve())]
+
+
+def test_served_app_needs_login_and_serves_no_files(encoder: Any, index: Any, collection: tuple[Path, Path]) -> None:
+    import http.cookiejar
+    import socket
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from app.ui import launch_app
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    demo = build_app(encoder, index)
+    url = launch_app(demo, port=port, block=False, auth=[("alice", "secret")], blocked=[str(collection[1])])
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+
+    def get(path: str, form: dict | None = None) -> tuple[int, str]:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        try:
+            with opener.open(urllib.request.Request(url.rstrip("/") + path, data=data), timeout=10) as response:
+                return response.status, response.read().decode(errors="replace")
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode(errors="replace")
+
+    try:
+        assert get("/config")[0] == 401  # nothing without a login
+        assert get("/login", {"username": "alice", "password": "wrong"})[0] in (400, 401)
+        assert get("/login", {"username": "alice", "password": "secret"})[0] == 200
+        assert get("/config")[0] == 200
+        for path in ("/etc/passwd", str(collection[1] / "index.json"), str(REPO / "README.md")):
+            status, body = get(f"/gradio_api/file={path}")
+            assert status in (403, 404), (path, status)
+            assert "root:" not in body and '"factory"' not in body
+    finally:
+        demo.close()
+
+
+def test_cli_rejects_bad_safety_options(collection: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    base = ["--encoder", str(collection[0]), "--index", str(collection[1])]
+    assert main([*base, "--auth", "nopassword"]) == 2
+    assert "error: auth must be user:password" in capsys.readouterr().err
+    assert main([*base, "--max-upload", "huge"]) == 2
+    assert "error: cannot read the size 'huge'" in capsys.readouterr().err
+    assert main([*base, "--compare-encoder", str(collection[0])]) == 2
+    assert "error: give both --compare-encoder and --compare-index" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# caption index and the assembled app
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_caption_index_and_full_app(encoder: Any, index: Any, collection: tuple[Path, Path], tmp_path: Path) -> None:
+    import gradio as gr
+
+    from app.caption_index import build_caption_index
+    from app.collection import Collection
+    from index.search import Index
+
+    info = build_caption_index(str(collection[0]), str(collection[1]), str(tmp_path / "captions"))
+    assert info["modality"] == "text" and info["count"] == index.count
+    captions = Index.load(tmp_path / "captions")
+    record = index.records([int(index.ids[9])])[0]
+    hits = neighbours_for_text(encoder, captions, record["caption"], 3)
+    assert hits[0].record["caption"] == record["caption"] and hits[0].score == pytest.approx(1.0, abs=1e-4)
+    other = Collection(encoder=encoder, indexes={"images": index}, name="B")
+    demo = build_app(encoder, index, text_index=captions, compare=other)
+    assert isinstance(demo, gr.Blocks)
+    elem_ids = {c.get("props", {}).get("elem_id") for c in demo.get_config_file()["components"]}
+    assert {"mv-gallery", "mv-index", "mv-map", "mv-diag-run", "mv-cmp-gallery-a", "mv-cmp-gallery-b"} <= elem_ids
+
+
+def test_map_draws_at_most_map_points(encoder: Any, index: Any) -> None:
+    from app.collection import Collection
+    from app.map_tab import map_html
+
+    collection = Collection(encoder=encoder, indexes={"images": index}, map_points=30, diagnostics_count=50)
+    page = map_html(collection, "PCA", "label")
+    assert page.count("<circle") == 30 and "PCA of 30 of 200 indexed images" in page
+    assert "data:image/jpeg;base64," in page  # the hover sprite
+    clustered = map_html(collection, "UMAP", "k-means cluster", 3)  # UMAP falls back to PCA when not installed
+    assert "cluster 2" in clustered and "cluster 3" not in clustered
+
+
+def test_cached_values_may_use_other_cached_values(encoder: Any, index: Any) -> None:
+    import threading
+
+    from app.collection import Collection
+
+    collection = Collection(encoder=encoder, indexes={"images": index})
+    calls = []
+    outer = threading.Thread(target=lambda: calls.append(collection.cached("outer", lambda: collection.cached("inner", lambda: 7) + 1)))
+    outer.start()
+    outer.join(timeout=10)
+    assert not outer.is_alive(), "nested cached() deadlocked"
+    assert calls == [8] and collection.cached("outer", lambda: 0) == 8

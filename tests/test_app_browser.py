@@ -2,7 +2,8 @@
 
 Starts ``python -m app`` on 127.0.0.1 (a free port) in a subprocess on a tiny ONNX encoder + FAISS index,
 then drives it with Playwright and Debian's chromium: a text query, an image upload, a click on a result
-("more like this") and a broken upload. Skips with a reason when playwright or /usr/bin/chromium
+("more like this"), the query history, a broken upload, the map (hover, click -> neighbours), the
+diagnostics and the side-by-side comparison. Skips with a reason when playwright or /usr/bin/chromium
 (override with MANYVIEW_CHROMIUM) is absent.
 Everything is bounded by timeouts and the server is always stopped.
 """
@@ -22,8 +23,10 @@ from typing import Any, Iterator
 import pytest
 
 try:  # pytest's default "prepend" import mode puts tests/ itself on sys.path
+    from onnx_fixtures import shared_onnx_dir
     from test_app import make_collection
 except ImportError:  # e.g. --import-mode=importlib, or tests/ made a package
+    from tests.onnx_fixtures import shared_onnx_dir
     from tests.test_app import make_collection
 
 CHROMIUM = os.environ.get("MANYVIEW_CHROMIUM", "/usr/bin/chromium")  # override for other machines
@@ -83,13 +86,24 @@ def sync_api() -> Any:
 @pytest.fixture(scope="module")
 def server(sync_api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     """``python -m app`` serving a 200-image collection; yields url, index dir and log path."""
+    from app.caption_index import build_caption_index
+    from index.build import build_index
+    from index.search import Index
+
     onnx_dir, index_dir = make_collection(tmp_path_factory)
+    # A second pair for the Compare tab (an image-only encoder over the same shard) and a caption index.
+    other_onnx = shared_onnx_dir(tmp_path_factory, with_text=False)
+    other_index = tmp_path_factory.mktemp("app-index-b")
+    build_index(other_onnx, Index.load(index_dir).info["shards"], other_index, progress=False)
+    captions = tmp_path_factory.mktemp("app-captions")
+    build_caption_index(str(onnx_dir), str(index_dir), str(captions))
     port = _free_port()
     log = tmp_path_factory.mktemp("app-server") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(log.parent / "gradio-cache"), NO_PROXY="127.0.0.1,localhost")
     command = [sys.executable, "-m", "app", "--encoder", str(onnx_dir), "--index", str(index_dir),
-               "--host", "127.0.0.1", "--port", str(port)]
+               "--host", "127.0.0.1", "--port", str(port), "--text-index", str(captions),
+               "--compare-encoder", str(other_onnx), "--compare-index", str(other_index), "--map-points", "150"]
     with open(log, "wb") as log_handle:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
     try:
@@ -235,3 +249,67 @@ def test_broken_upload_gives_a_message_and_the_app_keeps_serving(page: Any, tmp_
     _wait_status(page, "8 results for 'a photo of a truck'")
     _wait_thumbnails(page, 8)
     page.screenshot(path=str(tmp_path / "after-broken-upload.png"), full_page=True)
+
+
+def _open_tab(page: Any, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def test_history_and_caption_index(page: Any) -> None:
+    page.fill("#mv-query textarea, #mv-query input", "a photo of a ship")
+    page.click("#mv-text-search")
+    _wait_status(page, "8 results for 'a photo of a ship'")
+    page.fill("#mv-query textarea, #mv-query input", "a photo of a frog")
+    page.click("#mv-text-search")
+    status = _wait_status(page, "8 results for 'a photo of a frog'")
+    # Pick the first query from the history: it runs again.
+    page.click("#mv-history input")
+    page.get_by_role("option", name="text: a photo of a ship").click()
+    _wait_status(page, "8 results for 'a photo of a ship'", previous=status)
+    # Search the captions instead of the images: the caption text finds its own sample at score 1.
+    page.get_by_label("captions").check()
+    page.click("#mv-text-search")
+    _wait_status(page, "8 results for 'a photo of a frog' in the captions")
+    _wait_thumbnails(page, 8)
+
+
+def test_map_renders_and_a_click_opens_neighbours(page: Any) -> None:
+    _open_tab(page, "Map")
+    page.wait_for_function("() => document.querySelectorAll('#mv-map circle').length === 150")
+    legend = page.inner_text("#mv-map .mv-legend")
+    assert "airplane" in legend or "red" in legend, legend  # CIFAR classes, or the generated shard's
+    dot = page.locator("#mv-map circle").nth(3)
+    dot.hover(force=True)
+    page.wait_for_selector("#mv-map .mv-tip", state="visible")
+    assert page.inner_text("#mv-map .mv-tip-text").startswith("#" + dot.get_attribute("data-id"))
+    dot.click(force=True)
+    page.wait_for_function("() => document.querySelector('#mv-map-status').innerText.includes('8 results for the map point')")
+    status = page.inner_text("#mv-map-status")
+    assert f"#{dot.get_attribute('data-id')}" in status, status
+    page.wait_for_function("() => document.querySelectorAll('#mv-map-gallery .thumbnail-item').length === 8")
+    first = page.locator("#mv-map-gallery .thumbnail-item .caption-label").first.inner_text()
+    assert first.endswith("score 1.000") or first.endswith("score 0.999"), first
+    # Colour by k-means cluster: the legend switches to clusters.
+    page.get_by_label("k-means cluster").check()
+    page.wait_for_function("() => document.querySelector('#mv-map .mv-legend').innerText.includes('cluster 0')")
+
+
+def test_diagnostics_and_compare(page: Any, server: dict, tmp_path: Path) -> None:
+    _open_tab(page, "Diagnostics")
+    page.wait_for_selector("#mv-diag-table table", timeout=60_000)
+    table = page.inner_text("#mv-diag-table")
+    for figure in ("alignment", "uniformity", "kNN top-1", "zero-shot top-1", "recall@10"):
+        assert figure in table, table
+    page.wait_for_selector("#mv-diag-norms img")
+    assert "fixture" in page.inner_text("#mv-diag-card")
+
+    _open_tab(page, "Compare")
+    page.fill("#mv-cmp-query textarea", "a photo of a ship")
+    page.click("#mv-cmp-text-search")
+    page.wait_for_function("() => document.querySelector('#mv-cmp-status-a').innerText.includes('8 results')")
+    page.wait_for_function("() => document.querySelector('#mv-cmp-status-b').innerText.includes('no text tower')")
+    # An image query runs on both sides; the same collection means overlapping results.
+    page.set_input_files("#mv-cmp-upload input[type=file]", str(_query_image(server, tmp_path / "query.png")))
+    page.wait_for_function("() => document.querySelector('#mv-cmp-status-b').innerText.includes('8 results for the uploaded image')")
+    page.wait_for_function("() => document.querySelectorAll('#mv-cmp-gallery-b .thumbnail-item').length === 8")
+    assert "results in common" in page.inner_text("#mv-cmp-overlap")

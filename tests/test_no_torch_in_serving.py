@@ -33,8 +33,16 @@ def test_runtime_and_index_do_not_import_torch() -> None:
     assert not any(loaded.values()), f"serving imports pulled in {[m for m, v in loaded.items() if v]}"
 
 
-def test_app_ui_does_not_import_torch() -> None:
-    if not (ROOT / "app" / "ui.py").exists():
-        pytest.skip("app/ui.py is not there yet")
-    loaded = _imported_heavy(["app.ui"])
-    assert not any(loaded.values()), f"app.ui pulled in {[m for m, v in loaded.items() if v]}"
+APP_MODULES = sorted(f"app.{path.stem}" for path in (ROOT / "app").glob("*.py") if path.stem != "__init__")
+
+
+def test_app_modules_do_not_import_torch() -> None:
+    assert {"app.ui", "app.search", "app.map_tab", "app.diagnostics", "app.compare_tab"} <= set(APP_MODULES)
+    loaded = _imported_heavy(APP_MODULES)
+    assert not any(loaded.values()), f"the app modules pulled in {[m for m, v in loaded.items() if v]}"
+
+
+def test_gradio_and_matplotlib_do_not_import_torch() -> None:
+    """What the app imports lazily when it builds its UI and draws its plots."""
+    loaded = _imported_heavy(["gradio", "gradio_client", "matplotlib.figure", "pyarrow.compute", "app.ui"])
+    assert not any(loaded.values()), f"gradio/matplotlib pulled in {[m for m, v in loaded.items() if v]}"

@@ -1,0 +1,330 @@
+"""Search logic of the app, free of Gradio: queries -> ``Hit`` lists, result filters, query history.
+
+    hits = neighbours_for_text(encoder, index, "a photo of a ship", k=8)     # list[Hit]
+    hits = neighbours_for_image(encoder, index, pil_image, k=8)
+    hits = neighbours_for_id(encoder, index, sample_id, k=8)                # "more like this"
+    hits = neighbours_for_text(encoder, index, "a ship", 8, ResultFilter(labels=("ship",)))
+
+Runs on ONNX (``export.runtime.Encoder``) and FAISS (``index.search.Index``) only; never imports torch.
+Bad input (empty query, no text tower, a missing or unreadable image) raises ``SearchError`` with a
+message meant for the user.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+
+from app.thumbnails import ThumbnailStore, thumbnail
+
+logger = logging.getLogger(__name__)
+
+K_MIN, K_MAX, K_DEFAULT = 1, 50, 8
+MAX_CANDIDATES = 2048  # filtered searches look this deep at most (FAISS's GPU limit on k)
+MAX_QUERY_PIXELS = 40_000_000  # larger uploads are refused before decoding (decompression bombs)
+HISTORY_LIMIT = 20
+UPLOAD_HINT = "Upload a JPEG, PNG or WebP picture."
+
+
+class EncoderLike(Protocol):
+    """What the app needs of ``export.runtime.Encoder``."""
+
+    has_text: bool
+    dim: int
+    info: dict
+
+    def encode_images(self, images: Sequence[Any]) -> np.ndarray: ...
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+class IndexLike(Protocol):
+    """What the app needs of ``index.search.Index``."""
+
+    count: int
+    dim: int
+    info: dict
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def records(self, ids: Sequence[int]) -> list[dict]: ...
+
+
+class SearchError(ValueError):
+    """A search that cannot run because of the user's input; the message is shown in the UI."""
+
+
+@dataclass
+class UnreadableUpload:
+    """Stands in for an upload that Gradio could not decode, so the handler can explain it."""
+
+    message: str
+
+
+@dataclass
+class Hit:
+    """One neighbour: its sample id, similarity score, metadata record and image."""
+
+    id: int
+    score: float
+    record: dict = field(default_factory=dict)
+    image: Any = None
+
+    @property
+    def label(self) -> str:
+        """The class name, else the caption, else ``#id``."""
+        name = self.record.get("label_name") or self.record.get("caption")
+        return str(name) if name else f"#{self.id}"
+
+    @property
+    def caption(self) -> str:
+        """Gallery caption, e.g. ``ship · score 0.873``."""
+        return f"{self.label} · score {self.score:.3f}"
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    """Keep results whose label is one of ``labels`` (any, when empty) and whose caption contains every
+    word of ``words`` (case-insensitive, whole words)."""
+
+    labels: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, labels: Sequence[str] | str | None, words: str | None) -> "ResultFilter":
+        if isinstance(labels, str):
+            labels = [labels]
+        return cls(tuple(str(label) for label in (labels or []) if str(label)),
+                   tuple(re.findall(r"\w+", (words or "").lower())))
+
+    @property
+    def active(self) -> bool:
+        return bool(self.labels or self.words)
+
+    def matches(self, record: dict) -> bool:
+        if self.labels and str(record.get("label_name") or "") not in self.labels:
+            return False
+        if self.words:
+            caption = set(re.findall(r"\w+", str(record.get("caption") or "").lower()))
+            return all(word in caption for word in self.words)
+        return True
+
+    def describe(self) -> str:
+        parts = []
+        if self.labels:
+            parts.append("label " + " or ".join(self.labels))
+        if self.words:
+            parts.append("caption with " + " ".join(f"'{word}'" for word in self.words))
+        return ", ".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
+# queries
+# ----------------------------------------------------------------------------------------------------
+
+
+def clamp_k(k: Any, count: int) -> int:
+    """``k`` as an int in ``[1, min(K_MAX, count)]`` (at least 1 even for an empty collection)."""
+    try:
+        value = int(round(float(k)))
+    except (TypeError, ValueError):
+        value = K_DEFAULT
+    return max(K_MIN, min(value, K_MAX, max(int(count), 1)))
+
+
+def _images_for(index: Any, records: list[dict], thumbs: ThumbnailStore | None) -> list[Any]:
+    if thumbs is not None:
+        return thumbs.images(records)
+    return [index.image(int(record["id"])) for record in records]
+
+
+def search_vector(index: Any, vector: np.ndarray, k: int, result_filter: ResultFilter | None = None,
+                  thumbs: ThumbnailStore | None = None, with_images: bool = True) -> list[Hit]:
+    """The ``k`` best hits for one embedding (FAISS's ``-1`` padding dropped), with records and images.
+
+    With an active filter the search looks deeper (4k, doubling, up to ``MAX_CANDIDATES``) until ``k``
+    results pass it, so a rare label still fills the page when it is among the nearest few thousand.
+    """
+    if index.count <= 0:
+        return []
+    query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
+    if query.shape[1] != index.dim:
+        raise SearchError(f"the query embedding is {query.shape[1]}-d but the index holds {index.dim}-d vectors")
+    k = clamp_k(k, index.count)
+    depth = k if result_filter is None or not result_filter.active else min(index.count, max(4 * k, 64))
+    while True:
+        scores, ids = index.search(query, depth)
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if int(i) >= 0]
+        records = index.records([i for i, _ in pairs]) if pairs else []
+        kept = [(pair, record) for pair, record in zip(pairs, records)
+                if result_filter is None or result_filter.matches(record)]
+        if len(kept) >= k or depth >= min(index.count, MAX_CANDIDATES):
+            break
+        depth = min(index.count, MAX_CANDIDATES, depth * 2)
+    kept = kept[:k]
+    images = _images_for(index, [record for _, record in kept], thumbs) if with_images and kept else [None] * len(kept)
+    return [Hit(id=i, score=s, record=dict(record), image=image) for ((i, s), record), image in zip(kept, images)]
+
+
+def load_query_image(image: Any) -> Any:
+    """Accept a PIL image, a numpy array, a path or bytes; return an RGB PIL image or raise ``SearchError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if image is None:
+        raise SearchError("Upload an image first.")
+    if isinstance(image, UnreadableUpload):
+        raise SearchError(image.message)
+    Image.MAX_IMAGE_PIXELS = MAX_QUERY_PIXELS
+    try:
+        if isinstance(image, Image.Image):
+            image.load()
+            return image.convert("RGB")
+        if isinstance(image, np.ndarray):
+            return Image.fromarray(image).convert("RGB")
+        if isinstance(image, (bytes, bytearray)):
+            with Image.open(io.BytesIO(image)) as opened:
+                opened.load()
+                return opened.convert("RGB")
+        if isinstance(image, (str, os.PathLike)):
+            with Image.open(image) as opened:
+                opened.load()
+                return opened.convert("RGB")
+    except Image.DecompressionBombError as error:
+        raise SearchError(f"That picture is too large ({error}). Scale it down first.") from error
+    except (UnidentifiedImageError, OSError, ValueError, TypeError, SyntaxError) as error:
+        raise SearchError(f"That upload is not a readable image ({type(error).__name__}). {UPLOAD_HINT}") from error
+    raise SearchError(f"That upload is not an image (got {type(image).__name__}). {UPLOAD_HINT}")
+
+
+def text_vector(encoder: EncoderLike, query: str) -> np.ndarray:
+    if not getattr(encoder, "has_text", False):
+        raise SearchError("This encoder has no text tower; search by image instead.")
+    text = (query or "").strip()
+    if not text:
+        raise SearchError("Type a text query first.")
+    return encoder.encode_texts([text])[0]
+
+
+def neighbours_for_text(encoder: EncoderLike, index: Any, query: str, k: int,
+                        result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
+    """The ``k`` indexed samples closest to a text query."""
+    return search_vector(index, text_vector(encoder, query), k, result_filter, thumbs)
+
+
+def neighbours_for_image(encoder: EncoderLike, index: Any, image: Any, k: int,
+                         result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
+    """The ``k`` indexed samples closest to an image (PIL, array, path or bytes)."""
+    vectors = encoder.encode_images([load_query_image(image)])
+    return search_vector(index, vectors[0], k, result_filter, thumbs)
+
+
+def sample_image(index: Any, sample_id: int, thumbs: ThumbnailStore | None = None) -> tuple[dict, Any]:
+    """The metadata record and image of an indexed sample; ``SearchError`` when it cannot be read."""
+    try:
+        record = index.records([int(sample_id)])[0]
+        picture = thumbs.image(record) if thumbs is not None else index.image(int(sample_id))
+    except (KeyError, IndexError, ValueError, OSError) as error:
+        raise SearchError(f"Sample #{sample_id} cannot be read from its shard ({error}).") from error
+    return record, picture
+
+
+def neighbours_for_id(encoder: EncoderLike, index: Any, sample_id: int, k: int,
+                      result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
+    """"More like this": the ``k`` samples closest to an indexed sample, re-encoded from its shard image."""
+    _, picture = sample_image(index, sample_id, thumbs)
+    return neighbours_for_image(encoder, index, picture, k, result_filter, thumbs)
+
+
+def search_text(encoder: EncoderLike, index: Any, query: str, k: int) -> list[tuple[Any, str]]:
+    """Text search as gallery items: ``[(PIL.Image, "label · score 0.873"), ...]``."""
+    return [(hit.image, hit.caption) for hit in neighbours_for_text(encoder, index, query, k)]
+
+
+def search_image(encoder: EncoderLike, index: Any, image: Any, k: int) -> list[tuple[Any, str]]:
+    """Image search as gallery items: ``[(PIL.Image, "label · score 0.873"), ...]``."""
+    return [(hit.image, hit.caption) for hit in neighbours_for_image(encoder, index, image, k)]
+
+
+def status_line(count: int, what: str, elapsed_s: float, wanted: int | None = None,
+                result_filter: ResultFilter | None = None) -> str:
+    """E.g. ``8 results for 'a photo of a ship' in 12 ms`` (plus the filter and any shortfall)."""
+    noun = "result" if count == 1 else "results"
+    line = f"{count} {noun} for {what} in {elapsed_s * 1000:.0f} ms"
+    if result_filter is not None and result_filter.active:
+        line += f" (filter: {result_filter.describe()}"
+        if wanted is not None and count < wanted:
+            line += f"; no more among the nearest {MAX_CANDIDATES}"
+        line += ")"
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------
+# handlers' plumbing (no Gradio types)
+# ----------------------------------------------------------------------------------------------------
+
+_MARKDOWN_SPECIALS = str.maketrans({c: "\\" + c for c in "\\`*_{}[]<>#|~$"})
+
+
+def md_escape(text: str) -> str:
+    """Escape the characters that Markdown (or Gradio's LaTeX) would interpret in user-supplied text."""
+    return text.translate(_MARKDOWN_SPECIALS)
+
+
+def short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def run_search(search: Callable[[], list[Hit]], what: str, wanted: int | None = None,
+               result_filter: ResultFilter | None = None) -> tuple[list[tuple[Any, str]], list[int], str]:
+    """Run one search; return gallery items, result ids and a Markdown status line.
+
+    User errors (``SearchError``) and unexpected failures both end up in the status line, so one bad
+    request never leaves the page without an answer; the latter are also logged with their traceback.
+    """
+    start = time.perf_counter()
+    try:
+        hits = search()
+    except SearchError as error:
+        return [], [], f"⚠️ {md_escape(str(error))}"
+    except Exception as error:  # noqa: BLE001 - keep serving; the log has the details
+        logger.exception("search for %s failed", what)
+        return [], [], f"⚠️ Search failed ({type(error).__name__}): {md_escape(str(error))}"
+    elapsed = time.perf_counter() - start
+    gallery = [(thumbnail(hit.image), hit.caption) for hit in hits]
+    return gallery, [hit.id for hit in hits], md_escape(status_line(len(hits), what, elapsed, wanted, result_filter))
+
+
+# ----------------------------------------------------------------------------------------------------
+# query history
+# ----------------------------------------------------------------------------------------------------
+
+
+def history_label(entry: dict) -> str:
+    """How a history entry reads in the list, e.g. ``text: a photo of a ship`` or ``sample #17 (ship)``."""
+    kind = entry.get("kind")
+    if kind == "text":
+        return f"text: {short(str(entry.get('query', '')), 50)}"
+    if kind == "id":
+        name = entry.get("name")
+        return f"sample #{entry.get('id')}" + (f" ({name})" if name else "")
+    return f"image: {entry.get('name') or 'upload'} at {entry.get('time', '')}".strip()
+
+
+def push_history(history: list[dict] | None, entry: dict, limit: int = HISTORY_LIMIT) -> list[dict]:
+    """``entry`` first, then the older entries with a different label, at most ``limit`` of them."""
+    label = history_label(entry)
+    older = [item for item in (history or []) if history_label(item) != label]
+    return [entry, *older][:limit]
+
+
+def find_history(history: list[dict] | None, label: str | None) -> dict | None:
+    for entry in history or []:
+        if history_label(entry) == label:
+            return entry
+    return None

@@ -1,0 +1,286 @@
+"""App latency: p50/p95 of text -> image and image -> image queries through ``gradio_client``, end to end.
+
+    python tests/benchmarks/bench_app_latency.py [--workdir DIR] [--queries 100] [--output tests/benchmarks/RESULTS_app.md]
+    pytest tests/benchmarks/bench_app_latency.py -m benchmark -s     # the same, as an on-demand test
+
+The collection is all 60,000 CIFAR-10 images (``../shared/data/cifar10``, train + test shards) indexed
+with a small image-text model trained here once (``clip``, cnn-small, 150 steps of batch 64: the
+model's quality does not change the latency) and cached in ``--workdir`` (default
+``$TMPDIR/manyview-bench-app``): ``run/`` (model, ONNX), ``index/``. The app runs as ``python -m app``
+in a subprocess on 127.0.0.1, exactly as a user starts it; the client sits in this process.
+
+A query is one ``Client.predict`` call of the Search tab's button endpoint (``/search_text`` with a
+prompt, ``/search_image`` with an uploaded CIFAR test image, k = 8), timed from the call to the
+returned result. Two client modes: ``download`` (gradio_client's default: the 8 result thumbnails are
+fetched too) and ``api`` (``download_files=False``: the result URLs only). The server-side share is the
+"in N ms" figure of the status line (encode + search + read thumbnails). Queries run one at a time,
+after 5 warm-up queries per kind; the shards are read ahead by the app at start (its warm-up thread),
+and the benchmark waits for that before measuring.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
+TARGET_P50_MS = 100.0
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}", "a {} in the wild", "a small {}", "my {}"]
+
+try:
+    import pytest
+except ImportError:  # run as a script without pytest
+    pytest = None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def prepare(workdir: Path, data: Path) -> tuple[Path, Path]:
+    """Train (150 steps), export and index all of CIFAR-10 once; reuse what ``workdir`` already holds."""
+    run, index = workdir / "run", workdir / "index"
+    python = sys.executable
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    if not (run / "model" / "config.json").exists():
+        subprocess.run([python, "trainer/pretrain.py", "--objective", "clip", "--train-data",
+                        f"{data}/train-{{000000..000009}}.tar.gz", "--output", str(run), "--backbone", "cnn-small",
+                        "--batch-size", "64", "--max-steps", "150", "--lr", "2e-3",
+                        "--set", "text={width: 128, heads: 4, layers: 2, context_length: 16}"], cwd=ROOT, env=env, check=True)
+    if not (run / "onnx" / "preprocess.json").exists():
+        subprocess.run([python, "-m", "export", "--model", str(run / "model"), "--output", str(run / "onnx")],
+                       cwd=ROOT, env=env, check=True)
+    if not (index / "index.json").exists():
+        subprocess.run([python, "-m", "index.build", "--encoder", str(run / "onnx"), "--data",
+                        f"{data}/train-*.tar.gz::{data}/test-*.tar.gz", "--output", str(index), "--no-progress"],
+                       cwd=ROOT, env=env, check=True)
+    return run / "onnx", index
+
+
+def query_images(data: Path, folder: Path, count: int) -> list[str]:
+    """``count`` CIFAR-10 test images saved as PNG files (what a user would upload)."""
+    from trainer.data.shards import decode_image, iter_shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for sample in iter_shard(str(data / "test-000001.tar.gz")):
+        path = folder / f"{len(paths):03d}.png"
+        decode_image(sample.image).save(path)
+        paths.append(str(path))
+        if len(paths) == count:
+            break
+    return paths
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q
+    low, high = int(position), min(int(position) + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+class RestClient:
+    """Gradio's documented REST API (what ``curl`` or a JavaScript client does): upload a file, POST
+    ``/gradio_api/call/<api>``, read the answer from its event stream. No polling interval."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(timeout=60)
+
+    def upload(self, path: str) -> dict:
+        with open(path, "rb") as handle:
+            response = self.http.post(f"{self.url}/gradio_api/upload", files=[("files", (Path(path).name, handle, "image/png"))])
+        response.raise_for_status()
+        return {"path": response.json()[0], "meta": {"_type": "gradio.FileData"}}
+
+    def predict(self, *args: object, api_name: str) -> list:
+        data = [self.upload(arg.path) if isinstance(arg, LocalFile) else arg for arg in args]
+        response = self.http.post(f"{self.url}/gradio_api/call{api_name}", json={"data": data})
+        response.raise_for_status()
+        event = response.json()["event_id"]
+        with self.http.stream("GET", f"{self.url}/gradio_api/call{api_name}/{event}") as stream:
+            kind = None
+            for line in stream.iter_lines():
+                if line.startswith("event:"):
+                    kind = line.split(":", 1)[1].strip()
+                elif line.startswith("data:") and kind in ("complete", "error"):
+                    if kind == "error":
+                        raise RuntimeError(f"{api_name} failed: {line}")
+                    return json.loads(line[5:])
+        raise RuntimeError(f"{api_name}: the stream ended without a result")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class LocalFile:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path) -> dict:
+    """``mode``: ``download`` / ``api`` (gradio_client with / without fetching the result files) or ``rest``."""
+    if mode == "rest":
+        client, handle_file = RestClient(url), LocalFile
+    else:
+        from gradio_client import Client, handle_file
+
+        client = Client(url, verbose=False, download_files=str(scratch / "downloads") if mode == "download" else False)
+    server_ms = re.compile(r" in (\d+) ms")
+    results = {}
+    for kind in ("text", "image"):
+        latencies, server = [], []
+        for number in range(queries + 5):
+            if kind == "text":
+                prompt = TEMPLATES[number % len(TEMPLATES)].format(CLASSES[number % len(CLASSES)])
+                args, api = (prompt, 8, [], "", "images"), "/search_text"
+            else:
+                args, api = (handle_file(images[number % len(images)]), 8, [], "", "images"), "/search_image"
+            start = time.perf_counter()
+            output = client.predict(*args, api_name=api)
+            elapsed = (time.perf_counter() - start) * 1000
+            gallery = output[0]  # the REST answer also lists the (empty) state outputs
+            status = next((item for item in output[1:] if isinstance(item, str)), "")
+            gallery = gallery.get("value", []) if isinstance(gallery, dict) else gallery
+            if len(gallery) != 8 or "8 results" not in status:
+                raise RuntimeError(f"unexpected answer to {api}: {status!r}, {len(gallery)} results")
+            if number >= 5:  # warm-up excluded
+                latencies.append(elapsed)
+                found = server_ms.search(status)
+                if found:
+                    server.append(float(found.group(1)))
+        results[kind] = {"p50_ms": percentile(latencies, 0.5), "p95_ms": percentile(latencies, 0.95),
+                         "mean_ms": statistics.fmean(latencies), "server_p50_ms": percentile(server, 0.5) if server else None,
+                         "queries": len(latencies)}
+    if hasattr(client, "close"):
+        client.close()
+    return results
+
+
+def run(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "manyview-bench-app"))
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--output", default=None, help="write the Markdown report here")
+    args = parser.parse_args(argv)
+    data, workdir = Path(args.data), Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    encoder, index = prepare(workdir, data)
+    sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+    from screenshots import start_app, stop
+
+    with tempfile.TemporaryDirectory(prefix="manyview-bench-app-") as scratch_name:
+        scratch = Path(scratch_name)
+        os.environ["GRADIO_TEMP_DIR"] = str(scratch / "gradio")
+        images = query_images(data, scratch / "queries", 20)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server
+        process, url = start_app(["--encoder", str(encoder), "--index", str(index)], scratch / "app.log")
+        try:
+            from index.search import Index
+
+            info = Index.load(index).info
+            time.sleep(float(os.environ.get("BENCH_APP_SETTLE_S", "15")))  # the app's shard warm-up
+            figures = {mode: measure(url, images, args.queries, mode, scratch) for mode in ("api", "download", "rest")}
+        finally:
+            stop(process)
+    import gradio
+    import onnxruntime
+
+    result = {
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version(),
+                    "gradio": gradio.__version__, "onnxruntime": onnxruntime.__version__},
+        "index": {"factory": info.get("factory"), "count": info.get("count"), "search_params": info.get("search_params"),
+                  "dim": info.get("dim")},
+        "figures": figures,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    result["markdown"] = markdown(result)
+    print(result["markdown"])
+    print(json.dumps({key: value for key, value in result.items() if key != "markdown"}))
+    if args.output:
+        Path(args.output).write_text(result["markdown"], encoding="utf-8")
+    return result
+
+
+def markdown(result: dict) -> str:
+    machine, index = result["machine"], result["index"]
+    lines = [
+        "# App latency (tests/benchmarks/bench_app_latency.py)",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores (shared; load average at the end "
+        f"{', '.join(f'{x:.1f}' for x in machine['load'])}), no GPU; Python {machine['python']}, "
+        f"gradio {machine['gradio']}, onnxruntime {machine['onnxruntime']}. {result['date']}.",
+        "",
+        f"Collection: all {index['count']:,} CIFAR-10 images (train + test shards, read back from the .tar.gz shards "
+        f"for the thumbnails), {index['dim']}-d embeddings of a clip cnn-small model (150 steps), index "
+        f"`{index['factory']}` {index['search_params'] or ''} chosen by `index.build`.",
+        "",
+        "One query at a time against `python -m app` on 127.0.0.1, k = 8, after 5 warm-up queries per kind, "
+        "timed from the call to the parsed answer. *api*: `gradio_client` `Client.predict(..., api_name=...)` "
+        "returning the result list (thumbnail URLs), `download_files=False`; *download*: the same with "
+        "gradio_client's default of also fetching the 8 thumbnail files, one after another; *rest*: Gradio's "
+        "REST API with httpx (upload, `POST /gradio_api/call/<api>`, read the event stream), which is what "
+        "`curl` or a JavaScript client does. gradio_client polls for the answer every 50 ms (`time.sleep(0.05)` "
+        "in `gradio_client.utils.get_pred_from_sse_v1plus`), so its figures come in steps of about 50 ms. "
+        "*server* is the app's own time from the status line (encode + search + reading the thumbnails).",
+        "",
+        "| query | client mode | queries | p50 (ms) | p95 (ms) | mean (ms) | server p50 (ms) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for mode, kinds in result["figures"].items():
+        for kind, row in kinds.items():
+            name = "text -> image" if kind == "text" else "image -> image (upload)"
+            server = f"{row['server_p50_ms']:.0f}" if row["server_p50_ms"] is not None else "n/a"
+            lines.append(f"| {name} | {mode} | {row['queries']} | {row['p50_ms']:.0f} | {row['p95_ms']:.0f} | "
+                         f"{row['mean_ms']:.0f} | {server} |")
+    api = result["figures"].get("api", {})
+    if api:
+        worst = max(row["p50_ms"] for row in api.values())
+        verdict = "met" if worst <= TARGET_P50_MS else "missed"
+        lines += ["", f"Target p50 <= {TARGET_P50_MS:.0f} ms end to end through gradio_client (*api*: query in, "
+                      f"results with their thumbnail URLs out): {verdict} (worst p50 {worst:.0f} ms).", ""]
+    return "\n".join(lines)
+
+
+if pytest is not None:
+    @pytest.mark.benchmark
+    def test_app_latency(tmp_path) -> None:
+        if not (DEFAULT_DATA / "test-000000.tar.gz").exists():
+            pytest.skip(f"CIFAR-10 shards not found at {DEFAULT_DATA}")
+        argv = ["--queries", os.environ.get("BENCH_APP_QUERIES", "100")]
+        if os.environ.get("BENCH_APP_WORKDIR"):
+            argv += ["--workdir", os.environ["BENCH_APP_WORKDIR"]]
+        if os.environ.get("BENCH_OUTPUT"):
+            argv += ["--output", os.environ["BENCH_OUTPUT"]]
+        result = run(argv)
+        for kinds in result["figures"].values():
+            for row in kinds.values():
+                assert row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"]
+
+
+if __name__ == "__main__":
+    run()
