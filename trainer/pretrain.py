@@ -78,8 +78,9 @@ def write_model(accelerator, objective, config: TrainConfig, step: int) -> None:
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        encoder = accelerator.unwrap_model(objective).encoder
-        save_model(encoder, os.path.join(config.output, "model"), model_card(config, encoder, step))
+        task = accelerator.unwrap_model(objective)
+        card = {**model_card(config, task.encoder, step), **task.model_card_extras()}
+        save_model(task.encoder, os.path.join(config.output, "model"), card)
         log.info("wrote %s", os.path.join(config.output, "model"))
     accelerator.wait_for_everyone()
 
@@ -323,8 +324,11 @@ def list_objectives_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from trainer.evolve import add_evolve_arguments, evolve_from_args
+
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
+    add_evolve_arguments(parser)  # --evolve-weights (multitask): the Evolving Losses search before training
     args = parser.parse_args(argv)
     if args.list_objectives:
         print(list_objectives_text())
@@ -338,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ShardPatternError, KeyError) as error:
         parser.error(str(error).strip("'\""))
     try:
+        if args.evolve_weights:
+            config = evolve_from_args(config, args)  # the search, then the full run with the winning weights
         train(config)
     except NonFiniteLoss as error:
         log.error("%s", error)

@@ -62,13 +62,15 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "pixpro": ("dense", [*ADAMW, "--lr", "2e-3", "--set", "projection_hidden_dim=256", "--set", "mode=pixcontrast",
                          "--set", "batch_negatives=true"]),
     "patchnce": ("dense", [*ADAMW, "--lr", "2e-3"]),
-    "exemplar": ("pretext", ADAMW),
-    "context": ("pretext", ADAMW),
-    "jigsaw": ("pretext", ADAMW),
+    "exemplar": ("pretext", [*ADAMW, "--set", "seed_patch=28", "--set", "num_copies=2"]),
+    "context": ("pretext", [*ADAMW, "--set", "puzzle_size=32", "--set", "tile=9", "--set", "gap=2", "--set", "jitter=1"]),
+    "jigsaw": ("pretext", [*ADAMW, "--set", "num_permutations=24", "--set", "puzzle_size=48", "--set", "tile=14",
+                           "--set", "gap=2", "--set", "jitter=1", "--set", "per_tile_normalisation=false"]),
     "colorization": ("pretext", [*ADAMW, "--lr", "3e-3"]),
     "counting": ("pretext", [*ADAMW, "--lr", "3e-3"]),
     "rotation": ("pretext", ADAMW),
     "jigsaw_clustering": ("pretext", [*ADAMW, "--lr", "3e-3"]),
+    "multitask": ("multi-task (rotation + simclr)", [*ADAMW, "--lr", "3e-3"]),
 }
 
 

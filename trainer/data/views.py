@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torchvision import transforms as T
 
+from .saliency import BackgroundAugment
+
 
 @dataclass
 class AugmentConfig:
@@ -24,12 +26,24 @@ class AugmentConfig:
     blur_prob: float = 0.0
     solarize_prob: float = 0.0  # BYOL: invert pixels >= 0.5 (128 of 255) with this probability, after blur
     channels: int = 3
+    # Background augmentation (Ryali et al. 2021; trainer.data.saliency), on the whole image before the crop:
+    # with this probability the background outside a classical saliency mask is replaced.
+    background_prob: float = 0.0
+    background_mode: str = "remove"  # remove (BG_RM, grey) | random (BG_Random, another image's) | noise
+    background_saliency: str = "boundary_contrast"  # boundary_contrast | frequency_tuned
+
+    def __post_init__(self):
+        BackgroundAugment(self.background_prob, self.background_mode, self.background_saliency)  # ValueError if bad
 
 
 def augmentation(size: int, mean, std, config: AugmentConfig) -> T.Compose:
-    """Random resized crop, flip, colour jitter, grayscale, optional blur and solarize, then normalise."""
+    """Optional background augmentation, random resized crop, flip, colour jitter, grayscale, optional blur and
+    solarize, then normalise."""
     s = config.jitter_strength
-    steps: list = [T.RandomResizedCrop(size, scale=tuple(config.crop_scale), antialias=True)]
+    steps: list = []
+    if config.background_prob > 0:  # on the whole image, so every crop of it has the same foreground mask
+        steps.append(BackgroundAugment(config.background_prob, config.background_mode, config.background_saliency))
+    steps.append(T.RandomResizedCrop(size, scale=tuple(config.crop_scale), antialias=True))
     if config.flip > 0:
         steps.append(T.RandomHorizontalFlip(config.flip))
     if config.jitter_prob > 0 and s > 0:
@@ -67,7 +81,10 @@ class TwoViews:
 
     def __init__(self, size: int, mean, std, config: AugmentConfig | None = None,
                  second_config: AugmentConfig | None = None):
-        self.transform = augmentation(size, mean, std, config or AugmentConfig())
+        # Kept so that trainer.data.batched_augment can rebuild the recipe as batched ops on the device.
+        self.size, self.mean, self.std = size, tuple(mean), tuple(std)
+        self.config, self.second_config = config or AugmentConfig(), second_config
+        self.transform = augmentation(size, mean, std, self.config)
         self.second_transform = augmentation(size, mean, std, second_config) if second_config else self.transform
 
     def __call__(self, image, sample) -> dict:

@@ -94,6 +94,10 @@ class Objective(nn.Module):
     def after_step(self, step: int, total_steps: int) -> None:
         """Called after every optimizer step (momentum encoders, queues, temperature schedules)."""
 
+    def model_card_extras(self) -> dict:
+        """JSON-able facts the saved model must carry beside its weights (e.g. jigsaw's permutation set)."""
+        return {}
+
     def parameter_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on weights only: biases, norm parameters and scalars (logit scale) are exempt."""
         decay, no_decay = [], []

@@ -1,0 +1,101 @@
+"""Counting (Noroozi, Pirsiavash & Favaro 2017, "Representation Learning by Learning to Count").
+
+A counting feature phi = ReLU(head(encoder(x))) should count visual primitives: the counts of an image equal
+the sum of the counts of its 2x2 tiles, and differ from another image's. For each x of the batch:
+
+    l = ||phi(D x) - sum_{i=1..4} phi(T_i x)||^2 + max(0, M - ||phi(D y) - sum_i phi(T_i x)||^2)
+
+with D the 2x downsampling, T_i the four quadrant tiles (each at D's resolution, so the encoder sees one input
+size) and y another image of the batch (the batch rolled by one). The exported model is the encoder (phi's
+head is dropped), evaluated on whole images at ``image_size``.
+
+* Inputs (data workers, per image): a random resized crop + flip rendered at 2 x ``image_size`` (CIFAR's 32 px
+  upsampled to 64), its four 32 px tiles cut with ``Tensor.unfold``-style reshapes, and its 2x downsampling
+  with a resampling filter drawn per image from nearest / bilinear / bicubic / Lanczos (the paper draws the
+  downsampling method at random so that phi cannot tell D x from tiles by its interpolation artefacts).
+* phi: the paper's AlexNet conv layers + fc6/fc7/fc8 with ReLU to 1000 counts; here backbone -> Linear-ReLU ->
+  Linear -> ReLU to ``count_dim`` (1000) counts; M = 10 as in the paper.
+* One encoder pass over the downsampled images and the tiles together (BN statistics shared). y is another
+  image of the same process's batch, so nothing is gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from trainer.losses.counting import counting_loss
+from trainer.models import ModelConfig
+
+from .base import Objective, ObjectiveSpec, register
+from .diagnostics import embedding_std
+
+FILTERS = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling.BICUBIC, Image.Resampling.LANCZOS)
+
+
+@dataclass
+class CountingOptions:
+    count_dim: int = 1000        # phi's output (the paper's fc8)
+    hidden_dim: int = 1024
+    margin: float = 10.0         # M of the contrastive term
+    crop_scale: tuple = (0.5, 1.0)
+    flip: float = 0.5
+    random_filter: bool = True   # draw D's resampling filter per image
+
+
+class CountingViews:
+    """(PIL image, sample) -> ``downsampled`` [3, S, S] (D x) and ``tiles`` [4, 3, S, S] (T_i x, row-major
+    quadrants of the 2S crop), both normalised."""
+
+    def __init__(self, size: int, mean, std, crop_scale=(0.5, 1.0), flip: float = 0.5, random_filter: bool = True):
+        steps = [T.RandomResizedCrop(2 * size, scale=tuple(crop_scale), antialias=True)]
+        if flip > 0:
+            steps.append(T.RandomHorizontalFlip(flip))
+        self.crop = T.Compose(steps)
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.size, self.random_filter = size, random_filter
+
+    def __call__(self, image, sample) -> dict:
+        crop = self.crop(image.convert("RGB"))                                       # PIL, 2S x 2S
+        choice = int(torch.randint(len(FILTERS), ())) if self.random_filter else 2   # bicubic when fixed
+        downsampled = self.to_tensor(crop.resize((self.size, self.size), FILTERS[choice]))
+        full = self.to_tensor(crop)                                                  # [3, 2S, 2S]
+        s = self.size
+        tiles = full.reshape(3, 2, s, 2, s).permute(1, 3, 0, 2, 4).reshape(4, 3, s, s)  # quadrants, row-major
+        return {"downsampled": downsampled, "tiles": tiles}
+
+
+@register
+class Counting(Objective):
+    key = "counting"
+    Options = CountingOptions
+
+    def __init__(self, spec: ObjectiveSpec, options: CountingOptions):
+        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        if options.count_dim < 1 or options.hidden_dim < 1 or options.margin <= 0:
+            raise ValueError(f"counting: count_dim and hidden_dim must be >= 1 and margin > 0, got "
+                             f"{options.count_dim}, {options.hidden_dim}, {options.margin}")
+        self.options = options
+        self.counter = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.hidden_dim), nn.ReLU(inplace=True),
+                                     nn.Linear(options.hidden_dim, options.count_dim), nn.ReLU())
+
+    def views(self) -> CountingViews:
+        config, o = self.encoder.config, self.options
+        return CountingViews(config.image_size, config.mean, config.std, o.crop_scale, o.flip, o.random_filter)
+
+    def counts(self, images: torch.Tensor) -> torch.Tensor:
+        """phi: [N, 3, S, S] -> [N, count_dim] non-negative counts."""
+        return self.counter(self.encoder.encode_image(images))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        down, tiles = batch["downsampled"], batch["tiles"]
+        n, t = tiles.shape[:2]
+        counts = self.counts(torch.cat([down, tiles.flatten(0, 1)]))                 # one pass: [N + N*T, D]
+        down_counts, tile_counts = counts[:n], counts[n:].view(n, t, -1)
+        other = down_counts.roll(1, dims=0)                                           # y: the previous image
+        loss, counting, contrastive = counting_loss(down_counts, tile_counts, other, self.options.margin)
+        return {"loss": loss, "counting_term": counting.detach(), "contrastive_term": contrastive.detach(),
+                "mean_count": down_counts.detach().sum(1).mean(), "embedding_std": embedding_std(down_counts)}

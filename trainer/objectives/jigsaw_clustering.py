@@ -1,0 +1,118 @@
+"""Jigsaw Clustering (Chen, Liu, Cheng, Chen, Cai & Jia 2021, "Jigsaw Clustering for Unsupervised Visual
+Representation Learning", JigClu).
+
+One augmented view per image. In ``forward``, as batched tensor ops: every image of the batch is cut into m x m
+patches, the N m^2 patches are shuffled across the whole batch and stitched back into N montage images of the
+original size; the encoder's spatial map of each montage (``feature_map``) is pooled into m x m parts, one per
+patch position, and the parts are put back in source order. Two heads on each part's feature:
+
+* clustering: an MLP projection + a contrastive loss where the m^2 - 1 other patches of the same source image are
+  the positives and every other patch of the batch a negative (``trainer.losses.jigsaw_clustering``);
+* location: a linear m^2-way classifier of the patch's position in its source image.
+
+loss = clustering + ``location_weight`` x location. The exported model is the usual globally pooled backbone,
+evaluated on whole images.
+
+Choices: the map is pooled to m x m with adaptive average pooling (exact blocks when its side is a multiple
+of m, as the 4x4 maps of cnn-small / resnet18-cifar at 32 px are; the paper's 7x7 ResNet map needs resampling
+anyway); temperature 0.2; the montages are made from each process's own batch, so nothing is gathered.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.data.views import AugmentConfig, augmentation
+from trainer.losses.jigsaw_clustering import clustering_loss
+from trainer.models import ModelConfig, projection_mlp
+from trainer.models.dense import feature_map, probe_shapes
+
+from .base import Objective, ObjectiveSpec, register
+from .diagnostics import embedding_std
+
+
+def split_patches(images: torch.Tensor, m: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N * m * m, C, H / m, W / m]: the patches of each image, row-major, image after image."""
+    n, c, h, w = images.shape
+    if h % m or w % m:
+        raise ValueError(f"jigsaw_clustering: a {h}x{w} image does not split into {m}x{m} equal patches")
+    patches = images.reshape(n, c, m, h // m, m, w // m).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n * m * m, c, h // m, w // m)
+
+
+def join_patches(patches: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of ``split_patches``: [N * m * m, C, h, w] -> [N, C, m h, m w], consecutive groups of m^2 patches
+    placed row-major."""
+    count, c, h, w = patches.shape
+    grid = patches.reshape(count // (m * m), m, m, c, h, w).permute(0, 3, 1, 4, 2, 5)
+    return grid.reshape(count // (m * m), c, m * h, m * w)
+
+
+def make_montages(images: torch.Tensor, m: int, order: torch.Tensor) -> torch.Tensor:
+    """Montages whose k-th patch slot (k over all N m^2 slots, row-major within each montage) holds source patch
+    ``order[k]`` (patch index = image * m^2 + position)."""
+    return join_patches(split_patches(images, m)[order], m)
+
+
+@dataclass
+class JigsawClusteringOptions:
+    grid: int = 2                   # m
+    temperature: float = 0.2
+    location_weight: float = 1.0
+    projection_dim: int = 128
+    projection_hidden_dim: int = 2048
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields of the one view
+
+
+class OneView:
+    def __init__(self, size: int, mean, std, config: AugmentConfig):
+        self.transform = augmentation(size, mean, std, config)
+
+    def __call__(self, image, sample) -> dict:
+        return {"image": self.transform(image)}
+
+
+@register
+class JigsawClustering(Objective):
+    key = "jigsaw_clustering"
+    Options = JigsawClusteringOptions
+
+    def __init__(self, spec: ObjectiveSpec, options: JigsawClusteringOptions):
+        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        m = options.grid
+        if m < 2 or spec.image_size % m:
+            raise ValueError(f"jigsaw_clustering: grid must be >= 2 and divide image_size {spec.image_size}, got {m}")
+        if options.temperature <= 0 or options.location_weight < 0:
+            raise ValueError("jigsaw_clustering: temperature must be > 0 and location_weight >= 0")
+        AugmentConfig(**options.augment)  # unknown augmentation fields fail at build
+        self.options = options
+        width = probe_shapes(self.encoder.backbone, spec.image_size)[0][0]  # backbones without a map fail here
+        self.projector = projection_mlp(width, options.projection_hidden_dim, options.projection_dim, 2)
+        self.locator = nn.Linear(width, m * m)
+
+    def views(self) -> OneView:
+        config = self.encoder.config
+        return OneView(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        images, m = batch["image"], self.options.grid
+        slots = images.shape[0] * m * m
+        order = torch.randperm(slots, device=images.device)                       # slot k <- source patch order[k]
+        montages = make_montages(images, m, order)
+        parts = F.adaptive_avg_pool2d(feature_map(self.encoder.backbone, montages), m)  # [N, C, m, m]
+        parts = parts.flatten(2).transpose(1, 2).reshape(slots, -1)               # slot order
+        features = parts[torch.argsort(order)]                                    # back to source-patch order
+        patch = torch.arange(slots, device=images.device)
+        sources, positions = patch // (m * m), patch % (m * m)
+        z = self.projector(features)
+        clustering = clustering_loss(z, sources, self.options.temperature)
+        location_logits = self.locator(features)
+        location = F.cross_entropy(location_logits, positions)
+        with torch.no_grad():
+            location_accuracy = (location_logits.argmax(1) == positions).float().mean()
+        return {"loss": clustering + self.options.location_weight * location, "clustering_loss": clustering.detach(),
+                "location_loss": location.detach(), "location_accuracy": location_accuracy,
+                "embedding_std": embedding_std(z)}
