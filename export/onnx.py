@@ -7,6 +7,9 @@ Writes into the output directory (the contract ``export/runtime.py`` reads):
 * ``text_encoder.onnx`` for image-text models: input ``tokens`` int64 [N, L] -> ``embedding`` [N, D]
 * with ``fp16``: ``image_encoder.fp16.onnx`` (and ``text_encoder.fp16.onnx``), float16 weights and
   compute, float32 inputs/outputs, meant for GPUs
+* with ``int8``: ``image_encoder.int8.onnx``, statically quantised (QDQ) and calibrated on images read from
+  shards (``export/quantize.py``), and ``int8_report.json`` (calibration set, method, agreement with float32
+  on held-out images); the export fails, leaving the output as it was, when int8 cannot meet ``min_cosine``
 * ``preprocess.json`` (what a client must still do, the tokenizer, the parity figures) and the BPE vocabulary
 
 Every graph is traced at batch 2 with a dynamic batch axis, exported at a fixed opset, passed through
@@ -216,12 +219,17 @@ def client_steps(config, uint8_input: bool) -> list[str]:
     return steps
 
 
-def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = False, fp16: bool = False) -> dict:
+def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = False, fp16: bool = False,
+                    int8: bool = False) -> dict:
     """The ``preprocess.json`` contents for ``model`` (see ``export/runtime.py`` for the reader)."""
+    from export.quantize import INT8_MODEL
+
     config = model.config
     variants = {"fp32": {"image": IMAGE_MODEL, "text": TEXT_MODEL if has_text else None}}
     if fp16:
         variants["fp16"] = {"image": IMAGE_MODEL_FP16, "text": TEXT_MODEL_FP16 if has_text else None}
+    if int8:  # the text tower stays float32: queries are one short text at a time
+        variants["int8"] = {"image": INT8_MODEL, "text": TEXT_MODEL if has_text else None}
     return {
         "image_size": config.image_size,
         "channels": config.channels,
@@ -275,13 +283,19 @@ class _FloatReference(nn.Module):
 def export_model(
     model_dir: str, output_dir: str, opset: int = OPSET, tolerance: float = FP32_TOLERANCE, seed: int = 0,
     uint8_input: bool = False, fp16: bool = False, fp16_min_cosine: float = FP16_MIN_COSINE,
+    int8: bool = False, calibration_data: str | None = None, calibration_size: int = 512,
+    calibration_method: str = "auto", min_cosine: float = 0.99, held_out_size: int = 256,
 ) -> dict:
     """Export ``model_dir`` (a ``RUN/model``) to ``output_dir``; returns the parity report
-    ``{"image": {...}, "text": {...}, "image_fp16": {...}, "text_fp16": {...}}`` (towers present only).
+    ``{"image": {...}, "text": {...}, "image_fp16": {...}, "text_fp16": {...}, "image_int8": {...}}``
+    (towers and variants present only; ``image_int8`` is the int8 report, see ``export.quantize``).
 
-    Raises ``FileNotFoundError`` for a model directory without config or weights and ``ParityError``
-    when a graph disagrees with eager PyTorch; ``output_dir`` is then left as it was.
+    Raises ``FileNotFoundError`` for a model directory without config or weights, ``ParityError``
+    when a graph disagrees with eager PyTorch and ``export.quantize.CalibrationError`` when the int8
+    encoder cannot meet ``min_cosine`` on held-out images; ``output_dir`` is then left as it was.
     """
+    if int8 and not calibration_data:
+        raise ValueError("--int8 needs --calibration-data: shards whose images calibrate the activation ranges")
     from trainer.models import bpe_vocab_path, load_model
 
     model, saved = load_model(model_dir)
@@ -321,8 +335,17 @@ def export_model(
                 convert_fp16(text_path, fp16_path)
                 report["text_fp16"] = check_parity(text, fp16_path, tokens, min_cosine=fp16_min_cosine).to_dict()
             shutil.copyfile(bpe_vocab_path(), os.path.join(staging, VOCAB_NAME))
-        info = preprocess_info(saved, model, model.text is not None, uint8_input=uint8_input, fp16=fp16)
+        info = preprocess_info(saved, model, model.text is not None, uint8_input=uint8_input, fp16=fp16, int8=int8)
         info["opset"] = opset
+        if int8:
+            from export.quantize import INT8_REPORT, quantize_encoder
+
+            int8_report = quantize_encoder(staging, info, calibration_data, calibration_size=calibration_size,
+                                           min_cosine=min_cosine, method=calibration_method,
+                                           held_out_size=held_out_size)
+            with open(os.path.join(staging, INT8_REPORT), "w", encoding="utf-8") as handle:
+                json.dump(int8_report, handle, indent=2)
+            report["image_int8"] = {key: int8_report[key] for key in ("method", "held_out", "calibration")}
         info["parity"] = report
         with open(os.path.join(staging, "preprocess.json"), "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=2)

@@ -6,6 +6,8 @@ Reads a directory written by ``python -m export``::
                              "images" uint8 [N, H, W, C] (the graph normalises) -> "embedding" float32 [N, D]
     text_encoder.onnx        (image-text models only) input "tokens" int64 [N, L] -> "embedding" [N, D]
     *.fp16.onnx              (``--fp16``) float16 variants with float32 inputs/outputs, for GPUs
+    image_encoder.int8.onnx  (``--int8``) statically quantised (QDQ) image encoder for CPUs; same inputs
+                             and outputs; ``int8_report.json`` holds its calibration and agreement
     preprocess.json          image_size, channels, mean, std, resize, crop, input_format, client_steps,
                              embed_dim, input/output names, variants, tokenizer (null or
                              {"type": "clip_bpe", "vocab_file", "context_length", ...}), model, parity
@@ -39,7 +41,8 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 FLOAT_NCHW, UINT8_NHWC = "float32_nchw", "uint8_nhwc"
 INPUT_FORMATS = (FLOAT_NCHW, UINT8_NHWC)
-PRECISIONS = ("auto", "fp32", "fp16")
+PRECISIONS = ("auto", "fp32", "fp16", "int8")
+_EXPORT_FLAGS = {"fp16": "--fp16", "int8": "--int8 --calibration-data SHARDS"}
 _ONNX_TYPES = {FLOAT_NCHW: "tensor(float)", UINT8_NHWC: "tensor(uint8)"}
 
 
@@ -111,7 +114,12 @@ def default_providers(device_id: int = 0, fp16: bool = False) -> list:
 
 def session_options(threads: int | None = None, fp16: bool = False):
     """ONNX Runtime options for throughput: all graph optimisations, sequential execution, ``threads``
-    intra-op threads (None: onnxruntime's default, one per physical core).
+    intra-op threads (None: onnxruntime's default, one per physical core), one inter-op thread, the
+    memory arena and memory-pattern planning, denormals flushed to zero.
+
+    Measured on the 2-core AMD EPYC (tests/benchmarks/RESULTS_onnx.md): the "all" level (NCHWc layout
+    transforms for convolutions) is 1.3x the "extended" level for resnet18-cifar; spinning, the arena
+    and denormal flushing made no measurable difference there (kept: denormals do occur in trained nets).
 
     float16 graphs stop at the "extended" level: the remaining level only adds CPU layout transforms
     (NCHWc), which do nothing for GPU providers, and onnxruntime 1.31's CPU provider crashes (SIGSEGV)
@@ -129,6 +137,8 @@ def session_options(threads: int | None = None, fp16: bool = False):
         options.intra_op_num_threads = int(threads)
     options.enable_mem_pattern = True
     options.enable_cpu_mem_arena = True
+    # Denormal floats take a slow microcode path on x86; flushing them changes nothing above 1e-38.
+    options.add_session_config_entry("session.set_denormal_as_zero", "1")
     options.log_severity_level = 3  # errors only: fallbacks are reported once, by us
     return options
 
@@ -175,7 +185,9 @@ class Encoder:
     """Embeds images (and, for image-text models, texts) with the exported ONNX encoders.
 
     ``providers``: onnxruntime providers, best first (default ``default_providers()``). ``precision``:
-    ``"auto"`` (the fp16 variant on a GPU when it was exported, else fp32), ``"fp32"`` or ``"fp16"``.
+    ``"auto"`` (the fp16 variant on a GPU when it was exported, else fp32), ``"fp32"``, ``"fp16"`` or
+    ``"int8"`` (the quantised image encoder, for CPUs; never chosen by ``"auto"``, since it trades a little
+    agreement with float32 for speed: ``info["parity"]["image_int8"]`` says how much).
     ``io_binding``: run batches through IO binding (default: on when a GPU provider is in use).
     ``threads``: intra-op CPU threads (default: onnxruntime's choice). ``device_id``: the GPU to use.
     """
@@ -237,8 +249,8 @@ class Encoder:
 
     def _choose_precision(self, precision: str, providers: Sequence[Any]) -> str:
         variants = self._info.get("variants") or {}
-        if precision == "fp16" and "fp16" not in variants:
-            raise EncoderError(f"{self.directory} has no fp16 variant; export it with --fp16")
+        if precision in _EXPORT_FLAGS and precision not in variants:
+            raise EncoderError(f"{self.directory} has no {precision} variant; export it with {_EXPORT_FLAGS[precision]}")
         if precision != "auto":
             return precision
         on_gpu = any(provider_name(p) in (CUDA, TENSORRT) for p in providers)
@@ -358,7 +370,7 @@ class Encoder:
 
     @property
     def precision(self) -> str:
-        """The variant in use: ``"fp32"`` or ``"fp16"``."""
+        """The variant in use: ``"fp32"``, ``"fp16"`` or ``"int8"``."""
         return self._precision
 
     @property

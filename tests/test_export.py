@@ -161,7 +161,7 @@ def test_provider_choice_falls_back_to_cpu_and_logs_it(tmp_path: Path, caplog) -
     assert encoder.precision == "fp16"
     assert Encoder(tmp_path / "onnx", providers=[CPU]).precision == "fp32"
     with pytest.raises(ValueError, match="precision"):
-        Encoder(tmp_path / "onnx", providers=[CPU], precision="int8")
+        Encoder(tmp_path / "onnx", providers=[CPU], precision="int4")
 
 
 def test_fp16_requested_without_variant(tmp_path: Path) -> None:
