@@ -78,7 +78,9 @@ def new_index(dim: int, factory: str) -> Any:
     import faiss
 
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    if _ivf(index) is None and not hasattr(faiss.downcast_index(index), "id_map"):
+    # A re-ranking wrapper (",RFlat") holds an IVF inside but cannot take explicit ids itself.
+    refine = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
+    if refine or (_ivf(index) is None and not hasattr(faiss.downcast_index(index), "id_map")):
         index = faiss.IndexIDMap2(index)
     return index
 

@@ -121,6 +121,22 @@ def set_search_params(index: Any, params: dict) -> None:
     space = faiss.GpuParameterSpace() if gpu_count() > 0 else faiss.ParameterSpace()
     for name, value in params.items():
         space.set_index_parameter(index, name, float(value))
+        if name == "nprobe":
+            _widen_hnsw_quantizer(index, int(value))
+
+
+def _widen_hnsw_quantizer(index: Any, nprobe: int) -> None:
+    """An HNSW coarse quantizer (``IVF<n>_HNSW32``) returns at most efSearch lists: keep it >= nprobe, or recall
+    plateaus however far nprobe is raised."""
+    import faiss
+
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:  # no IVF inside (or a GPU index): nothing to widen
+        return
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    if isinstance(quantizer, faiss.IndexHNSW) and quantizer.hnsw.efSearch < nprobe:
+        quantizer.hnsw.efSearch = nprobe
 
 
 def exceeds_gpu_limits(k: int, params: dict) -> str | None:

@@ -93,3 +93,36 @@ def test_errors() -> None:
         choose_index(0, 128, GiB)
     with pytest.raises(ValueError, match="dim"):
         choose_index(10, 0, GiB)
+
+
+def test_refined_ivf_pq_keeps_sample_ids():
+    """``IVF..,PQ..,RFlat`` (IVF-PQ with exact re-ranking) cannot take ids itself: it is wrapped, so search
+    returns sample ids."""
+    import numpy as np
+
+    from index.build import new_index
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(2000, dtype=np.int64) * 7 + 1000
+    index = new_index(16, "IVF16,PQ4,RFlat")
+    index.train(vectors)
+    index.add_with_ids(vectors, ids)
+    _, found = index.search(vectors[:5], 1)
+    assert found[:, 0].tolist() == ids[:5].tolist()
+
+
+def test_nprobe_widens_an_hnsw_coarse_quantizer():
+    import faiss
+    import numpy as np
+
+    from index.devices import set_search_params
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((3000, 8)).astype(np.float32)
+    index = faiss.index_factory(8, "IVF64_HNSW8,Flat")
+    index.train(vectors)
+    set_search_params(index, {"nprobe": 48})
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    assert faiss.extract_index_ivf(index).nprobe == 48 and quantizer.hnsw.efSearch >= 48
