@@ -3,12 +3,20 @@ import json
 from pathlib import Path
 
 
+LEARNING_THREADS = 2
+
+
 def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: int = 64) -> float:
     """Train ``steps`` steps of cnn-small with ``args`` (must include --objective), return kNN top-1
     (bank: the 2,000 train images; queries: the first 1,000 test images). ``steps=0`` is the floor."""
+    import torch
+
     from trainer.evaluate import evaluate
     from trainer.pretrain import main as pretrain
 
+    # Results depend on the thread count (reduction order), and libraries sharing torch's OpenMP runtime (faiss)
+    # may have changed it: pin it so a check measures the same number wherever it runs in the suite.
+    torch.set_num_threads(LEARNING_THREADS)
     assert pretrain(["--train-data", f"{shards}/train-*.tar.gz", "--output", str(run), "--backbone", "cnn-small",
                      "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "25",
                      "--checkpoint-every", "0", *args]) == 0

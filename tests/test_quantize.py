@@ -206,7 +206,15 @@ def test_index_benchmark_set_is_hard_for_an_inverted_file() -> None:
     tight clusters is easy, so the figure measures the set, not the index."""
     import faiss
 
-    faiss.omp_set_num_threads(1)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # shared with torch's OpenMP: restored below for the tests that follow
+    try:
+        _check_hardness(faiss)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def _check_hardness(faiss) -> None:
     bench = _bench_index()
     hard = _ivf_recall_at_nprobe_1(bench.hard_mixture(20_000), bench.hard_mixture(300, draw_seed=2), 128)
     easy_args = {"centres": 100, "spread": 0.02, "noise": 0.0}

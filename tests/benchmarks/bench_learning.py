@@ -54,7 +54,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "simsiam": ("non-contrastive", ADAMW),
     "barlow_twins": ("non-contrastive", [*ADAMW, "--lr", "3e-3", "--set", "projection_dim=512",
                                          "--set", "projection_hidden_dim=512"]),
-    "swav": ("clustering", [*ADAMW, "--lr", "1.6e-2", "--set", "num_prototypes=64", "--set", "projection_hidden_dim=256",
+    "swav": ("clustering", [*ADAMW, "--lr", "8e-3", "--set", "num_prototypes=64", "--set", "projection_hidden_dim=256",
                             "--set", "num_local_crops=0", "--set", "freeze_prototypes_steps=0", "--set", "queue_length=0",
                             "--set", "global_crop_scale=[0.3, 1.0]"]),
     "dino": ("clustering / distillation", [*ADAMW, "--set", "out_dim=256", "--set", "num_local_crops=2",
