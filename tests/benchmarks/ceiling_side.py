@@ -12,22 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
-
-
-def peak_memory_mb() -> float:
-    """Peak GPU memory allocated when on a GPU, else this process's peak resident set size."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def first_batch(views, urls: list[str], batch_size: int) -> dict:
@@ -57,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.shards import expand_patterns
     from trainer.objectives import ObjectiveSpec, get_objective
     from trainer.optim import build_optimizer, lr_at, scaled_lr
+    from trainer.pretrain import peak_memory_mb
 
     parser = argparse.ArgumentParser(prog="ceiling_side", description=__doc__.splitlines()[0])
     parser.add_argument("--objective", required=True)
@@ -99,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             images += args.batch_size
             metrics.write(json.dumps({"step": step + 1, "loss": float(loss.detach()), "images_seen": images, "time": time.time(),
-                                      "peak_memory_mb": peak_memory_mb()}) + "\n")
+                                      "peak_memory_mb": peak_memory_mb(device)}) + "\n")
             metrics.flush()
             if time.perf_counter() - started >= args.time_budget:
                 break

@@ -59,6 +59,7 @@ from trainer.config import TrainConfig, load_recipe, recipe_path
 from trainer.data.shards import count_samples, expand_patterns
 from trainer.models import EmbeddingModel, ModelConfig, build_backbone, save_model
 from trainer.optim import build_optimizer, lr_at, scaled_lr
+from trainer.pretrain import peak_memory_mb
 
 METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
 
@@ -256,15 +257,6 @@ def loader_for(urls: list[str], transform, batch_size: int, num_workers: int, sh
     )
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=True,
                                        persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated when on a GPU, else this process's peak resident set size (as manyview logs)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def train(args: argparse.Namespace) -> dict:
