@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from .views import AugmentConfig, augmentation
+from .views import AugmentConfig, OneView
 
 NEIGHBOUR_POSITIONS = (0, 1, 2, 3, 5, 6, 7, 8)  # context label k -> grid cell (row-major 3x3); 4 is the centre
 CENTRE_POSITION = 4
@@ -241,15 +241,9 @@ def exemplar_transforms(image: torch.Tensor, corner: torch.Tensor, patch: int, o
 
 
 # ---------------------------------------------------------------- view recipes (data workers)
-class RotationView:
-    """``(image, sample) -> {"image": [C, S, S]}``: one lightly augmented view; ``rotate_batch`` turns the batch
-    into its four rotations in ``forward`` (all rotations of an image in the same batch, as Gidaris et al.)."""
-
-    def __init__(self, size: int, mean, std, config: AugmentConfig):
-        self.transform = augmentation(size, mean, std, config)
-
-    def __call__(self, image, sample) -> dict:
-        return {"image": self.transform(image)}
+# RotationView: one lightly augmented view {"image": [C, S, S]}; ``rotate_batch`` turns the batch into its four
+# rotations in ``forward`` (all rotations of an image in the same batch, as Gidaris et al.).
+RotationView = OneView
 
 
 def _mean_std(mean, std) -> tuple[torch.Tensor, torch.Tensor]:

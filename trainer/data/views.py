@@ -72,6 +72,16 @@ def view_configs(augment: dict, second_view_augment: dict | None = None) -> tupl
     return first, second
 
 
+class OneView:
+    """One augmented copy ``image`` of each image (objectives that split, tile or rotate it themselves)."""
+
+    def __init__(self, size: int, mean, std, config: AugmentConfig):
+        self.transform = augmentation(size, mean, std, config)
+
+    def __call__(self, image, sample) -> dict:
+        return {"image": self.transform(image)}
+
+
 class TwoViews:
     """Two independently augmented views ``view0``/``view1`` of the same image (SimCLR, MoCo, BYOL, ...).
 

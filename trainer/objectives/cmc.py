@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.views import AugmentConfig, augmentation
+from trainer.data.views import AugmentConfig, OneView
 from trainer.distributed import gather_with_grad
 from trainer.losses.nce_family import contrastive_loss, loss_options_for
 from trainer.models import ModelConfig, projection_mlp
@@ -65,15 +65,6 @@ def view_pairs(num_views: int, pairing: str) -> list[tuple[int, int]]:
         return [(i, j) for i in range(num_views) for j in range(i + 1, num_views)]
     raise ValueError(f"unknown pairing {pairing!r}; known: {', '.join(PAIRINGS)}")
 
-
-class OneView:
-    """One augmented copy ``image`` of each image; the model splits it into views (picklable, for workers)."""
-
-    def __init__(self, size: int, mean, std, config: AugmentConfig):
-        self.transform = augmentation(size, mean, std, config)
-
-    def __call__(self, image, sample) -> dict:
-        return {"image": self.transform(image)}
 
 
 @register

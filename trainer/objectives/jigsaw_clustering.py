@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.views import AugmentConfig, augmentation
+from trainer.data.views import AugmentConfig, OneView
 from trainer.losses.jigsaw_clustering import clustering_loss
 from trainer.models import ModelConfig, projection_mlp
 from trainer.models.dense import feature_map, probe_shapes
@@ -66,13 +66,6 @@ class JigsawClusteringOptions:
     projection_hidden_dim: int = 2048
     augment: dict = field(default_factory=dict)  # AugmentConfig fields of the one view
 
-
-class OneView:
-    def __init__(self, size: int, mean, std, config: AugmentConfig):
-        self.transform = augmentation(size, mean, std, config)
-
-    def __call__(self, image, sample) -> dict:
-        return {"image": self.transform(image)}
 
 
 @register
