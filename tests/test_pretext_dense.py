@@ -137,6 +137,29 @@ def test_counting_loss_hand_worked():
     assert counting_loss(down, tiles, other, 3.0)[2].item() == pytest.approx(1.5)  # hinges 0 and 3
     with pytest.raises(ValueError):
         counting_loss(down, tiles[:, :, :1], other)
+    # K = 2 others per x: sample 0's others (3,0) and (1,1) -> distances 4 and 1 -> hinges 6 and 9, mean 7.5;
+    # sample 1's others (1,1) twice -> hinge 10. Contrastive mean (7.5 + 10) / 2.
+    others = torch.stack([torch.tensor([[3.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [1.0, 1.0]])])
+    loss, counting, contrastive = counting_loss(down, tiles, others, 10.0)
+    assert contrastive.item() == pytest.approx(8.75) and loss.item() == pytest.approx(1.0 + 8.75)
+    with pytest.raises(ValueError):
+        counting_loss(down, tiles, others[:, :, :1])
+
+
+def test_counting_batch_negatives_average_the_hinge_over_every_other_image():
+    objective = _build("counting", negatives="batch").eval()
+    batch = _batch(objective, _images(3))
+    outputs = objective(batch)
+    with torch.no_grad():
+        down = objective.counts(batch["downsampled"])
+        tiles = torch.stack([objective.counts(batch["tiles"][:, i]) for i in range(4)], dim=1)
+    others = torch.stack([down[[1, 2]], down[[2, 0]], down[[0, 1]]])  # every image but x itself
+    assert torch.allclose(outputs["loss"], counting_loss(down, tiles, others, 10.0)[0], rtol=1e-4)
+
+
+def test_counting_crop_size_sets_the_tile_resolution():
+    sample = _build("counting", crop_size=32).views()(_images(1)[0], None)  # CIFAR's native 32 px, 16 px tiles
+    assert sample["tiles"].shape == (4, 3, 16, 16) and sample["downsampled"].shape == (3, 16, 16)
 
 
 def test_clustering_loss_hand_worked():
@@ -270,6 +293,7 @@ def test_jigsaw_clustering_forward_pairs_parts_with_their_sources():
 @pytest.mark.parametrize("key,bad", [
     ("colorization", {"target_size": 0}), ("colorization", {"rebalance_mix": 1.5}), ("colorization", {"grid": 0}),
     ("colorization", {"neighbours": 0}), ("counting", {"margin": 0.0}), ("counting", {"count_dim": 0}),
+    ("counting", {"negatives": "all"}), ("counting", {"crop_size": 33}),
     ("jigsaw_clustering", {"grid": 3}), ("jigsaw_clustering", {"temperature": 0.0}),
     ("jigsaw_clustering", {"augment": {"background_mode": "blur"}}),
 ])

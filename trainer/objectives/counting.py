@@ -6,13 +6,16 @@ the sum of the counts of its 2x2 tiles, and differ from another image's. For eac
     l = ||phi(D x) - sum_{i=1..4} phi(T_i x)||^2 + max(0, M - ||phi(D y) - sum_i phi(T_i x)||^2)
 
 with D the 2x downsampling, T_i the four quadrant tiles (each at D's resolution, so the encoder sees one input
-size) and y another image of the batch (the batch rolled by one). The exported model is the encoder (phi's
-head is dropped), evaluated on whole images at ``image_size``.
+size) and y another image of the batch (the batch rolled by one; ``negatives: batch`` averages the hinge over
+every other image of the batch, a lower-variance estimate of the same expectation over y). The exported model
+is the encoder (phi's head is dropped), evaluated on whole images at ``image_size``.
 
-* Inputs (data workers, per image): a random resized crop + flip rendered at 2 x ``image_size`` (CIFAR's 32 px
-  upsampled to 64), its four 32 px tiles cut with ``Tensor.unfold``-style reshapes, and its 2x downsampling
-  with a resampling filter drawn per image from nearest / bilinear / bicubic / Lanczos (the paper draws the
-  downsampling method at random so that phi cannot tell D x from tiles by its interpolation artefacts).
+* Inputs (data workers, per image): a random resized crop + flip rendered at ``crop_size`` px (default
+  2 x ``image_size``: CIFAR's 32 px upsampled to 64; ``crop_size: 32`` keeps CIFAR's native resolution, as
+  the paper's tiles keep the photo's, and encodes 16 px inputs), its four tiles cut with ``Tensor.unfold``-style
+  reshapes, and its 2x downsampling with a resampling filter drawn per image from nearest / bilinear / bicubic
+  / Lanczos (the paper draws the downsampling method at random so that phi cannot tell D x from tiles by its
+  interpolation artefacts).
 * phi: the paper's AlexNet conv layers + fc6/fc7/fc8 with ReLU to 1000 counts; here backbone -> Linear-ReLU ->
   Linear -> ReLU to ``count_dim`` (1000) counts; M = 10 as in the paper.
 * One encoder pass over the downsampled images and the tiles together (BN statistics shared). y is another
@@ -44,14 +47,21 @@ class CountingOptions:
     crop_scale: tuple = (0.5, 1.0)
     flip: float = 0.5
     random_filter: bool = True   # draw D's resampling filter per image
+    negatives: str = "one"       # y per x: "one" (the paper: the previous image) or "batch" (every other image)
+    crop_size: int = 0           # px the crop is rendered at before tiling; 0: 2 x image_size (tiles at image_size)
 
 
 class CountingViews:
     """(PIL image, sample) -> ``downsampled`` [3, S, S] (D x) and ``tiles`` [4, 3, S, S] (T_i x, row-major
-    quadrants of the 2S crop), both normalised."""
+    quadrants of the 2S crop), both normalised; S = ``crop_size // 2`` (``size`` when ``crop_size`` is 0)."""
 
-    def __init__(self, size: int, mean, std, crop_scale=(0.5, 1.0), flip: float = 0.5, random_filter: bool = True):
-        steps = [T.RandomResizedCrop(2 * size, scale=tuple(crop_scale), antialias=True)]
+    def __init__(self, size: int, mean, std, crop_scale=(0.5, 1.0), flip: float = 0.5, random_filter: bool = True,
+                 crop_size: int = 0):
+        crop_size = crop_size or 2 * size
+        if crop_size < 2 or crop_size % 2:
+            raise ValueError(f"counting: crop_size must be an even number of pixels >= 2, got {crop_size}")
+        size = crop_size // 2
+        steps = [T.RandomResizedCrop(crop_size, scale=tuple(crop_scale), antialias=True)]
         if flip > 0:
             steps.append(T.RandomHorizontalFlip(flip))
         self.crop = T.Compose(steps)
@@ -78,13 +88,19 @@ class Counting(Objective):
         if options.count_dim < 1 or options.hidden_dim < 1 or options.margin <= 0:
             raise ValueError(f"counting: count_dim and hidden_dim must be >= 1 and margin > 0, got "
                              f"{options.count_dim}, {options.hidden_dim}, {options.margin}")
+        if options.negatives not in ("one", "batch"):
+            raise ValueError(f"counting: negatives must be 'one' or 'batch', got {options.negatives!r}")
+        if options.crop_size < 0 or options.crop_size % 2:
+            raise ValueError(f"counting: crop_size must be 0 (2 x image_size) or an even number of pixels, "
+                             f"got {options.crop_size}")
         self.options = options
         self.counter = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.hidden_dim), nn.ReLU(inplace=True),
                                      nn.Linear(options.hidden_dim, options.count_dim), nn.ReLU())
 
     def views(self) -> CountingViews:
         config, o = self.encoder.config, self.options
-        return CountingViews(config.image_size, config.mean, config.std, o.crop_scale, o.flip, o.random_filter)
+        return CountingViews(config.image_size, config.mean, config.std, o.crop_scale, o.flip, o.random_filter,
+                             o.crop_size)
 
     def counts(self, images: torch.Tensor) -> torch.Tensor:
         """phi: [N, 3, S, S] -> [N, count_dim] non-negative counts."""
@@ -95,7 +111,11 @@ class Counting(Objective):
         n, t = tiles.shape[:2]
         counts = self.counts(torch.cat([down, tiles.flatten(0, 1)]))                 # one pass: [N + N*T, D]
         down_counts, tile_counts = counts[:n], counts[n:].view(n, t, -1)
-        other = down_counts.roll(1, dims=0)                                           # y: the previous image
+        if self.options.negatives == "batch" and n > 1:                              # y: every other image
+            others = (torch.arange(n, device=down.device)[:, None] + torch.arange(1, n, device=down.device)) % n
+            other = down_counts[others]                                               # [N, N-1, D]
+        else:
+            other = down_counts.roll(1, dims=0)                                       # y: the previous image
         loss, counting, contrastive = counting_loss(down_counts, tile_counts, other, self.options.margin)
         return {"loss": loss, "counting_term": counting.detach(), "contrastive_term": contrastive.detach(),
                 "mean_count": down_counts.detach().sum(1).mean(), "embedding_std": embedding_std(down_counts)}
