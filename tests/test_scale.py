@@ -52,3 +52,34 @@ def test_pretrain_with_batched_augmentation_on_the_device(cifar_2k_shards, tmp_p
     assert len(losses[0]) == 3 and losses[0] == losses[1]
     pixpro = ["--objective", "pixpro", *common[2:], "--output", str(tmp_path / "pixpro")]
     assert main(pixpro) == 2  # crop geometry travels with pixpro's views: not a plain two-view recipe
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cifar_2k_shards, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """The loss turns NaN in the fifth step (step index 4): the run exits with status 3 and a message naming the
+    step, checkpoints up to step 4 are intact and nothing later is written; --resume then finishes the run."""
+    import torch
+
+    import trainer.pretrain as pretrain
+
+    real_step, calls = pretrain._train_step, []
+
+    def nan_in_fifth_step(accelerator, objective, task, batch, config):
+        calls.append(1)
+        outputs = real_step(accelerator, objective, task, batch, config)
+        return {**outputs, "loss": torch.tensor(float("nan"))} if len(calls) == 5 else outputs
+
+    run = tmp_path / "nan"
+    args = ["--objective", "simclr", "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--output", str(run),
+            "--backbone", "cnn-small", "--batch-size", "8", "--image-size", "16", "--max-steps", "6",
+            "--checkpoint-every", "2", "--log-every", "1", "--num-workers", "1", "--set", "projection_hidden_dim=32"]
+    monkeypatch.setattr(pretrain, "_train_step", nan_in_fifth_step)
+    with caplog.at_level(logging.ERROR):
+        assert main(args) == 3
+    assert "loss is nan at step 4" in caplog.text and "last good checkpoint" in caplog.text
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert not (run / "model").exists()
+    monkeypatch.setattr(pretrain, "_train_step", real_step)
+    assert main([*args, "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
