@@ -83,3 +83,30 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert main([*args, "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_bf16_autocast_runs_the_objective_in_bfloat16_on_the_cpu(cifar_2k_shards, tmp_path, monkeypatch):
+    """--mixed-precision bf16 goes through Accelerate's autocast: the objective's forward runs with bfloat16
+    autocast enabled, and the losses stay finite."""
+    import math
+
+    import torch
+
+    from trainer.objectives import get_objective
+
+    simclr, seen = get_objective("simclr"), []
+    real_forward = simclr.forward
+
+    def recording_forward(self, batch):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return real_forward(self, batch)
+
+    monkeypatch.setattr(simclr, "forward", recording_forward)
+    run = tmp_path / "bf16"
+    assert main(["--objective", "simclr", "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--output", str(run),
+                 "--backbone", "cnn-small", "--batch-size", "8", "--image-size", "16", "--max-steps", "2",
+                 "--checkpoint-every", "0", "--log-every", "1", "--num-workers", "1", "--mixed-precision", "bf16",
+                 "--set", "projection_hidden_dim=32"]) == 0
+    assert seen and all(entry == (True, torch.bfloat16) for entry in seen)
+    losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
