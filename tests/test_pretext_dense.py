@@ -157,9 +157,17 @@ def test_counting_batch_negatives_average_the_hinge_over_every_other_image():
     assert torch.allclose(outputs["loss"], counting_loss(down, tiles, others, 10.0)[0], rtol=1e-4)
 
 
-def test_counting_crop_size_sets_the_tile_resolution():
+def test_counting_crop_size_sets_the_tile_resolution_and_jitter_each_colours_inputs_on_their_own():
     sample = _build("counting", crop_size=32).views()(_images(1)[0], None)  # CIFAR's native 32 px, 16 px tiles
     assert sample["tiles"].shape == (4, 3, 16, 16) and sample["downsampled"].shape == (3, 16, 16)
+    grey = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    torch.manual_seed(0)
+    plain = _build("counting", crop_size=32).views()(grey, None)
+    assert torch.allclose(plain["tiles"], plain["tiles"][:1].expand(4, -1, -1, -1))
+    torch.manual_seed(0)
+    jittered = _build("counting", crop_size=32, jitter_each=1.0).views()(grey, None)
+    means = torch.cat([jittered["downsampled"][None], jittered["tiles"]]).mean(dim=(1, 2, 3))
+    assert means.max() - means.min() > 0.05  # five inputs, five draws
 
 
 def test_clustering_loss_hand_worked():
@@ -264,6 +272,42 @@ def test_montages_reassemble_and_invert():
         split_patches(torch.zeros(1, 3, 5, 5), 2)
 
 
+def test_jigsaw_clustering_patch_views_augment_overlapping_quadrants_on_their_own():
+    plain = {"crop_scale": (1.0, 1.0), "flip": 0.0, "jitter_prob": 0.0, "grayscale_prob": 0.0}
+    objective = _build("jigsaw_clustering", augment=plain)
+    views = objective.views()
+    # 0.3 x 32 = 9.6 px of overlap: spans [0, 26) and [6, 32) on each axis, row-major
+    assert views.boxes(32, 32) == [(0, 0, 26, 26), (6, 0, 32, 26), (0, 6, 26, 32), (6, 6, 32, 32)]
+    quadrants = np.zeros((32, 32, 3), dtype=np.uint8)
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]
+    for k, colour in enumerate(colours):
+        quadrants[16 * (k // 2):16 * (k // 2 + 1), 16 * (k % 2):16 * (k % 2 + 1)] = colour
+    patches = views(Image.fromarray(quadrants), None)["patches"]
+    assert patches.shape == (4, 3, 16, 16)
+    mean, std = torch.tensor(objective.encoder.config.mean), torch.tensor(objective.encoder.config.std)
+    for k, colour in enumerate(colours):  # the corner of each patch away from the overlap is its own quadrant
+        corner = patches[k, :, 15 * (k // 2), 15 * (k % 2)] * std + mean
+        assert torch.allclose(corner, torch.tensor(colour) / 255.0, atol=0.02)
+    jittered = _build("jigsaw_clustering", augment={"jitter_prob": 1.0, "jitter_strength": 1.0}).views()
+    grey = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    torch.manual_seed(0)
+    same_image = jittered(grey, None)["patches"]
+    assert same_image.shape == (4, 3, 16, 16)
+    means = same_image.mean(dim=(1, 2, 3))
+    assert means.max() - means.min() > 0.05  # every patch draws its own jitter
+    assert _build("jigsaw_clustering", patch_views=False).views()(grey, None)["image"].shape == (3, 32, 32)
+
+
+def test_jigsaw_clustering_forward_on_patch_views_equals_forward_on_the_whole_image():
+    objective = _build("jigsaw_clustering").eval()
+    images = torch.randn(3, 3, 32, 32)
+    torch.manual_seed(5)
+    whole = objective({"image": images})["loss"]
+    torch.manual_seed(5)
+    cut = objective({"patches": split_patches(images, 2).view(3, 4, 3, 16, 16)})["loss"]
+    assert torch.allclose(whole, cut)
+
+
 def test_jigsaw_clustering_forward_pairs_parts_with_their_sources():
     objective = _build("jigsaw_clustering").eval()
     batch = {"image": torch.randn(3, 3, 32, 32)}
@@ -293,8 +337,9 @@ def test_jigsaw_clustering_forward_pairs_parts_with_their_sources():
 @pytest.mark.parametrize("key,bad", [
     ("colorization", {"target_size": 0}), ("colorization", {"rebalance_mix": 1.5}), ("colorization", {"grid": 0}),
     ("colorization", {"neighbours": 0}), ("counting", {"margin": 0.0}), ("counting", {"count_dim": 0}),
-    ("counting", {"negatives": "all"}), ("counting", {"crop_size": 33}),
+    ("counting", {"negatives": "all"}), ("counting", {"crop_size": 33}), ("counting", {"jitter_each": 1.5}),
     ("jigsaw_clustering", {"grid": 3}), ("jigsaw_clustering", {"temperature": 0.0}),
+    ("jigsaw_clustering", {"cross_ratio": 0.5}),
     ("jigsaw_clustering", {"augment": {"background_mode": "blur"}}),
 ])
 def test_bad_options_raise(key, bad):

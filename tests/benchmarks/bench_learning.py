@@ -67,7 +67,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "jigsaw": ("pretext", [*ADAMW, "--set", "num_permutations=24", "--set", "puzzle_size=48", "--set", "tile=14",
                            "--set", "gap=2", "--set", "jitter=1", "--set", "per_tile_normalisation=false"]),
     "colorization": ("pretext", [*ADAMW, "--lr", "3e-3"]),
-    "counting": ("pretext", [*ADAMW, "--lr", "3e-3"]),
+    "counting": ("pretext", [*ADAMW, "--lr", "2e-3", "--set", "crop_size=32"]),
     "rotation": ("pretext", ADAMW),
     "jigsaw_clustering": ("pretext", [*ADAMW, "--lr", "3e-3"]),
     "multitask": ("multi-task (rotation + simclr)", [*ADAMW, "--lr", "3e-3"]),

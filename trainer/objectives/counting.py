@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from trainer.losses.counting import counting_loss
 from trainer.models import ModelConfig
@@ -48,6 +49,7 @@ class CountingOptions:
     flip: float = 0.5
     random_filter: bool = True   # draw D's resampling filter per image
     negatives: str = "one"       # y per x: "one" (the paper: the previous image) or "batch" (every other image)
+    jitter_each: float = 0.0     # probability of an independent colour jitter per input (grayscale: a fifth of it)
     crop_size: int = 0           # px the crop is rendered at before tiling; 0: 2 x image_size (tiles at image_size)
 
 
@@ -56,7 +58,7 @@ class CountingViews:
     quadrants of the 2S crop), both normalised; S = ``crop_size // 2`` (``size`` when ``crop_size`` is 0)."""
 
     def __init__(self, size: int, mean, std, crop_scale=(0.5, 1.0), flip: float = 0.5, random_filter: bool = True,
-                 crop_size: int = 0):
+                 crop_size: int = 0, jitter_each: float = 0.0):
         crop_size = crop_size or 2 * size
         if crop_size < 2 or crop_size % 2:
             raise ValueError(f"counting: crop_size must be an even number of pixels >= 2, got {crop_size}")
@@ -65,17 +67,23 @@ class CountingViews:
         if flip > 0:
             steps.append(T.RandomHorizontalFlip(flip))
         self.crop = T.Compose(steps)
-        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+        self.normalise = T.Normalize(mean, std)
+        # Each of the five inputs gets its own colour jitter / grayscale, so that colour histograms (additive over
+        # tiles, and different between images) stop being a solution of the loss.
+        self.jitter = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=jitter_each),
+                                 T.RandomGrayscale(0.2 * jitter_each)]) if jitter_each > 0 else None
         self.size, self.random_filter = size, random_filter
 
     def __call__(self, image, sample) -> dict:
         crop = self.crop(image.convert("RGB"))                                       # PIL, 2S x 2S
         choice = int(torch.randint(len(FILTERS), ())) if self.random_filter else 2   # bicubic when fixed
-        downsampled = self.to_tensor(crop.resize((self.size, self.size), FILTERS[choice]))
-        full = self.to_tensor(crop)                                                  # [3, 2S, 2S]
+        downsampled = TF.to_tensor(crop.resize((self.size, self.size), FILTERS[choice]))
+        full = TF.to_tensor(crop)                                                    # [3, 2S, 2S]
         s = self.size
         tiles = full.reshape(3, 2, s, 2, s).permute(1, 3, 0, 2, 4).reshape(4, 3, s, s)  # quadrants, row-major
-        return {"downsampled": downsampled, "tiles": tiles}
+        if self.jitter is not None:
+            downsampled, tiles = self.jitter(downsampled), torch.stack([self.jitter(tile) for tile in tiles])
+        return {"downsampled": self.normalise(downsampled), "tiles": self.normalise(tiles)}
 
 
 @register
@@ -88,6 +96,8 @@ class Counting(Objective):
         if options.count_dim < 1 or options.hidden_dim < 1 or options.margin <= 0:
             raise ValueError(f"counting: count_dim and hidden_dim must be >= 1 and margin > 0, got "
                              f"{options.count_dim}, {options.hidden_dim}, {options.margin}")
+        if not 0 <= options.jitter_each <= 1:
+            raise ValueError(f"counting: jitter_each is a probability, got {options.jitter_each}")
         if options.negatives not in ("one", "batch"):
             raise ValueError(f"counting: negatives must be 'one' or 'batch', got {options.negatives!r}")
         if options.crop_size < 0 or options.crop_size % 2:
@@ -100,7 +110,7 @@ class Counting(Objective):
     def views(self) -> CountingViews:
         config, o = self.encoder.config, self.options
         return CountingViews(config.image_size, config.mean, config.std, o.crop_scale, o.flip, o.random_filter,
-                             o.crop_size)
+                             o.crop_size, o.jitter_each)
 
     def counts(self, images: torch.Tensor) -> torch.Tensor:
         """phi: [N, 3, S, S] -> [N, count_dim] non-negative counts."""

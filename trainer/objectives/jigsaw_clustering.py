@@ -1,17 +1,21 @@
 """Jigsaw Clustering (Chen, Liu, Cheng, Chen, Cai & Jia 2021, "Jigsaw Clustering for Unsupervised Visual
 Representation Learning", JigClu).
 
-One augmented view per image. In ``forward``, as batched tensor ops: every image of the batch is cut into m x m
-patches, the N m^2 patches are shuffled across the whole batch and stitched back into N montage images of the
-original size; the encoder's spatial map of each montage (``feature_map``) is pooled into m x m parts, one per
-patch position, and the parts are put back in source order. Two heads on each part's feature:
+The data workers cut each image into m x m quadrant crops that overlap by ``cross_ratio`` of the side and
+augment every crop on its own (random resized crop to image_size / m, colour jitter, grayscale, blur, flip), as
+the authors' code does (``JigCluTransform``): patches of one image then share content but not colour
+statistics, so clustering them is not solved by colour alone. In ``forward``, as batched tensor ops: the
+N m^2 patches are shuffled across the whole batch and stitched into N montage images of the original size;
+the encoder's spatial map of each montage (``feature_map``) is pooled into m x m parts, one per patch position,
+and the parts are put back in source order. Two heads on each part's feature:
 
 * clustering: an MLP projection + a contrastive loss where the m^2 - 1 other patches of the same source image are
   the positives and every other patch of the batch a negative (``trainer.losses.jigsaw_clustering``);
 * location: a linear m^2-way classifier of the patch's position in its source image.
 
 loss = clustering + ``location_weight`` x location. The exported model is the usual globally pooled backbone,
-evaluated on whole images.
+evaluated on whole images. ``patch_views: false`` instead augments the whole image once and cuts it into
+patches in ``forward`` (cheaper, but the patches of an image share one colour jitter).
 
 Choices: the map is pooled to m x m with adaptive average pooling (exact blocks when its side is a multiple
 of m, as the 4x4 maps of cnn-small / resnet18-cifar at 32 px are; the paper's 7x7 ResNet map needs resampling
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.views import AugmentConfig, OneView
+from trainer.data.views import AugmentConfig, OneView, augmentation
 from trainer.losses.jigsaw_clustering import clustering_loss
 from trainer.models import ModelConfig, projection_mlp
 from trainer.models.dense import feature_map, probe_shapes
@@ -64,7 +68,30 @@ class JigsawClusteringOptions:
     location_weight: float = 1.0
     projection_dim: int = 128
     projection_hidden_dim: int = 2048
-    augment: dict = field(default_factory=dict)  # AugmentConfig fields of the one view
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields of each patch's (or the one view's) recipe
+    patch_views: bool = True        # augment every patch on its own (the authors' code); false: one view, then cut
+    cross_ratio: float = 0.3        # overlap of neighbouring patch crops, as a fraction of the image side
+
+
+class PatchViews:
+    """(PIL image, sample) -> ``patches`` [m^2, C, S/m, S/m]: the m x m row-major quadrant crops of the image,
+    each widened by ``cross_ratio`` x side into its neighbours and augmented on its own."""
+
+    def __init__(self, size: int, grid: int, cross_ratio: float, mean, std, config: AugmentConfig):
+        self.grid, self.cross_ratio = grid, cross_ratio
+        self.transform = augmentation(size // grid, mean, std, config)
+
+    def boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
+        """The m^2 crop boxes (left, top, right, bottom), row-major."""
+        def spans(side: int) -> list[tuple[int, int]]:
+            m, c = self.grid, self.cross_ratio * side
+            return [(max(0, round(i * side / m - c)), min(side, round((i + 1) * side / m + c))) for i in range(m)]
+
+        return [(left, top, right, bottom) for top, bottom in spans(height) for left, right in spans(width)]
+
+    def __call__(self, image, sample) -> dict:
+        image = image.convert("RGB")
+        return {"patches": torch.stack([self.transform(image.crop(box)) for box in self.boxes(*image.size)])}
 
 
 
@@ -80,25 +107,31 @@ class JigsawClustering(Objective):
             raise ValueError(f"jigsaw_clustering: grid must be >= 2 and divide image_size {spec.image_size}, got {m}")
         if options.temperature <= 0 or options.location_weight < 0:
             raise ValueError("jigsaw_clustering: temperature must be > 0 and location_weight >= 0")
+        if not 0 <= options.cross_ratio < 0.5:
+            raise ValueError(f"jigsaw_clustering: cross_ratio must be in [0, 0.5), got {options.cross_ratio}")
         AugmentConfig(**options.augment)  # unknown augmentation fields fail at build
         self.options = options
         width = probe_shapes(self.encoder.backbone, spec.image_size)[0][0]  # backbones without a map fail here
         self.projector = projection_mlp(width, options.projection_hidden_dim, options.projection_dim, 2)
         self.locator = nn.Linear(width, m * m)
 
-    def views(self) -> OneView:
-        config = self.encoder.config
-        return OneView(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
+    def views(self) -> PatchViews | OneView:
+        config, o = self.encoder.config, self.options
+        if o.patch_views:
+            return PatchViews(config.image_size, o.grid, o.cross_ratio, config.mean, config.std, AugmentConfig(**o.augment))
+        return OneView(config.image_size, config.mean, config.std, AugmentConfig(**o.augment))
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        images, m = batch["image"], self.options.grid
-        slots = images.shape[0] * m * m
-        order = torch.randperm(slots, device=images.device)                       # slot k <- source patch order[k]
-        montages = make_montages(images, m, order)
+        m = self.options.grid
+        # [N m^2, C, h, w], image after image, row-major: patch views arrive cut, a whole view is cut here
+        patches = batch["patches"].flatten(0, 1) if "patches" in batch else split_patches(batch["image"], m)
+        slots = patches.shape[0]
+        order = torch.randperm(slots, device=patches.device)                      # slot k <- source patch order[k]
+        montages = join_patches(patches[order], m)
         parts = F.adaptive_avg_pool2d(feature_map(self.encoder.backbone, montages), m)  # [N, C, m, m]
         parts = parts.flatten(2).transpose(1, 2).reshape(slots, -1)               # slot order
         features = parts[torch.argsort(order)]                                    # back to source-patch order
-        patch = torch.arange(slots, device=images.device)
+        patch = torch.arange(slots, device=patches.device)
         sources, positions = patch // (m * m), patch % (m * m)
         z = self.projector(features)
         clustering = clustering_loss(z, sources, self.options.temperature)
