@@ -158,8 +158,9 @@ def test_counting_batch_negatives_average_the_hinge_over_every_other_image():
 
 
 def test_counting_crop_size_sets_the_tile_resolution_and_jitter_each_colours_inputs_on_their_own():
-    sample = _build("counting", crop_size=32).views()(_images(1)[0], None)  # CIFAR's native 32 px, 16 px tiles
+    sample = _build("counting").views()(_images(1)[0], None)  # by default CIFAR's native 32 px: 16 px tiles
     assert sample["tiles"].shape == (4, 3, 16, 16) and sample["downsampled"].shape == (3, 16, 16)
+    assert _build("counting", crop_size=48).views()(_images(1)[0], None)["tiles"].shape == (4, 3, 24, 24)
     grey = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
     torch.manual_seed(0)
     plain = _build("counting", crop_size=32).views()(grey, None)
@@ -232,7 +233,7 @@ def test_colorization_encoder_sees_only_lightness(tmp_path):
 # ---- counting -----------------------------------------------------------------------------------------------
 
 def test_counting_views_tile_the_doubled_crop_and_forward():
-    objective = _build("counting", crop_scale=(1.0, 1.0), flip=0.0, random_filter=False)
+    objective = _build("counting", crop_scale=(1.0, 1.0), flip=0.0, random_filter=False, crop_size=64)
     quadrants = np.zeros((32, 32, 3), dtype=np.uint8)
     colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255)]  # top-left, top-right, bottom-left, -right
     for k, colour in enumerate(colours):

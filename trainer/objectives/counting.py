@@ -11,8 +11,9 @@ every other image of the batch, a lower-variance estimate of the same expectatio
 is the encoder (phi's head is dropped), evaluated on whole images at ``image_size``.
 
 * Inputs (data workers, per image): a random resized crop + flip rendered at ``crop_size`` px (default
-  2 x ``image_size``: CIFAR's 32 px upsampled to 64; ``crop_size: 32`` keeps CIFAR's native resolution, as
-  the paper's tiles keep the photo's, and encodes 16 px inputs), its four tiles cut with ``Tensor.unfold``-style
+  ``image_size``, so the tiles keep the photo's resolution as the paper's 114 px tiles of a 228 px crop do, and
+  D x and the tiles are image_size / 2: 16 px on CIFAR; ``crop_size: 64`` upsamples CIFAR so that they are
+  32 px, which measured worse and costs 4x), its four tiles cut with ``Tensor.unfold``-style
   reshapes, and its 2x downsampling with a resampling filter drawn per image from nearest / bilinear / bicubic
   / Lanczos (the paper draws the downsampling method at random so that phi cannot tell D x from tiles by its
   interpolation artefacts).
@@ -50,16 +51,16 @@ class CountingOptions:
     random_filter: bool = True   # draw D's resampling filter per image
     negatives: str = "one"       # y per x: "one" (the paper: the previous image) or "batch" (every other image)
     jitter_each: float = 0.0     # probability of an independent colour jitter per input (grayscale: a fifth of it)
-    crop_size: int = 0           # px the crop is rendered at before tiling; 0: 2 x image_size (tiles at image_size)
+    crop_size: int = 0           # px the crop is rendered at before tiling; 0: image_size (tiles at image_size / 2)
 
 
 class CountingViews:
     """(PIL image, sample) -> ``downsampled`` [3, S, S] (D x) and ``tiles`` [4, 3, S, S] (T_i x, row-major
-    quadrants of the 2S crop), both normalised; S = ``crop_size // 2`` (``size`` when ``crop_size`` is 0)."""
+    quadrants of the 2S crop), both normalised; S = ``crop_size // 2`` (``size // 2`` when ``crop_size`` is 0)."""
 
     def __init__(self, size: int, mean, std, crop_scale=(0.5, 1.0), flip: float = 0.5, random_filter: bool = True,
                  crop_size: int = 0, jitter_each: float = 0.0):
-        crop_size = crop_size or 2 * size
+        crop_size = crop_size or size
         if crop_size < 2 or crop_size % 2:
             raise ValueError(f"counting: crop_size must be an even number of pixels >= 2, got {crop_size}")
         size = crop_size // 2
@@ -101,7 +102,7 @@ class Counting(Objective):
         if options.negatives not in ("one", "batch"):
             raise ValueError(f"counting: negatives must be 'one' or 'batch', got {options.negatives!r}")
         if options.crop_size < 0 or options.crop_size % 2:
-            raise ValueError(f"counting: crop_size must be 0 (2 x image_size) or an even number of pixels, "
+            raise ValueError(f"counting: crop_size must be 0 (image_size) or an even number of pixels, "
                              f"got {options.crop_size}")
         self.options = options
         self.counter = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.hidden_dim), nn.ReLU(inplace=True),
