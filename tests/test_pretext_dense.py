@@ -146,6 +146,13 @@ def test_counting_loss_hand_worked():
         counting_loss(down, tiles, others[:, :, :1])
 
 
+def test_counting_head_has_head_layers_linear_relu_pairs():
+    for layers in (1, 3):
+        head = _build("counting", head_layers=layers).counter
+        linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == layers and linears[-1].out_features == 16 and isinstance(head[-1], torch.nn.ReLU)
+
+
 def test_counting_batch_negatives_average_the_hinge_over_every_other_image():
     objective = _build("counting", negatives="batch").eval()
     batch = _batch(objective, _images(3))
@@ -339,6 +346,7 @@ def test_jigsaw_clustering_forward_pairs_parts_with_their_sources():
     ("colorization", {"target_size": 0}), ("colorization", {"rebalance_mix": 1.5}), ("colorization", {"grid": 0}),
     ("colorization", {"neighbours": 0}), ("counting", {"margin": 0.0}), ("counting", {"count_dim": 0}),
     ("counting", {"negatives": "all"}), ("counting", {"crop_size": 33}), ("counting", {"jitter_each": 1.5}),
+    ("counting", {"head_layers": 0}),
     ("jigsaw_clustering", {"grid": 3}), ("jigsaw_clustering", {"temperature": 0.0}),
     ("jigsaw_clustering", {"cross_ratio": 0.5}),
     ("jigsaw_clustering", {"augment": {"background_mode": "blur"}}),

@@ -67,7 +67,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "jigsaw": ("pretext", [*ADAMW, "--set", "num_permutations=24", "--set", "puzzle_size=48", "--set", "tile=14",
                            "--set", "gap=2", "--set", "jitter=1", "--set", "per_tile_normalisation=false"]),
     "colorization": ("pretext", [*ADAMW, "--lr", "3e-3"]),
-    "counting": ("pretext", [*ADAMW, "--lr", "2e-3", "--set", "crop_size=32"]),
+    "counting": ("pretext", [*ADAMW, "--lr", "2e-3", "--warmup-steps", "20", "--set", "jitter_each=0.8",
+                             "--set", "negatives=batch"]),
     "rotation": ("pretext", ADAMW),
     "jigsaw_clustering": ("pretext", [*ADAMW, "--lr", "3e-3"]),
     "multitask": ("multi-task (rotation + simclr)", [*ADAMW, "--lr", "3e-3"]),
@@ -83,6 +84,16 @@ def prepare_shards(workdir: Path, data: str) -> Path:
     return shards
 
 
+def source_version() -> str:
+    """The git commit of the checkout, with "+dirty" when trainer/ has uncommitted changes."""
+    import subprocess
+
+    repo = HERE.parent.parent
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "trainer"], cwd=repo, capture_output=True, text=True).stdout
+    return commit + ("+dirty" if dirty.strip() else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -96,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=str(HERE.parent.parent.parent / "shared" / "data" / "cifar10"))
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "manyview-bench-learning"))
     parser.add_argument("--output")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep rows already measured in --workdir with the same arguments (the table names the "
+                             "commits its rows were measured at; do not reuse across changes to those objectives)")
     args = parser.parse_args(argv)
     registered = set(registry.list_objectives())
     names = [n.strip() for n in args.only.split(",")] if args.only else [n for n in SETTINGS if n in registered]
@@ -106,11 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     shards = prepare_shards(workdir, args.data)
     command = "python tests/benchmarks/bench_learning.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    code = source_version()
     rows, started = [], time.perf_counter()
     for name in names:
         family, extra = SETTINGS[name]
         objective_args = ["--objective", name, *extra, "--seed", str(args.seed)]
         run = workdir / name
+        saved = run / "row.json"
+        if args.reuse and saved.exists():  # a row measured earlier with the same arguments (its commit is kept)
+            row = json.loads(saved.read_text())
+            if row.get("args") == objective_args and row.get("steps") == args.steps:
+                row["reused"] = True
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                continue
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
         floor = knn_after(shards, run / "floor", 0, objective_args)
@@ -118,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = [json.loads(line) for line in (run / "trained" / "metrics.jsonl").read_text().splitlines()]
         row = {"objective": name, "family": family, "floor": floor, "knn_top1": trained, "gain": trained - floor,
                "collapsed": any(m.get("collapsed") for m in metrics), "seconds": time.perf_counter() - t0,
-               "args": objective_args}
+               "args": objective_args, "steps": args.steps, "code": code}
+        saved.write_text(json.dumps(row))
         rows.append(row)
         print(json.dumps(row), flush=True)
     from bench_vs_lightly import machine_description
@@ -127,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"## {now}: {args.steps} steps, batch 64, cnn-small, seed {args.seed}", "",
              f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}",
-             f"- Command: `{command}` ({(time.perf_counter() - started) / 60:.0f} min in all)", "",
+             f"- Command: `{command}` ({(time.perf_counter() - started) / 60:.0f} min in all)",
+             f"- Code: {', '.join(sorted({r['code'][:7] + ('+dirty' if r['code'].endswith('+dirty') else '') for r in rows}))}"
+             + (f" ({sum(bool(r.get('reused')) for r in rows)} rows reused from an earlier run)" if any(r.get('reused') for r in rows) else ""),
+             "",
              "| objective | family | floor | kNN top-1 | gain (points) | beats floor + 2 | collapsed | train+eval s |",
              "|---|---|---:|---:|---:|---|---|---:|"]
     for r in sorted(rows, key=lambda r: -r["knn_top1"]):

@@ -6,11 +6,11 @@ every patch augmented on its own (the authors' JigCluTransform); 0.296 (+0.011) 
 into patches, whose shared colour jitter let colour alone cluster the patches of an image (160 steps at lr 5e-3:
 0.289).
 
-Counting: every step encodes five 32 px images per sample (the downsampled image and its four tiles), so 120 steps of
-cnn-small at batch 64 took 86 s on the shared 2-core machine, and short runs did not beat the random-init kNN
-floor (0.285): 0.258 after 120 steps (AdamW 3e-3, the recipe's phi), 0.249 with margin 100, 128 counts, lr 1e-3
-at batch 32. The counting feature is trained to be additive over tiles and distinct between images, which
-short runs satisfy with low-level statistics; the paper trains AlexNet for many ImageNet epochs.
+Counting (cnn-small, batch 64, AdamW 2e-3, 300 steps, 16 px tiles of 32 px crops, a 3-layer counting head):
+kNN 0.309 vs the floor 0.285 with the hinge averaged over every other image of the batch and an independent
+colour jitter per input; 0.253 with the paper's single other image and no jitter (0.281 with a 2-layer head;
+800 steps 0.281), 0.296 with the two but a 2-layer head. Without the jitter, colour counts are additive over
+tiles and differ between images, so they satisfy both terms of the loss and the encoder learns little else.
 """
 
 import pytest
@@ -25,8 +25,8 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), 
 
 def test_counting_longer_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path):
     args = ["--objective", "counting", "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "1e-4",
-            "--warmup-steps", "20"]
-    assert_beats_floor(cifar_2k_shards, tmp_path, "counting", 500, args, 0.02)
+            "--warmup-steps", "20", "--set", "jitter_each=0.8", "--set", "negatives=batch"]
+    assert_beats_floor(cifar_2k_shards, tmp_path, "counting", 300, args, 0.02)
 
 
 def test_jigsaw_clustering_longer_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path):

@@ -17,8 +17,8 @@ is the encoder (phi's head is dropped), evaluated on whole images at ``image_siz
   reshapes, and its 2x downsampling with a resampling filter drawn per image from nearest / bilinear / bicubic
   / Lanczos (the paper draws the downsampling method at random so that phi cannot tell D x from tiles by its
   interpolation artefacts).
-* phi: the paper's AlexNet conv layers + fc6/fc7/fc8 with ReLU to 1000 counts; here backbone -> Linear-ReLU ->
-  Linear -> ReLU to ``count_dim`` (1000) counts; M = 10 as in the paper.
+* phi: the paper's AlexNet conv layers + fc6/fc7/fc8 with ReLU to 1000 counts; here backbone -> ``head_layers``
+  (3) Linear-ReLU layers to ``count_dim`` (1000) counts; M = 10 as in the paper.
 * One encoder pass over the downsampled images and the tiles together (BN statistics shared). y is another
   image of the same process's batch, so nothing is gathered.
 """
@@ -45,6 +45,7 @@ FILTERS = (Image.Resampling.NEAREST, Image.Resampling.BILINEAR, Image.Resampling
 class CountingOptions:
     count_dim: int = 1000        # phi's output (the paper's fc8)
     hidden_dim: int = 1024
+    head_layers: int = 3         # fc layers after the encoder, each with a ReLU (the paper: AlexNet's fc6-fc8)
     margin: float = 10.0         # M of the contrastive term
     crop_scale: tuple = (0.5, 1.0)
     flip: float = 0.5
@@ -94,9 +95,9 @@ class Counting(Objective):
 
     def __init__(self, spec: ObjectiveSpec, options: CountingOptions):
         super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        if options.count_dim < 1 or options.hidden_dim < 1 or options.margin <= 0:
-            raise ValueError(f"counting: count_dim and hidden_dim must be >= 1 and margin > 0, got "
-                             f"{options.count_dim}, {options.hidden_dim}, {options.margin}")
+        if options.count_dim < 1 or options.hidden_dim < 1 or options.head_layers < 1 or options.margin <= 0:
+            raise ValueError(f"counting: count_dim, hidden_dim and head_layers must be >= 1 and margin > 0, got "
+                             f"{options.count_dim}, {options.hidden_dim}, {options.head_layers}, {options.margin}")
         if not 0 <= options.jitter_each <= 1:
             raise ValueError(f"counting: jitter_each is a probability, got {options.jitter_each}")
         if options.negatives not in ("one", "batch"):
@@ -105,8 +106,11 @@ class Counting(Objective):
             raise ValueError(f"counting: crop_size must be 0 (image_size) or an even number of pixels, "
                              f"got {options.crop_size}")
         self.options = options
-        self.counter = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.hidden_dim), nn.ReLU(inplace=True),
-                                     nn.Linear(options.hidden_dim, options.count_dim), nn.ReLU())
+        widths = [self.encoder.embed_dim] + [options.hidden_dim] * (options.head_layers - 1) + [options.count_dim]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.counter = nn.Sequential(*layers)
 
     def views(self) -> CountingViews:
         config, o = self.encoder.config, self.options
