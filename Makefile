@@ -54,7 +54,7 @@ serve: install
 demo: demo-train serve
 
 test: install-dev browser-deps
-	$(PY) -m pytest -q --timeout 900
+	$(PY) -m pytest -q --timeout 900 --durations=15
 
 benchmark: install-dev
 	$(PY) -m pytest -q tests/benchmarks -m benchmark -s -p no:cacheprovider
