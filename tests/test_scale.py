@@ -101,12 +101,21 @@ def test_bf16_autocast_runs_the_objective_in_bfloat16_on_the_cpu(cifar_2k_shards
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return real_forward(self, batch)
 
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setattr(simclr, "forward", recording_forward)
     run = tmp_path / "bf16"
-    assert main(["--objective", "simclr", "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--output", str(run),
-                 "--backbone", "cnn-small", "--batch-size", "8", "--image-size", "16", "--max-steps", "2",
-                 "--checkpoint-every", "0", "--log-every", "1", "--num-workers", "1", "--mixed-precision", "bf16",
-                 "--set", "projection_hidden_dim=32"]) == 0
+    # Accelerate keeps one process-wide state: earlier in-process runs fixed it at fp32, so start from a clean one
+    # here and leave a clean one for the tests after this.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        code = main(["--objective", "simclr", "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--output", str(run),
+                     "--backbone", "cnn-small", "--batch-size", "8", "--image-size", "16", "--max-steps", "2",
+                     "--checkpoint-every", "0", "--log-every", "1", "--num-workers", "1", "--mixed-precision", "bf16",
+                     "--set", "projection_hidden_dim=32"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert code == 0
     assert seen and all(entry == (True, torch.bfloat16) for entry in seen)
     losses = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
