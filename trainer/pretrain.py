@@ -24,6 +24,7 @@ from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_
 from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
 from trainer.distributed import synchronise_batch_norm
 from trainer.grad_cache import average_gradients, grad_cache_backward, supports_grad_cache
+from trainer.host_memory import keep_freed_memory
 from trainer.objectives.diagnostics import COLLAPSE_THRESHOLD, is_collapsed
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 
@@ -116,6 +117,8 @@ def train(config: TrainConfig) -> dict:
     # cpu=True where no GPU exists: Accelerate then runs several processes over gloo (MULTI_CPU) instead of
     # silently treating each launched process as a lone one.
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+    if config.keep_freed_memory and accelerator.device.type == "cpu":
+        keep_freed_memory()  # process-wide, so it stays for the rest of this process
     set_seed(config.seed)  # identical initial weights on every process
     num_samples = samples_per_epoch(config, urls)
     total_steps = total_steps_for(config, num_samples, accelerator.num_processes)

@@ -30,7 +30,10 @@ sys.path.insert(0, HERE)
 from bench_vs_lightly import (DEFAULT_DATA, REPO, _subprocess_env, ensure_lightly,  # noqa: E402
                               machine_description, throughput)
 
-SIDES = ("per-image", "batched", "lightly", "ceiling")
+# "released": per-image with --no-keep-freed-memory (glibc unmapping freed blocks every step, as before
+# trainer.host_memory), to show what keeping them is worth.
+SIDES = ("per-image", "batched", "lightly", "ceiling", "released")
+DEFAULT_SIDES = "per-image,batched,lightly,ceiling"
 DEFAULT_CONFIGS = "simclr:resnet18-cifar:32:256,byol:resnet18-cifar:32:256,simclr:resnet50:224:16,byol:resnet50:224:16"
 
 
@@ -54,7 +57,8 @@ def command_for(side: str, config: dict, args: argparse.Namespace, run_dir: str)
     return [sys.executable, os.path.join(REPO, "trainer", "pretrain.py"), "--objective", config["method"],
             "--backbone", config["backbone"], "--image-size", str(config["image_size"]), "--checkpoint-every", "0",
             "--log-every", "1", "--num-workers", str(args.num_workers), "--mixed-precision", precision,
-            "--augment-on-device", "on" if side == "batched" else "off", *common]
+            "--augment-on-device", "on" if side == "batched" else "off",
+            *(["--no-keep-freed-memory"] if side == "released" else []), *common]
 
 
 def run_one(side: str, config: dict, repeat: int, args: argparse.Namespace) -> dict:
@@ -78,34 +82,37 @@ def run_one(side: str, config: dict, repeat: int, args: argparse.Namespace) -> d
     return row
 
 
-def summarise(rows: list[dict], configs: list[dict]) -> list[dict]:
+RATIOS = (("batched", "lightly"), ("per-image", "lightly"), ("per-image", "ceiling"), ("per-image", "released"))
+
+
+def summarise(rows: list[dict], configs: list[dict], sides: tuple[str, ...]) -> list[dict]:
+    """Per config: median images/s and peak memory per side, and the ``RATIOS`` whose two sides both ran."""
     out = []
     for config in configs:
         mine = [r for r in rows if all(r[k] == config[k] for k in config)]
-        medians = {side: statistics.median(r["images_per_s"] for r in mine if r["side"] == side) for side in SIDES}
-        peaks = {side: max(r["peak_memory_mb"] for r in mine if r["side"] == side) for side in SIDES}
-        out.append({**config, "images_per_s": medians, "peak_memory_mb": peaks,
-                    "batched_vs_lightly": medians["batched"] / medians["lightly"],
-                    "per_image_vs_lightly": medians["per-image"] / medians["lightly"],
-                    "best_vs_ceiling": max(medians["batched"], medians["per-image"]) / medians["ceiling"]})
+        medians = {side: statistics.median(r["images_per_s"] for r in mine if r["side"] == side) for side in sides}
+        peaks = {side: max(r["peak_memory_mb"] for r in mine if r["side"] == side) for side in sides}
+        ratios = {f"{a} / {b}": medians[a] / medians[b] for a, b in RATIOS if a in medians and b in medians}
+        out.append({**config, "images_per_s": medians, "peak_memory_mb": peaks, "ratios": ratios})
     return out
 
 
 def report(rows: list[dict], summary: list[dict], machine: dict, command: str, args, total_s: float) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sides, ratios = list(summary[0]["images_per_s"]), list(summary[0]["ratios"])
     lines = [f"## {now}: {args.budget:.0f} s per run, {args.repeats} repeat(s)", "",
              f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}",
              f"- Command: `{command}` ({total_s / 60:.0f} min in all); {args.num_workers} data workers per run, "
              f"{'bf16 autocast' if args.bf16 else 'fp32'}; images/s leaves out the first {args.skip_steps} step(s).", "",
-             "| method | backbone | px | batch | per-image | batched | lightly | ceiling | batched / lightly | "
-             "per-image / lightly | best / ceiling | peak MiB (per-image / batched / lightly / ceiling) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| method | backbone | px | batch | " + " | ".join(sides) + " | " + " | ".join(ratios)
+             + f" | peak MiB ({' / '.join(sides)}) |",
+             "|---|---|---:|---:|" + "---:|" * (len(sides) + len(ratios)) + "---|"]
     for s in summary:
         ips, peak = s["images_per_s"], s["peak_memory_mb"]
-        lines.append(f"| {s['method']} | {s['backbone']} | {s['image_size']} | {s['batch_size']} | {ips['per-image']:.1f} | "
-                     f"{ips['batched']:.1f} | {ips['lightly']:.1f} | {ips['ceiling']:.1f} | {s['batched_vs_lightly']:.2f} | "
-                     f"{s['per_image_vs_lightly']:.2f} | {s['best_vs_ceiling']:.2f} | "
-                     f"{peak['per-image']:.0f} / {peak['batched']:.0f} / {peak['lightly']:.0f} / {peak['ceiling']:.0f} |")
+        lines.append(f"| {s['method']} | {s['backbone']} | {s['image_size']} | {s['batch_size']} | "
+                     + " | ".join(f"{ips[side]:.1f}" for side in sides) + " | "
+                     + " | ".join(f"{s['ratios'][r]:.2f}" for r in ratios) + " | "
+                     + " / ".join(f"{peak[side]:.0f}" for side in sides) + " |")
     lines += ["", "<details><summary>every run</summary>", "", "| repeat | method | backbone | px | side | steps | images/s | peak MiB |",
               "|---:|---|---|---:|---|---:|---:|---:|"]
     for r in rows:
@@ -134,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=1000, help="nominal LR-schedule length")
     parser.add_argument("--skip-steps", type=int, default=2)
     parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--sides", default=DEFAULT_SIDES, help="comma-separated subset of " + ",".join(SIDES))
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast on every side (GPU)")
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--workdir", default="/tmp/manyview-bench-speed")
@@ -141,17 +149,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.train_data = os.path.join(args.data, "train-{000000..000004}.tar.gz")
     configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
+    sides = tuple(side.strip() for side in args.sides.split(",") if side.strip())
+    if not sides or set(sides) - set(SIDES):
+        parser.error(f"--sides: choose from {', '.join(SIDES)}; got {args.sides!r}")
     command = "python tests/benchmarks/bench_training_speed.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    ensure_lightly()
+    if "lightly" in sides:
+        ensure_lightly()
     machine = machine_description()
     os.makedirs(args.workdir, exist_ok=True)
     started, rows = time.perf_counter(), []
     for repeat in range(args.repeats):
-        order = SIDES[repeat % len(SIDES):] + SIDES[:repeat % len(SIDES)]  # rotate who goes first
+        order = sides[repeat % len(sides):] + sides[:repeat % len(sides)]  # rotate who goes first
         for config in configs:
             for side in order:
                 rows.append(run_one(side, config, repeat, args))
-    summary = summarise(rows, configs)
+    summary = summarise(rows, configs, sides)
     markdown = report(rows, summary, machine, command, args, time.perf_counter() - started)
     print("\n" + markdown, flush=True)
     if args.output:

@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from trainer.config import TrainConfig, load_recipe, recipe_path
+    from trainer.host_memory import keep_freed_memory
     from trainer.data.shards import expand_patterns
     from trainer.objectives import ObjectiveSpec, get_objective
     from trainer.optim import build_optimizer, lr_at, scaled_lr
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
 
     config = load_recipe(recipe_path(args.objective), TrainConfig(objective=args.objective))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        keep_freed_memory()  # as trainer.pretrain.train does on the CPU
     torch.manual_seed(0)
     objective = get_objective(args.objective).build(ObjectiveSpec(
         backbone=args.backbone, image_size=args.image_size, options=dict(config.objective_options),

@@ -86,10 +86,11 @@ class BYOL(Objective):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         x1, x2 = batch["view0"], batch["view1"]
+        # Targets first: their activations are freed before the online graph is built (lower peak memory).
+        t1, t2 = self._target(x1), self._target(x2)
         z1 = self.projector(self.encoder.encode_image(x1))  # one pass per view, as the paper
         z2 = self.projector(self.encoder.encode_image(x2))
         p1, p2 = gather_with_grad(self.predictor(z1)), gather_with_grad(self.predictor(z2))
-        t1, t2 = self._target(x1), self._target(x2)
         loss = byol_loss(p1, t2) + byol_loss(p2, t1)
         return {"loss": loss, "embedding_std": embedding_std(z1)}
 
