@@ -1,11 +1,13 @@
 """Keep freed host memory inside the training process (glibc's malloc), for training on the CPU.
 
 glibc serves every block above its mmap threshold (at most 32 MiB) with freshly mapped pages and unmaps it
-again when it is freed. A CNN's activations at batch 256 are 10-70 MB each, so a CPU training step maps,
-zero-fills and unmaps gigabytes: 0.8-3.5 million page faults per step for resnet18-cifar at batch 256, a
-fifth to a third of the step's time (``tests/benchmarks/RESULTS_training_speed.md``). With mmap disabled and
-the trim threshold raised, freed blocks stay in the heap and the next step reuses them; the peak resident
-memory stays within a few percent of before, since a training step allocates the same shapes every time.
+again when it is freed. A CNN's activations at batch 256 are 10-130 MB each, so a CPU training step maps,
+zero-fills and unmaps gigabytes (up to 3.5 million page faults per step). With mmap disabled and the trim
+threshold raised, freed blocks stay in the heap and the next step reuses them, since a training step
+allocates the same shapes every time. Measured on resnet18-cifar at batch 256, 2 cores
+(``tests/benchmarks/RESULTS_training_speed.md``): simclr 1.69x and byol 1.62x the images/s, dino unchanged
+(0.96x, within noise: its per-crop passes allocate few blocks above the threshold); the peak resident memory
+grows by 3-20%, the heap's fragmentation.
 
 This is what PyTorch's CPU performance guide gets from preloading jemalloc or tcmalloc, without a
 preload. The settings are process-wide and stay for the rest of the process: ``trainer.pretrain.train``
