@@ -8,6 +8,8 @@ Measured on cnn-small, batch 64, AdamW (lr per 256 images, 20 warm-up steps), 2,
 - simsiam, 800 steps: 0.357 (+0.072);
 - dino (256 outputs, 2 global + 2 local crops, teacher temperature warm-up over 50 steps, last layer never
   frozen), 800 steps: 0.326 (+0.041).
+``pytest -m benchmark tests/benchmarks/test_noncontrastive_learning.py``: 3 passed in 596 s on 2 cores (byol
+138 s, simsiam 197 s, dino 256 s), no step flagged as collapsed.
 """
 
 import json
