@@ -82,7 +82,9 @@ def run_one(side: str, config: dict, repeat: int, args: argparse.Namespace) -> d
     return row
 
 
-RATIOS = (("batched", "lightly"), ("per-image", "lightly"), ("per-image", "ceiling"), ("per-image", "released"))
+# batched / ceiling is issue 9's GPU target (within 15%); the table used to give max(batched, per-image) / ceiling.
+RATIOS = (("batched", "lightly"), ("per-image", "lightly"), ("batched", "ceiling"), ("per-image", "ceiling"),
+          ("per-image", "released"))
 
 
 def summarise(rows: list[dict], configs: list[dict], sides: tuple[str, ...]) -> list[dict]:
