@@ -53,12 +53,6 @@ class Record:
     meta: dict = field(default_factory=dict)
 
 
-@dataclass
-class PrepareReport:
-    written: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------------------------------- sources
 def _read_idx(path: str):
     import numpy as np

@@ -16,6 +16,11 @@ fetched too) and ``api`` (``download_files=False``: the result URLs only). The s
 "in N ms" figure of the status line (encode + search + read thumbnails). Queries run one at a time,
 after 5 warm-up queries per kind; the shards are read ahead by the app at start (its warm-up thread),
 and the benchmark waits for that before measuring.
+
+Every timed answer is also checked (``check_answers``): it must hold the k results with the same labels
+and scores (to 2e-3) as ``app.search.search_vector`` gives in this process for the same query on the same
+encoder and index, and every repeat of a query must give the same answer. A latency from a server that
+answers wrongly is not a figure.
 """
 from __future__ import annotations
 
@@ -141,8 +146,80 @@ class LocalFile:
         self.path = path
 
 
-def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path) -> dict:
-    """``mode``: ``download`` / ``api`` (gradio_client with / without fetching the result files) or ``rest``."""
+def gallery_captions(gallery: list) -> list[str]:
+    """The captions of a gallery answer (gradio_client and REST give ``{"image": ..., "caption": ...}`` items;
+    ``[image, caption]`` pairs are accepted too)."""
+    captions = []
+    for item in gallery:
+        if isinstance(item, dict):
+            captions.append(str(item.get("caption") or ""))
+        elif isinstance(item, (list, tuple)) and len(item) == 2:
+            captions.append(str(item[1] or ""))
+        else:
+            raise RuntimeError(f"unexpected gallery item {item!r}")
+    return captions
+
+
+def parse_caption(caption: str) -> tuple[str, float]:
+    """``"ship · score 0.873"`` -> ``("ship", 0.873)``."""
+    label, separator, score = caption.rpartition(" · score ")
+    if not separator:
+        raise ValueError(f"not a result caption: {caption!r}")
+    return label, float(score)
+
+
+def same_answer(got: list[str], expected: list[str], tolerance: float = 2e-3) -> str | None:
+    """``None`` when two answers agree, else why not: the same number of results, the scores position by
+    position within ``tolerance`` (the two sides may run the encoder with different thread counts), and at
+    each position the expected label or that of a result tied with it within ``tolerance``."""
+    if len(got) != len(expected):
+        return f"{len(got)} results, expected {len(expected)}"
+    got_pairs, expected_pairs = [parse_caption(c) for c in got], [parse_caption(c) for c in expected]
+    for position, ((label, score), (want_label, want_score)) in enumerate(zip(got_pairs, expected_pairs)):
+        if abs(score - want_score) > tolerance:
+            return f"result {position}: score {score} != {want_score}"
+        tied = {other for other, other_score in expected_pairs if abs(other_score - want_score) <= tolerance}
+        if label != want_label and label not in tied:
+            return f"result {position}: {label!r} != {want_label!r}"
+    return None
+
+
+def check_answers(answers: dict, expected: dict) -> list[str]:
+    """``answers``: {(kind, query): [captions of each timed answer]}; ``expected``: {(kind, query): captions}.
+    Returns the problems (empty when every answer is right)."""
+    problems = []
+    for key, repeats in answers.items():
+        if key not in expected:
+            problems.append(f"{key}: no expected answer")
+            continue
+        for number, captions in enumerate(repeats):
+            why = same_answer(captions, expected[key])
+            if why:
+                problems.append(f"{key} answer {number}: {why} (got {captions}, expected {expected[key]})")
+    return problems
+
+
+def expected_answers(encoder_dir: Path, index_dir: Path, answers: dict, images: list[str], k: int = 8) -> dict:
+    """What the app should answer, computed here: the same encoder and index, ``app.search.search_vector``."""
+    from app.search import load_query_image, search_vector
+    from export.runtime import Encoder
+    from index.search import Index
+
+    encoder, index = Encoder(encoder_dir), Index.load(index_dir)
+    expected = {}
+    for kind, query in answers:
+        if kind == "text":
+            vector = encoder.encode_texts([query])[0]
+        else:
+            vector = encoder.encode_images([load_query_image(query)])[0]
+        hits = search_vector(index, vector, k, with_images=False)
+        expected[(kind, query)] = [hit.caption for hit in hits]
+    return expected
+
+
+def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path, answers: dict | None = None) -> dict:
+    """``mode``: ``download`` / ``api`` (gradio_client with / without fetching the result files) or ``rest``.
+    ``answers`` collects each timed answer's captions by (kind, query) for ``check_answers``."""
     if mode == "rest":
         client, handle_file = RestClient(url), LocalFile
     else:
@@ -155,10 +232,11 @@ def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path)
         latencies, server = [], []
         for number in range(queries + 5):
             if kind == "text":
-                prompt = TEMPLATES[number % len(TEMPLATES)].format(CLASSES[number % len(CLASSES)])
-                args, api = (prompt, 8, [], "", "images"), "/search_text"
+                query = TEMPLATES[number % len(TEMPLATES)].format(CLASSES[number % len(CLASSES)])
+                args, api = (query, 8, [], "", "images"), "/search_text"
             else:
-                args, api = (handle_file(images[number % len(images)]), 8, [], "", "images"), "/search_image"
+                query = images[number % len(images)]
+                args, api = (handle_file(query), 8, [], "", "images"), "/search_image"
             start = time.perf_counter()
             output = client.predict(*args, api_name=api)
             elapsed = (time.perf_counter() - start) * 1000
@@ -167,6 +245,8 @@ def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path)
             gallery = gallery.get("value", []) if isinstance(gallery, dict) else gallery
             if len(gallery) != 8 or "8 results" not in status:
                 raise RuntimeError(f"unexpected answer to {api}: {status!r}, {len(gallery)} results")
+            if answers is not None:
+                answers.setdefault((kind, query), []).append(gallery_captions(gallery))
             if number >= 5:  # warm-up excluded
                 latencies.append(elapsed)
                 found = server_ms.search(status)
@@ -204,9 +284,11 @@ def run(argv: list[str] | None = None) -> dict:
 
             info = Index.load(index).info
             time.sleep(float(os.environ.get("BENCH_APP_SETTLE_S", "15")))  # the app's shard warm-up
-            figures = {mode: measure(url, images, args.queries, mode, scratch) for mode in ("api", "download", "rest")}
+            answers: dict = {}
+            figures = {mode: measure(url, images, args.queries, mode, scratch, answers) for mode in ("api", "download", "rest")}
         finally:
             stop(process)
+        problems = check_answers(answers, expected_answers(encoder, index, answers, images))
     import gradio
     import onnxruntime
 
@@ -216,6 +298,7 @@ def run(argv: list[str] | None = None) -> dict:
         "index": {"factory": info.get("factory"), "count": info.get("count"), "search_params": info.get("search_params"),
                   "dim": info.get("dim")},
         "figures": figures,
+        "checked": {"queries": len(answers), "answers": sum(len(v) for v in answers.values()), "problems": problems},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     result["markdown"] = markdown(result)
@@ -248,6 +331,10 @@ def markdown(result: dict) -> str:
         "in `gradio_client.utils.get_pred_from_sse_v1plus`), so its figures come in steps of about 50 ms. "
         "*server* is the app's own time from the status line (encode + search + reading the thumbnails).",
         "",
+        *([f"Answers checked against `app.search.search_vector` in the benchmark process (same encoder and "
+           f"index; labels and scores of all 8 results): {result['checked']['answers']} answers to "
+           f"{result['checked']['queries']} distinct queries, {len(result['checked']['problems'])} wrong.", ""]
+          if "checked" in result else []),
         "| query | client mode | queries | p50 (ms) | p95 (ms) | mean (ms) | server p50 (ms) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -277,9 +364,10 @@ if pytest is not None:
         if os.environ.get("BENCH_OUTPUT"):
             argv += ["--output", os.environ["BENCH_OUTPUT"]]
         result = run(argv)
-        for kinds in result["figures"].values():
-            for row in kinds.values():
-                assert row["p50_ms"] > 0 and row["p95_ms"] >= row["p50_ms"]
+        checked = result["checked"]
+        # Every timed answer (3 client modes x 2 kinds x queries + warm-ups) is the in-process search's answer.
+        assert checked["answers"] == 3 * 2 * (int(argv[1]) + 5), checked
+        assert not checked["problems"], "\n".join(checked["problems"][:20])
 
 
 if __name__ == "__main__":

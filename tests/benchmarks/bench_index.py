@@ -213,7 +213,7 @@ def run(argv: list[str] | None = None) -> dict:
     exact.add(base)
     exact_seconds, (_, truth) = timed(lambda: exact.search(queries, 10), 1)
     tuning_truth = exact.search(tuning, 10)[1]
-    rows, extra_rows, exact_qps_all, hardness = [], [], [], None
+    rows, extra_rows, exact_qps_all, hardness, found_ids = [], [], [], None, []
     types = (args.types or DEFAULT_TYPES[args.dataset]).split(";")
     for factory in types:
         tick = time.perf_counter()
@@ -267,6 +267,7 @@ def run(argv: list[str] | None = None) -> dict:
             extra_rows += gpu_rows(index, exact, queries, truth, index_info["factory"], tuned["params"], args.repeats)
         exact_qps_all += exact_times
         rows.append(row)
+        found_ids.append(found[:, :10].copy())
         print(json.dumps(row), flush=True)
         if args.jsonl:
             with open(args.jsonl, "a", encoding="utf-8") as handle:
@@ -280,8 +281,11 @@ def run(argv: list[str] | None = None) -> dict:
     if args.output:
         with open(args.output, "a", encoding="utf-8") as handle:
             handle.write(markdown + "\n")
+    # What a caller needs to check the figures independently of faiss: each row's top-10 ids on the test
+    # queries, the queries and the indexed vectors (row numbers are the ids).
     return {"rows": rows, "exact": exact_row, "machine": info, "markdown": markdown, "hardness": hardness,
-            "gpu_rows": extra_rows}
+            "gpu_rows": extra_rows, "found": found_ids, "queries": queries, "base": base,
+            "target_recall": args.target_recall}
 
 
 def to_markdown(args, info, rows, exact_row, format_bytes, hardness=None, gpu=(), seconds=0.0) -> str:

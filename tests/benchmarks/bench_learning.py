@@ -85,6 +85,36 @@ def prepare_shards(workdir: Path, data: str) -> Path:
     return shards
 
 
+# What a row's numbers depend on besides its arguments: the training code and the train-then-kNN helper.
+CODE_PATHS = ("trainer", "tests/learning_helpers.py")
+
+
+def code_key(repo: Path | str | None = None, paths: tuple[str, ...] = CODE_PATHS) -> str | None:
+    """The commit that last changed ``paths`` (``git log -1 --format=%H -- PATHS``), or ``None`` when that cannot
+    vouch for the code: uncommitted or untracked changes under ``paths``, or no git checkout. ``None`` never reuses."""
+    import subprocess
+
+    repo = str(repo or HERE.parent.parent)
+    try:
+        commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", *paths], cwd=repo, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", *paths], cwd=repo,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit if commit and not dirty else None
+
+
+def reuse_key(objective_args: list[str], steps: int, code: str | None) -> dict | None:
+    """What a saved row must match to be reused: the same arguments, steps and committed code (``None``: never)."""
+    return None if code is None else {"args": list(objective_args), "steps": int(steps), "code": code}
+
+
+def reusable(row: dict, key: dict | None) -> bool:
+    """A saved row is reused only under the same key; rows saved before the key existed (no ``reuse_key``) never."""
+    return key is not None and row.get("reuse_key") == key
+
+
 def source_version() -> str:
     """The git commit of the checkout, with "+dirty" when trainer/ has uncommitted changes."""
     import subprocess
@@ -109,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "manyview-bench-learning"))
     parser.add_argument("--output")
     parser.add_argument("--reuse", action="store_true",
-                        help="keep rows already measured in --workdir with the same arguments (the table names the "
-                             "commits its rows were measured at; do not reuse across changes to those objectives)")
+                        help="keep rows already measured in --workdir with the same arguments, steps and code (the "
+                             "last commit of trainer/ and tests/learning_helpers.py); with uncommitted changes there "
+                             "nothing is reused")
     args = parser.parse_args(argv)
     registered = set(registry.list_objectives())
     names = [n.strip() for n in args.only.split(",")] if args.only else [n for n in SETTINGS if n in registered]
@@ -122,15 +153,20 @@ def main(argv: list[str] | None = None) -> int:
     shards = prepare_shards(workdir, args.data)
     command = "python tests/benchmarks/bench_learning.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     code = source_version()
+    trainer_commit = code_key()
+    if args.reuse and trainer_commit is None:
+        print(f"--reuse: {' and '.join(CODE_PATHS)} have uncommitted changes (or this is no git checkout); "
+              "every row is measured again", flush=True)
     rows, started = [], time.perf_counter()
     for name in names:
         family, extra = SETTINGS[name]
         objective_args = ["--objective", name, *extra, "--seed", str(args.seed)]
         run = workdir / name
         saved = run / "row.json"
-        if args.reuse and saved.exists():  # a row measured earlier with the same arguments (its commit is kept)
+        key = reuse_key(objective_args, args.steps, trainer_commit)
+        if args.reuse and saved.exists():  # a row measured earlier with the same arguments, steps and code
             row = json.loads(saved.read_text())
-            if row.get("args") == objective_args and row.get("steps") == args.steps:
+            if reusable(row, key):
                 row["reused"] = True
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -142,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = [json.loads(line) for line in (run / "trained" / "metrics.jsonl").read_text().splitlines()]
         row = {"objective": name, "family": family, "floor": floor, "knn_top1": trained, "gain": trained - floor,
                "collapsed": any(m.get("collapsed") for m in metrics), "seconds": time.perf_counter() - t0,
-               "args": objective_args, "steps": args.steps, "code": code}
+               "args": objective_args, "steps": args.steps, "code": code, "reuse_key": key}
         saved.write_text(json.dumps(row))
         rows.append(row)
         print(json.dumps(row), flush=True)

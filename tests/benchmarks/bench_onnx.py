@@ -174,7 +174,8 @@ def bench_model(name: str, images, workdir: str, repeats: int, threads: int, gpu
     reference = sides["eager"](inputs[:8])
     for side, run in sides.items():
         diff = float(np.abs(run(inputs[:8]) - reference).max())
-        tolerance = 1e-2 if "fp16" in side else 1e-4
+        # CUDA float32 convolutions run in TF32 by default (cuDNN in torch, ONNX Runtime's use_tf32): ~1e-3.
+        tolerance = 1e-2 if "fp16" in side else 2e-3 if "cuda" in side else 1e-4
         if diff > tolerance:
             raise RuntimeError(f"{name}/{side}: max abs diff {diff:.3g} to eager > {tolerance}")
     synchronize = torch.cuda.synchronize if gpu else (lambda: None)

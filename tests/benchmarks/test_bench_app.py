@@ -15,3 +15,23 @@ _module = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_module)
 
 test_app_latency = _module.test_app_latency
+
+
+def test_answers_are_checked_label_and_score():
+    """The benchmark's correctness check (``check_answers``) fails on a wrong, short or unstable answer."""
+    expected = {("text", "a photo of a ship."): ["ship · score 0.873", "ship · score 0.861", "truck · score 0.850"]}
+    right = [["ship · score 0.873", "ship · score 0.861", "truck · score 0.850"],
+             ["ship · score 0.874", "ship · score 0.860", "truck · score 0.851"]]  # another thread count's rounding
+    assert _module.check_answers({("text", "a photo of a ship."): right}, expected) == []
+    tied = {("text", "a photo of a ship."): ["ship · score 0.873", "truck · score 0.861", "ship · score 0.860"]}
+    assert _module.check_answers({("text", "a photo of a ship."): [tied[("text", "a photo of a ship.")]]},
+                                 {("text", "a photo of a ship."): ["ship · score 0.873", "ship · score 0.861",
+                                                                   "truck · score 0.860"]}) == []  # a tie swapped
+    wrong_label = [["ship · score 0.873", "cat · score 0.861", "truck · score 0.850"]]
+    wrong_score = [["ship · score 0.873", "ship · score 0.861", "truck · score 0.800"]]
+    short = [["ship · score 0.873", "ship · score 0.861"]]
+    for answers in (wrong_label, wrong_score, short):
+        assert len(_module.check_answers({("text", "a photo of a ship."): answers}, expected)) == 1
+    assert _module.check_answers({("image", "q.png"): right}, expected) == ["('image', 'q.png'): no expected answer"]
+    assert _module.gallery_captions([{"image": {"path": "x"}, "caption": "ship · score 0.873"}, ["y", "cat · score 0.5"]]) \
+        == ["ship · score 0.873", "cat · score 0.5"]

@@ -70,7 +70,8 @@ def _gamut_bins(grid: float, samples_per_axis: int) -> torch.Tensor:
 
 def gamut_bins(grid: float = 10.0, samples_per_axis: int = 64) -> torch.Tensor:
     """[Q, 2] centres (a, b) of the quantised ab cells (side ``grid``, centred on multiples of it) that some sRGB
-    colour of a dense ``samples_per_axis``^3 sampling of the cube falls in. Q = 313 for grid 10."""
+    colour of a dense ``samples_per_axis``^3 sampling of the cube falls in. Q = 261 for grid 10 at the default
+    64^3 sampling (262 from 96^3 on; the paper's table has 313)."""
     if grid <= 0 or samples_per_axis < 2:
         raise ValueError(f"gamut_bins: grid must be > 0 and samples_per_axis >= 2, got {grid}, {samples_per_axis}")
     return _gamut_bins(float(grid), int(samples_per_axis)).clone()

@@ -143,12 +143,3 @@ def build_backbone(name: str, image_size: int = 32, channels: int = 3) -> Backbo
         backbone.std = tuple([sum(backbone.std) / len(backbone.std)] * channels)
     return backbone
 
-
-@torch.no_grad()
-def probe_feature_dim(module: nn.Module, image_size: int, channels: int = 3) -> int:
-    """The output width of ``module`` on one dummy image (for backbones that do not declare it)."""
-    was_training = module.training
-    module.eval()
-    out = module(torch.zeros(2, channels, image_size, image_size))
-    module.train(was_training)
-    return int(out.shape[-1])
