@@ -11,22 +11,23 @@ DEMO_BATCH ?= 128
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: install install-dev system-deps browser-deps demo demo-train serve test benchmark clean
+.PHONY: install install-dev system-deps browser-deps demo demo-train serve test benchmark gpu-check clean
 
 install: $(VENV)/.installed
 
-# torch 2.14.1 / torchvision 0.29.1 come from the local wheel cache where pip finds them.
+# torch 2.14.1 / torchvision 0.29.1 come from the local wheel cache where pip finds them. The `train` extra is
+# training and export; serving alone needs only the base install (`pip install .`, no torch; see README).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e .
+	$(PY) -m pip install --quiet -e '.[train]'
 	touch $@
 
 install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[train,dev]'
 	touch $@
 
 system-deps:
@@ -58,6 +59,12 @@ test: install-dev browser-deps
 
 benchmark: install-dev
 	$(PY) -m pytest -q tests/benchmarks -m benchmark -s -p no:cacheprovider
+
+# Every GPU-only test and benchmark with its correctness checks, in under 8 minutes on one H100; appends to
+# $(GPU_CHECK_OUTPUT). Without a CUDA GPU it says so and exits 0.
+GPU_CHECK_OUTPUT ?= tests/benchmarks/RESULTS_gpu.md
+gpu-check: install-dev
+	$(PY) tests/benchmarks/gpu_check.py --output $(GPU_CHECK_OUTPUT) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

@@ -3,10 +3,12 @@
     [--text-index RUN/caption-index]                       a caption index (``python -m app.caption_index``)
     [--compare-encoder B/onnx --compare-index B/index]     a second pair for the Compare tab
     [--auth user:pass] (or MANYVIEW_AUTH)  [--max-upload 25mb]  [--map-points 2000]  [--metrics RUN/metrics.jsonl]
+    [--precision auto|fp32|fp16|int8]   encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported)
 
 Serves the app (``app.ui``) on ONNX + FAISS only. Binds 127.0.0.1 unless told otherwise and never
 creates a public share link. Problems a user can fix (a missing directory, an encoder/index pair of
 different dimensions) are reported as one ``error: ...`` line and exit status 2, not as a traceback.
+The startup lines name the variant and execution provider each encoder runs; the page shows them too.
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD, help="largest accepted upload (default 25mb)")
     parser.add_argument("--map-points", type=int, default=MAP_POINTS, help="images sampled for the map (default 2000)")
     parser.add_argument("--metrics", default=None, help="metrics.jsonl of the training run (default: next to the encoder)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
+                        help="encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported; fp32 refuses int8)")
     return parser
 
 
@@ -52,13 +56,13 @@ def _require_dir(path: str, what: str, producer: str) -> None:
         raise AppError(f"{what} path {path} is not a directory")
 
 
-def load_encoder(path: str) -> Any:
-    """``export.runtime.Encoder(path)``, with failures turned into ``AppError``."""
+def load_encoder(path: str, precision: str = "auto") -> Any:
+    """``export.runtime.Encoder(path, precision=precision)``, with failures turned into ``AppError``."""
     _require_dir(path, "encoder", "python -m export --model RUN/model --output RUN/onnx")
     from export.runtime import Encoder
 
     try:
-        return Encoder(path)
+        return Encoder(path, precision=precision)
     except Exception as error:  # onnxruntime and JSON errors vary; report them in one line
         raise AppError(f"cannot load encoder {path}: {type(error).__name__}: {error}") from error
 
@@ -83,8 +87,18 @@ def check_compatible(encoder: Any, index: Any, encoder_path: str, index_path: st
         )
 
 
-def load_pair(encoder_path: str, index_path: str) -> tuple[Any, Any]:
-    encoder = load_encoder(encoder_path)
+def variant_note(encoder: Any, index: Any) -> str | None:
+    """A warning when the index's vectors came from another variant than the one encoding the queries."""
+    built = (getattr(index, "info", None) or {}).get("encoder_variant")
+    used = getattr(encoder, "precision", None)
+    if built and used and built != used:
+        return (f"note: the index holds embeddings of the {built} variant but queries use the {used} variant "
+                f"(close, not identical; --precision {built} matches them)")
+    return None
+
+
+def load_pair(encoder_path: str, index_path: str, precision: str = "auto") -> tuple[Any, Any]:
+    encoder = load_encoder(encoder_path, precision)
     index = load_index(index_path)
     check_compatible(encoder, index, encoder_path, index_path)
     return encoder, index
@@ -101,7 +115,8 @@ def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
         raise AppError("--map-points must be at least 10")
     if args.metrics and not os.path.isfile(args.metrics):
         raise AppError(f"metrics file {args.metrics} does not exist")
-    encoder, index = load_pair(args.encoder, args.index)
+    precision = getattr(args, "precision", "auto")
+    encoder, index = load_pair(args.encoder, args.index, precision)
     indexes = {"images": index}
     if args.text_index:
         text_index = load_index(args.text_index)
@@ -111,7 +126,7 @@ def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
                                  metrics_path=find_metrics(args.encoder, args.metrics), map_points=args.map_points)
     compare = None
     if args.compare_encoder:
-        other_encoder, other_index = load_pair(args.compare_encoder, args.compare_index)
+        other_encoder, other_index = load_pair(args.compare_encoder, args.compare_index, precision)
         compare = Collection(encoder=other_encoder, indexes={"images": other_index}, name="B",
                              encoder_dir=args.compare_encoder, thumbs=main_collection.thumbs,
                              metrics_path=find_metrics(args.compare_encoder), map_points=args.map_points)
@@ -151,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if item is not None:
             threading.Thread(target=item.thumbs.warm, args=(list(item.index.info.get("shards") or []),),
                              name="manyview-warm", daemon=True).start()
+    for item in (collection, compare):
+        if item is not None:
+            print(f"manyview: encoder {item.encoder_dir}: {item.encoder.describe()}", flush=True)
+            note = variant_note(item.encoder, item.index)
+            if note:
+                print(note, file=sys.stderr)
     login = " (login required)" if auth else ""
     print(f"manyview: searching {collection.index.count} images at {url}{login} (Ctrl-C stops)", flush=True)
     demo.block_thread()  # returns after Ctrl-C, having closed the server

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from app.search import (
-    K_DEFAULT, K_MAX, K_MIN, SearchError, md_escape, neighbours_for_image, neighbours_for_text, run_search,
-    sample_image, short,
+    K_DEFAULT, K_MAX, K_MIN, SearchError, encoder_execution, md_escape, neighbours_for_image, neighbours_for_text,
+    run_search, sample_image, short,
 )
 from app.thumbnails import thumbnail
 
@@ -23,6 +23,9 @@ def side_title(collection: Any) -> str:
     parts = [str(model.get(name)) for name in ("objective", "backbone") if model.get(name)]
     if model.get("steps") is not None:
         parts.append(f"{model['steps']} steps")
+    execution = encoder_execution(collection.encoder)
+    if execution:
+        parts.append(execution)
     where = collection.encoder_dir or "encoder"
     return f"**{collection.name}**: {' · '.join(parts) or 'model'} · {collection.index.count:,} images  \n`{where}`"
 

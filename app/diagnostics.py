@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -101,17 +102,17 @@ def augment(image: Any, rng: np.random.Generator, min_area: float = 0.6) -> Any:
 
 
 def raw_image_embeddings(encoder: Any, images: Sequence[Any], batch_size: int = 64) -> np.ndarray | None:
-    """The encoder's outputs before L2 normalisation, or None when the encoder does not expose its session.
-
-    ``export.runtime.Encoder`` only returns normalised embeddings; its session is reached directly here.
-    """
-    run, session, name = (getattr(encoder, attr, None) for attr in ("_run", "_image_session", "_image_input"))
-    if run is None or session is None or name is None:
+    """The encoder's outputs before L2 normalisation (``encode_images(..., normalize=False)``), or None
+    when the encoder cannot give them (an encoder-like object without that option)."""
+    encode = getattr(encoder, "encode_images", None)
+    try:
+        takes_normalize = encode is not None and "normalize" in inspect.signature(encode).parameters
+    except (TypeError, ValueError):  # not introspectable
+        takes_normalize = False
+    if not takes_normalize:
         return None
-    batch = encoder.prepare(list(images))
-    chunks = [run(session, name, batch[start:start + batch_size], "image_encoder.onnx")
-              for start in range(0, len(batch), batch_size)]
-    return np.concatenate(chunks) if chunks else None
+    raw = encode(list(images), batch_size=batch_size, normalize=False)
+    return np.asarray(raw, dtype=np.float32) if len(raw) else None
 
 
 def find_metrics(encoder_dir: str | os.PathLike | None, explicit: str | os.PathLike | None = None) -> Path | None:

@@ -44,16 +44,10 @@ class EncoderLike(Protocol):
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-class IndexLike(Protocol):
-    """What the app needs of ``index.search.Index``."""
-
-    count: int
-    dim: int
-    info: dict
-
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-    def records(self, ids: Sequence[int]) -> list[dict]: ...
+def encoder_execution(encoder: Any) -> str:
+    """E.g. ``"int8 variant on CPUExecutionProvider"`` (``Encoder.describe()``); "" for encoders without it."""
+    describe = getattr(encoder, "describe", None)
+    return str(describe()) if callable(describe) else ""
 
 
 class SearchError(ValueError):

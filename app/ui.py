@@ -21,19 +21,14 @@ from typing import TYPE_CHECKING, Any, Sequence
 from app.collection import Collection
 from app.safety import DEFAULT_MAX_UPLOAD
 from app.search import (  # noqa: F401 - re-exported: the search API of the app
-    K_DEFAULT, K_MAX, K_MIN, UPLOAD_HINT, Hit, ResultFilter, SearchError, UnreadableUpload, clamp_k, load_query_image,
-    md_escape, neighbours_for_id, neighbours_for_image, neighbours_for_text, run_search, search_image, search_text,
-    status_line,
+    K_DEFAULT, K_MAX, K_MIN, UPLOAD_HINT, Hit, ResultFilter, SearchError, UnreadableUpload, clamp_k, encoder_execution,
+    load_query_image, md_escape, neighbours_for_id, neighbours_for_image, neighbours_for_text, run_search, search_image,
+    search_text, status_line,
 )
 from app.thumbnails import THUMB_MIN_SIDE, ThumbnailStore, thumbnail  # noqa: F401
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import gradio as gr
-
-MAX_UPLOAD = DEFAULT_MAX_UPLOAD
-_run = run_search  # the name the first version of the app used
-_thumbnail = thumbnail
-_md_escape = md_escape
 
 CSS = """
 #mv-gallery img, #mv-map-gallery img, #mv-cmp-gallery-a img, #mv-cmp-gallery-b img, #mv-upload img, #mv-cmp-upload img {
@@ -63,11 +58,17 @@ def _table(title: str, data: dict) -> str:
 
 
 def model_card_markdown(encoder: Any, index: Any) -> str:
-    """Markdown tables describing the model (``preprocess.json``'s ``model``) and the index (``index.json``)."""
+    """Markdown tables describing the model (``preprocess.json``'s ``model``, the variant and provider the
+    encoder runs) and the index (``index.json``)."""
     einfo = dict(getattr(encoder, "info", {}) or {})
     model = dict(einfo.get("model") or {})
     model.setdefault("embedding dim", getattr(encoder, "dim", "?"))
     model.setdefault("text search", "yes" if getattr(encoder, "has_text", False) else "no")
+    execution = dict(getattr(encoder, "execution", None) or {})
+    if execution:
+        model.setdefault("encoder variant", execution.get("variant"))
+        model.setdefault("execution provider", execution.get("provider"))
+        model.setdefault("image encoder file", execution.get("image_model"))
     for key in ("image_size", "channels"):
         if key in einfo:
             model.setdefault(key, einfo[key])
@@ -125,8 +126,9 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
     safe_image = _safe_image_class()
     main = collection.index
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
-        gr.Markdown(f"## {html.escape(title)}\n{main.count:,} images indexed · {main.dim}-d embeddings",
-                    elem_id="mv-title")
+        execution = encoder_execution(collection.encoder)
+        gr.Markdown(f"## {html.escape(title)}\n{main.count:,} images indexed · {main.dim}-d embeddings"
+                    + (f" · encoder: {html.escape(execution)}" if execution else ""), elem_id="mv-title")
         with gr.Tabs():
             with gr.Tab("Search", id="search", elem_id="mv-tab-search"):
                 build_search_tab(collection, safe_image)
@@ -142,7 +144,7 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
 
 
 def launch_app(demo: "gr.Blocks", host: str = "127.0.0.1", port: int = 7860, block: bool = True,
-               auth: Sequence[tuple[str, str]] | None = None, max_upload: str | int = MAX_UPLOAD,
+               auth: Sequence[tuple[str, str]] | None = None, max_upload: str | int = DEFAULT_MAX_UPLOAD,
                blocked: Sequence[str] = ()) -> str:
     """Serve ``demo`` on ``host:port`` (never a public share link) and return its local URL.
 

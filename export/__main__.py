@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     if int8 is not None:
         held = int8["held_out"]
         print(f"image_int8 encoder vs float32 on {held['count']} held-out images ({int8['method']} calibration on "
-              f"{int8['calibration']['count']} images): min cosine {held['min_cosine']:.5f}, mean {held['mean_cosine']:.5f}")
+              f"{int8['calibration']['count']} images): min cosine {held['min_cosine']:.5f}, mean {held['mean_cosine']:.5f}; "
+              "serving on a CPU uses it by default (precision 'fp32' / --precision fp32 refuses it)")
         report["image_int8"] = int8
     print(json.dumps({"output": args.output, "parity": report}))
     return 0

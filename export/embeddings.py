@@ -41,6 +41,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from export.contract import l2_normalize, preprocess_path, read_preprocess, variant_files
+
 FORMAT = "manyview-embeddings"
 VERSION = 1
 MANIFEST = "embeddings.json"
@@ -71,20 +73,22 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def encoder_identity(onnx_dir: str | os.PathLike) -> dict:
-    """What identifies an exported encoder: ``fingerprint`` (sha256 over ``image_encoder.onnx`` and
-    ``preprocess.json``), the ``directory`` it was read from and the ``preprocess`` contents."""
+def encoder_identity(onnx_dir: str | os.PathLike, variant: str = "fp32", provider: str | None = None) -> dict:
+    """What identifies the encoder that made a set of embeddings: ``fingerprint`` (sha256 over the image
+    encoder file of ``variant`` and ``preprocess.json``; for fp32, ``image_encoder.onnx``), the ``variant``
+    (fp32, fp16 or int8: their embeddings differ slightly, so they count as different encoders and never
+    mix in one output), the ``image_model`` file, the ``provider`` it ran on (recorded, not fingerprinted),
+    the ``directory`` it was read from and the ``preprocess`` contents."""
     directory = Path(onnx_dir).expanduser().resolve()
-    model, preprocess = directory / "image_encoder.onnx", directory / "preprocess.json"
-    for required in (model, preprocess):
-        if not required.is_file():
-            raise FileNotFoundError(f"encoder file {str(required)!r} does not exist")
-    with open(preprocess, encoding="utf-8") as handle:
-        contents = json.load(handle)
+    contents = read_preprocess(directory)
+    model = directory / variant_files(contents, variant)["image"]
+    if not model.is_file():
+        raise FileNotFoundError(f"encoder file {str(model)!r} does not exist")
     digest = hashlib.sha256()
     digest.update(file_sha256(model).encode())
-    digest.update(file_sha256(preprocess).encode())
-    return {"fingerprint": digest.hexdigest(), "directory": str(directory), "preprocess": contents}
+    digest.update(file_sha256(preprocess_path(directory)).encode())
+    return {"fingerprint": digest.hexdigest(), "variant": variant, "image_model": model.name, "provider": provider,
+            "directory": str(directory), "preprocess": contents}
 
 
 # -- manifest ---------------------------------------------------------------------------------------
@@ -140,11 +144,19 @@ def open_output(
     plan = [os.path.abspath(shard) for shard in shards] if shards is not None else None
     if (output / MANIFEST).exists():
         existing = read_manifest(output)
-        found = existing.get("encoder", {}).get("fingerprint")
+        previous = existing.get("encoder") or {}
+        found = previous.get("fingerprint")
         if found != encoder.get("fingerprint"):
+            if previous.get("directory") == encoder.get("directory") and previous.get("variant") != encoder.get("variant"):
+                raise EmbeddingsMismatchError(
+                    f"{str(output)!r} holds embeddings of the {previous.get('variant') or 'fp32/fp16'} variant of "
+                    f"{encoder.get('directory')!r}, but this run uses its {encoder.get('variant')} variant; variants "
+                    "never mix in one output. Resume with --precision "
+                    f"{previous.get('variant') or 'fp32'}, or use a new --output directory"
+                )
             raise EmbeddingsMismatchError(
                 f"{str(output)!r} already holds embeddings of another model (encoder "
-                f"{existing.get('encoder', {}).get('directory')!r}, fingerprint {str(found)[:12]}); "
+                f"{previous.get('directory')!r}, fingerprint {str(found)[:12]}); "
                 f"this encoder is {encoder.get('directory')!r} (fingerprint {str(encoder.get('fingerprint'))[:12]}). "
                 "Use a new --output directory or delete the old one"
             )
@@ -288,10 +300,7 @@ def read_part(path: str | os.PathLike, part_name: str, normalize: bool = True):
     table = pq.read_table(str(base / f"{part_name}.parquet"))
     if len(vectors) != table.num_rows:
         raise EmbeddingsError(f"part {part_name} of {path}: {len(vectors)} embeddings but {table.num_rows} metadata rows")
-    vectors = np.asarray(vectors, dtype=np.float32)
-    if normalize:
-        norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-        vectors = vectors / np.maximum(norms, 1e-12)
+    vectors = l2_normalize(vectors) if normalize else np.asarray(vectors, dtype=np.float32)
     return np.ascontiguousarray(vectors, dtype=np.float32), table
 
 
@@ -343,7 +352,8 @@ def embeddings_info(path: str | os.PathLike) -> dict:
     """Summary of an embeddings directory.
 
     Keys: ``dim`` (int), ``count`` (rows in committed parts), ``dtype`` (stored dtype), ``encoder``
-    (``{"fingerprint", "directory", "preprocess"}``: the encoder's identity and its preprocess.json),
+    (``{"fingerprint", "variant", "image_model", "provider", "directory", "preprocess"}``: the encoder's
+    identity, see ``encoder_identity``; manifests written before variants were recorded lack the middle three),
     ``complete`` (bool), ``parts`` (number), ``shards`` (plan or None), ``shards_done``, ``skipped``
     (undecodable samples in finished shards), ``path``.
     """

@@ -2,7 +2,7 @@
 
     python -m export.extract --encoder RUN/onnx --data 'SHARDS/*.tar.gz' --output EMB \
         [--batch-size 64] [--dtype float16|float32] [--workers N] [--chunk-size 8192] \
-        [--precision auto|fp32|fp16] [--threads N] [--no-progress]
+        [--precision auto|fp32|fp16|int8] [--threads N] [--no-progress]
 
 Streams the shards (``trainer.data.shards``, plain tar reading), decodes and resizes images in worker
 processes (PIL, bounded prefetch), encodes them in batches on ONNX Runtime and writes the format of
@@ -15,7 +15,9 @@ Several processes (``accelerate launch``, ``torchrun``, or any launcher that set
 GPU ``LOCAL_RANK``; they all write into the one output directory (shared storage across nodes) and
 ``read_embeddings`` presents the parts as one ordered set; the process that finishes last marks it complete.
 Undecodable images are counted, skipped and reported (per shard in ``done/*.json`` and in the summary).
-No torch is imported.
+The encoder variant (``--precision``; auto: fp16 on a GPU, int8 on a CPU, when exported) and the provider
+it runs on are logged, printed in the summary and recorded in ``embeddings.json``; the variant is part of
+the encoder fingerprint, so an output started with one variant refuses another. No torch is imported.
 """
 from __future__ import annotations
 
@@ -39,8 +41,8 @@ from export.embeddings import (
     EmbeddingsError, done_shards, embeddings_info, encoder_identity, finalize, mark_shard_done, metadata_table,
     open_output, part_info, part_names, part_rows, write_part,
 )
-from export.runtime import Encoder, EncoderError, empty_batch, prepare_image
-from trainer.data.preprocess import Preprocess
+from export.contract import Preprocess, empty_batch, prepare_image
+from export.runtime import Encoder, EncoderError
 from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_shard, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -226,12 +228,14 @@ def extract(
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else _InProcess()
     try:
         encoder = Encoder(encoder_dir, precision=precision, threads=threads, device_id=local_rank)
-        open_output(output_dir, encoder_identity(encoder_dir), encoder.dim, dtype, shards=plan,
+        identity = encoder_identity(encoder_dir, variant=encoder.precision, provider=encoder.provider)
+        open_output(output_dir, identity, encoder.dim, dtype, shards=plan,
                     extra={"data": data_spec if isinstance(data_spec, str) else "::".join(data_spec),
                            "chunk_size": chunk_size})
         finished_shards = done_shards(output_dir)
         mine = [i for i in range(len(plan)) if i % world_size == rank and i not in finished_shards]
-        logger.info("rank %d/%d: %d of %d shard(s) to extract with %r", rank, world_size, len(mine), len(plan), encoder)
+        logger.info("rank %d/%d: %d of %d shard(s) to extract with %s (%s)", rank, world_size, len(mine), len(plan),
+                    encoder.describe(), encoder.directory)
         written, skipped = _run(encoder, pool, workers, plan, mine, classes, output_dir, batch_size, chunk_size,
                                 progress, rank, world_size)
     finally:
@@ -255,7 +259,9 @@ def extract(
         "skipped": skipped,
         "seconds": round(seconds, 3),
         "images_per_second": round(written / seconds, 1) if seconds > 0 else None,
+        "encoder": encoder.describe(),
         "precision": encoder.precision,
+        "provider": encoder.provider,
         "providers": encoder.providers,
         "complete": complete,
     }
@@ -358,8 +364,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
     parser.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1, max 8; 0: none)")
     parser.add_argument("--chunk-size", type=int, default=8192, help="samples per part file (the resume unit)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
-                        help="encoder variant (auto: fp16 on a GPU when exported, else fp32)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
+                        help="encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported; else fp32)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser.parse_args(argv)

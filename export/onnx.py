@@ -1,16 +1,10 @@
 """Export a saved model to ONNX, checking the result against eager PyTorch before declaring success.
 
-Writes into the output directory (the contract ``export/runtime.py`` reads):
-
-* ``image_encoder.onnx``: input ``pixels`` float32 [N, C, H, W] (normalised), or with ``uint8_input``
-  ``images`` uint8 [N, H, W, C] (the graph scales by 1/255 and applies mean/std itself) -> ``embedding`` [N, D]
-* ``text_encoder.onnx`` for image-text models: input ``tokens`` int64 [N, L] -> ``embedding`` [N, D]
-* with ``fp16``: ``image_encoder.fp16.onnx`` (and ``text_encoder.fp16.onnx``), float16 weights and
-  compute, float32 inputs/outputs, meant for GPUs
-* with ``int8``: ``image_encoder.int8.onnx``, statically quantised (QDQ) and calibrated on images read from
-  shards (``export/quantize.py``), and ``int8_report.json`` (calibration set, method, agreement with float32
-  on held-out images); the export fails, leaving the output as it was, when int8 cannot meet ``min_cosine``
-* ``preprocess.json`` (what a client must still do, the tokenizer, the parity figures) and the BPE vocabulary
+Writes into the output directory the encoder directory of ``export/contract.py`` (the one place that
+describes it): ``image_encoder.onnx`` (``text_encoder.onnx`` for image-text models), with ``fp16`` the
+``*.fp16.onnx`` variants for GPUs, with ``int8`` ``image_encoder.int8.onnx`` calibrated on images read from
+shards (``export/quantize.py``) plus ``int8_report.json`` (the export fails, leaving the output as it was,
+when int8 cannot meet ``min_cosine``), ``preprocess.json`` and the BPE vocabulary.
 
 Every graph is traced at batch 2 with a dynamic batch axis, exported at a fixed opset, passed through
 ``onnx.checker`` and compared with eager PyTorch on fresh random inputs at another batch size
@@ -31,13 +25,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.contract import (
+    FLOAT_NCHW, IMAGE_INPUT, IMAGE_MODEL, IMAGE_MODEL_FP16, INT8_REPORT, OUTPUT, TEXT_INPUT, TEXT_MODEL, TEXT_MODEL_FP16,
+    UINT8_INPUT, UINT8_NHWC, VOCAB_NAME, Preprocess, l2_normalize, make_preprocess_info,
+    write_preprocess,
+)
+from export.contract import client_steps as _client_steps
+
 log = logging.getLogger("manyview.export")
 
 OPSET = 17
-IMAGE_INPUT, UINT8_INPUT, TEXT_INPUT, OUTPUT = "pixels", "images", "tokens", "embedding"
-IMAGE_MODEL, TEXT_MODEL = "image_encoder.onnx", "text_encoder.onnx"
-IMAGE_MODEL_FP16, TEXT_MODEL_FP16 = "image_encoder.fp16.onnx", "text_encoder.fp16.onnx"
-VOCAB_NAME = "bpe_simple_vocab_16e6.txt.gz"
 FP32_TOLERANCE = 1e-4
 FP16_MIN_COSINE = 0.999
 TRACE_BATCH, CHECK_BATCH = 2, 5
@@ -155,14 +152,9 @@ def _topological_sort(graph) -> None:
     graph.node.extend(copies)
 
 
-def _normalise(array: np.ndarray) -> np.ndarray:
-    array = np.asarray(array, dtype=np.float64)
-    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-
-
 def compare(reference: np.ndarray, candidate: np.ndarray) -> Parity:
     """Max abs difference and min cosine of the L2-normalised rows of two [N, D] arrays."""
-    a, b = _normalise(reference), _normalise(candidate)
+    a, b = l2_normalize(reference, np.float64), l2_normalize(candidate, np.float64)
     return Parity(max_abs_diff=float(np.abs(a - b).max()), min_cosine=float((a * b).sum(axis=1).min()), batch=len(a))
 
 
@@ -197,66 +189,33 @@ def check_parity(
     return parity
 
 
+def _spec(config) -> Preprocess:
+    return Preprocess(image_size=config.image_size, channels=config.channels, mean=list(config.mean),
+                      std=list(config.std))
+
+
 def client_steps(config, uint8_input: bool) -> list[str]:
-    """What a client must do to an image before the image encoder, in order (recorded in preprocess.json)."""
-    mode = "grayscale (L)" if config.channels == 1 else "RGB"
-    size = config.image_size
-    steps = [
-        f"decode the image and convert it to {mode}",
-        f"resize so the shorter side is {size} px (bicubic)",
-        f"centre-crop {size}x{size}",
-    ]
-    if uint8_input:
-        steps.append(f"stack as uint8 [N, {size}, {size}, {config.channels}] (NHWC, values 0-255) into input "
-                     f"'{UINT8_INPUT}'; the graph scales and normalises")
-    else:
-        steps += [
-            "scale to [0, 1] (divide by 255)",
-            f"subtract mean {list(config.mean)} and divide by std {list(config.std)} per channel",
-            f"transpose to float32 [N, {config.channels}, {size}, {size}] (NCHW) into input '{IMAGE_INPUT}'",
-        ]
-    steps.append(f"L2-normalise the '{OUTPUT}' rows (the graph returns unnormalised embeddings)")
-    return steps
+    """What a client must do to an image before the image encoder, in order (``export.contract.client_steps``)."""
+    return _client_steps(_spec(config), UINT8_NHWC if uint8_input else FLOAT_NCHW)
 
 
 def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = False, fp16: bool = False,
                     int8: bool = False) -> dict:
-    """The ``preprocess.json`` contents for ``model`` (see ``export/runtime.py`` for the reader)."""
-    from export.quantize import INT8_MODEL
-
+    """The ``preprocess.json`` contents for ``model`` (the schema: ``export.contract.make_preprocess_info``)."""
     config = model.config
-    variants = {"fp32": {"image": IMAGE_MODEL, "text": TEXT_MODEL if has_text else None}}
-    if fp16:
-        variants["fp16"] = {"image": IMAGE_MODEL_FP16, "text": TEXT_MODEL_FP16 if has_text else None}
-    if int8:  # the text tower stays float32: queries are one short text at a time
-        variants["int8"] = {"image": INT8_MODEL, "text": TEXT_MODEL if has_text else None}
-    return {
-        "image_size": config.image_size,
-        "channels": config.channels,
-        "mean": list(config.mean),
-        "std": list(config.std),
-        "resize": "bicubic",
-        "crop": "center",
-        "input_format": "uint8_nhwc" if uint8_input else "float32_nchw",
-        "client_steps": client_steps(config, uint8_input),
-        "embed_dim": model.embed_dim,
-        "image_input": UINT8_INPUT if uint8_input else IMAGE_INPUT,
-        "text_input": TEXT_INPUT if has_text else None,
-        "output": OUTPUT,
-        "normalized_output": False,
-        "opset": OPSET,
-        "variants": variants,
-        "tokenizer": (
-            {
-                "type": "clip_bpe", "vocab_file": VOCAB_NAME, "context_length": config.text.context_length,
-                "source": "open_clip's bundled BPE (bpe_simple_vocab_16e6), lower-cased, ftfy + whitespace cleaning",
-                "start_token": config.text.vocab_size - 2, "end_token": config.text.vocab_size - 1, "pad_token": 0,
-                "truncate": "rows longer than context_length are cut to context_length and the last position set to end_token",
-            }
-            if has_text else None
-        ),
-        "model": {k: v for k, v in saved.items() if k not in ("model",)},
-    }
+    tokenizer = None
+    if has_text:
+        tokenizer = {
+            "type": "clip_bpe", "vocab_file": VOCAB_NAME, "context_length": config.text.context_length,
+            "source": "open_clip's bundled BPE (bpe_simple_vocab_16e6), lower-cased, ftfy + whitespace cleaning",
+            "start_token": config.text.vocab_size - 2, "end_token": config.text.vocab_size - 1, "pad_token": 0,
+            "truncate": "rows longer than context_length are cut to context_length and the last position set to end_token",
+        }
+    return make_preprocess_info(
+        _spec(config), model.embed_dim, input_format=UINT8_NHWC if uint8_input else FLOAT_NCHW, has_text=has_text,
+        fp16=fp16, int8=int8, tokenizer=tokenizer, model={k: v for k, v in saved.items() if k != "model"},
+        opset=OPSET,
+    )
 
 
 def _image_inputs(batch: int, config, uint8_input: bool, generator: torch.Generator) -> torch.Tensor:
@@ -338,7 +297,7 @@ def export_model(
         info = preprocess_info(saved, model, model.text is not None, uint8_input=uint8_input, fp16=fp16, int8=int8)
         info["opset"] = opset
         if int8:
-            from export.quantize import INT8_REPORT, quantize_encoder
+            from export.quantize import quantize_encoder
 
             int8_report = quantize_encoder(staging, info, calibration_data, calibration_size=calibration_size,
                                            min_cosine=min_cosine, method=calibration_method,
@@ -347,8 +306,7 @@ def export_model(
                 json.dump(int8_report, handle, indent=2)
             report["image_int8"] = {key: int8_report[key] for key in ("method", "held_out", "calibration")}
         info["parity"] = report
-        with open(os.path.join(staging, "preprocess.json"), "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
+        write_preprocess(staging, info)
         if os.path.exists(output_dir):
             shutil.rmtree(output_dir)
         os.replace(staging, output_dir)

@@ -5,7 +5,7 @@
 Writes ``image_encoder.int8.onnx`` beside ``image_encoder.onnx``: QDQ format (QuantizeLinear /
 DequantizeLinear pairs that ONNX Runtime fuses into integer kernels), int8 weights quantised per output
 channel, int8 activations with ranges calibrated on ``calibration_size`` images decoded from the shards
-and prepared exactly as the encoder's clients prepare them (``export.runtime.prepare_image``).
+and prepared exactly as the encoder's clients prepare them (``export.contract.prepare_image``).
 Activations are uint8 and weights int8 (U8S8), the combination ONNX Runtime's x86 integer kernels run
 natively (AVX2 / AVX512-VNNI): measured on this CPU, a resnet18-cifar QDQ graph with int8 activations
 (S8S8) ran *slower* than float32 (168 vs 170 images/s), with uint8 activations 3.5x faster.
@@ -38,10 +38,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from export.contract import (  # noqa: F401 - INT8_REPORT re-exported for the exporter and tests
+    IMAGE_MODEL, IMAGE_MODEL_INT8, INT8_REPORT, Preprocess, l2_normalize, prepare_image,
+)
+
 log = logging.getLogger("manyview.export.quantize")
 
-INT8_MODEL = "image_encoder.int8.onnx"
-INT8_REPORT = "int8_report.json"
+INT8_MODEL = IMAGE_MODEL_INT8
 METHODS = ("minmax", "entropy", "percentile")
 DEFAULT_MIN_COSINE = 0.99
 DEFAULT_CALIBRATION_SIZE = 512
@@ -71,7 +74,6 @@ class ImageSet:
 def read_images(pattern: str, calibration_size: int, held_out_size: int, spec, input_format: str) -> tuple[ImageSet, ImageSet]:
     """The first ``calibration_size`` decodable images of the shards named by ``pattern`` (in shard
     order) and the next ``held_out_size``, prepared as the encoder's input (``input_format``)."""
-    from export.runtime import prepare_image
     from trainer.data.shards import decode_image, iter_samples
 
     mode = "L" if spec.channels == 1 else "RGB"
@@ -170,8 +172,7 @@ def embed(path: str, input_name: str, inputs: np.ndarray, batch: int = 32, threa
     output = session.get_outputs()[0].name
     chunks = [session.run([output], {input_name: inputs[start:start + batch]})[0]
               for start in range(0, len(inputs), batch)]
-    out = np.concatenate(chunks).astype(np.float64)
-    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+    return l2_normalize(np.concatenate(chunks), np.float64)
 
 
 def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
@@ -183,14 +184,12 @@ def agreement(reference: np.ndarray, candidate: np.ndarray) -> dict:
 def quantize_encoder(
     directory: str, info: dict, calibration_data: str, calibration_size: int = DEFAULT_CALIBRATION_SIZE,
     min_cosine: float = DEFAULT_MIN_COSINE, method: str = "auto", held_out_size: int = DEFAULT_HELD_OUT_SIZE,
-    source_model: str = "image_encoder.onnx",
+    source_model: str = IMAGE_MODEL,
 ) -> dict:
     """Write ``directory/image_encoder.int8.onnx`` from ``directory/source_model`` (the float32 graph as
     exported, before any fused-operator rewrite) and return the report. Raises ``CalibrationError``
     when no method reaches ``min_cosine`` (nothing is written then)."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from trainer.data.preprocess import Preprocess
 
     if method != "auto" and method not in METHODS:
         raise ValueError(f"calibration method must be 'auto' or one of {METHODS}, got {method!r}")

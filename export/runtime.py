@@ -1,27 +1,21 @@
 """ONNX Runtime encoder: images (and texts) -> L2-normalised embeddings, without torch.
 
-Reads a directory written by ``python -m export``::
+Reads an encoder directory written by ``python -m export``; its layout, names and formats are the
+contract of ``export/contract.py``.
 
-    image_encoder.onnx       input "pixels" float32 [N, C, H, W] (normalised), or with ``--uint8-input``
-                             "images" uint8 [N, H, W, C] (the graph normalises) -> "embedding" float32 [N, D]
-    text_encoder.onnx        (image-text models only) input "tokens" int64 [N, L] -> "embedding" [N, D]
-    *.fp16.onnx              (``--fp16``) float16 variants with float32 inputs/outputs, for GPUs
-    image_encoder.int8.onnx  (``--int8``) statically quantised (QDQ) image encoder for CPUs; same inputs
-                             and outputs; ``int8_report.json`` holds its calibration and agreement
-    preprocess.json          image_size, channels, mean, std, resize, crop, input_format, client_steps,
-                             embed_dim, input/output names, variants, tokenizer (null or
-                             {"type": "clip_bpe", "vocab_file", "context_length", ...}), model, parity
-    <vocab_file>             CLIP BPE merges, when the model has a text encoder
+Variants (``precision``): ``"auto"`` takes the fp16 variant on a GPU when it was exported, the int8
+image encoder on a CPU when it was exported (the export keeps it only when it met its quality bound on
+held-out images; about 4x the float32 throughput), else fp32; ``"fp32"``, ``"fp16"`` and ``"int8"`` ask
+for one variant (``"fp32"`` is the way to refuse int8). One log line names the variant and the provider
+the image encoder runs (``image encoder: int8 variant on CPUExecutionProvider``).
 
 Execution providers: TensorRT (when its libraries load), CUDA (when a driver is present), always CPU as
-the fallback; one log line names the provider each session really uses. On CUDA the fp16 variant is
-used when exported, and batches run through IO binding (outputs stay on the device until copied once).
+the fallback. On CUDA batches run through IO binding (outputs stay on the device until copied once).
 Serving code (``index``, ``app``) depends on this module, so it must never import torch.
 """
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 from pathlib import Path
@@ -29,32 +23,18 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from trainer.data.preprocess import Preprocess, preprocess_image, resize_center_crop
+from export.contract import (  # noqa: F401 - re-exported: the runtime's public names
+    EXPORT_FLAGS, FLOAT_NCHW, IMAGE_MODEL, INPUT_FORMATS, ONNX_INPUT_TYPES, PREPROCESS, TEXT_MODEL, UINT8_NHWC,
+    VOCAB_NAME, EncoderError, Preprocess, describe_execution, empty_batch, input_dtype, input_shape, int8_agreement,
+    l2_normalize, prepare_image, read_preprocess, variant_files,
+)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MODEL = "image_encoder.onnx"
-TEXT_MODEL = "text_encoder.onnx"
-PREPROCESS = "preprocess.json"
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-FLOAT_NCHW, UINT8_NHWC = "float32_nchw", "uint8_nhwc"
-INPUT_FORMATS = (FLOAT_NCHW, UINT8_NHWC)
 PRECISIONS = ("auto", "fp32", "fp16", "int8")
-_EXPORT_FLAGS = {"fp16": "--fp16", "int8": "--int8 --calibration-data SHARDS"}
-_ONNX_TYPES = {FLOAT_NCHW: "tensor(float)", UINT8_NHWC: "tensor(uint8)"}
-
-
-class EncoderError(RuntimeError):
-    """An encoder directory that cannot be used (missing files, inconsistent metadata)."""
-
-
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    """Row-wise L2 normalisation; zero rows stay zero instead of becoming NaN."""
-    vectors = np.asarray(vectors, dtype=np.float32)
-    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
 def _library_loads(*names: str) -> bool:
@@ -143,36 +123,6 @@ def session_options(threads: int | None = None, fp16: bool = False):
     return options
 
 
-def prepare_image(image, spec: Preprocess, input_format: str = FLOAT_NCHW) -> np.ndarray:
-    """One PIL image -> the image encoder's per-image input: float32 [C, H, W] normalised
-    (``float32_nchw``) or uint8 [H, W, C] resized and cropped (``uint8_nhwc``)."""
-    if input_format == FLOAT_NCHW:
-        return preprocess_image(image, spec)
-    if input_format != UINT8_NHWC:
-        raise ValueError(f"unknown input_format {input_format!r}; expected one of {INPUT_FORMATS}")
-    image = resize_center_crop(image.convert("L" if spec.channels == 1 else "RGB"), spec.image_size)
-    array = np.asarray(image, dtype=np.uint8)
-    return np.ascontiguousarray(array[:, :, None] if array.ndim == 2 else array)
-
-
-def empty_batch(spec: Preprocess, input_format: str = FLOAT_NCHW) -> np.ndarray:
-    size, channels = spec.image_size, spec.channels
-    if input_format == UINT8_NHWC:
-        return np.zeros((0, size, size, channels), dtype=np.uint8)
-    return np.zeros((0, channels, size, size), dtype=np.float32)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise EncoderError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise EncoderError(f"{path} must hold a JSON object, found {type(data).__name__}")
-    return data
-
-
 def _static_dim(shape: Sequence[Any]) -> int | None:
     """The last dimension of an ONNX shape when it is a fixed integer, else None."""
     if not shape:
@@ -185,9 +135,10 @@ class Encoder:
     """Embeds images (and, for image-text models, texts) with the exported ONNX encoders.
 
     ``providers``: onnxruntime providers, best first (default ``default_providers()``). ``precision``:
-    ``"auto"`` (the fp16 variant on a GPU when it was exported, else fp32), ``"fp32"``, ``"fp16"`` or
-    ``"int8"`` (the quantised image encoder, for CPUs; never chosen by ``"auto"``, since it trades a little
-    agreement with float32 for speed: ``info["parity"]["image_int8"]`` says how much).
+    ``"auto"`` (on a GPU the fp16 variant when it was exported; on a CPU the int8 image encoder when it was
+    exported, which the export kept only after it met its bound on held-out images, see
+    ``info["parity"]["image_int8"]``; else fp32), ``"fp32"`` (also the way to refuse int8), ``"fp16"`` or
+    ``"int8"``. ``precision`` / ``provider`` / ``execution`` / ``describe()`` say what was chosen.
     ``io_binding``: run batches through IO binding (default: on when a GPU provider is in use).
     ``threads``: intra-op CPU threads (default: onnxruntime's choice). ``device_id``: the GPU to use.
     """
@@ -206,21 +157,18 @@ class Encoder:
             raise FileNotFoundError(f"encoder directory {str(self.directory)!r} does not exist")
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        info_path = self.directory / PREPROCESS
-        if not info_path.is_file():
-            raise FileNotFoundError(f"encoder file {str(info_path)!r} does not exist")
-        self._info = _read_json(info_path)
+        self._info = read_preprocess(self.directory)
         self._preprocess = Preprocess.from_dict(self._info)
         self._input_format = str(self._info.get("input_format", FLOAT_NCHW))
-        if self._input_format not in INPUT_FORMATS:
-            raise EncoderError(f"{PREPROCESS} has input_format {self._input_format!r}; expected one of {INPUT_FORMATS}")
         self._output = str(self._info.get("output", "embedding"))
         explicit = providers is not None
         providers = list(providers) if explicit else default_providers(device_id)
+        self._requested = precision
         self._precision = self._choose_precision(precision, providers)
         if not explicit and self._precision == "fp16":
             providers = default_providers(device_id, fp16=True)  # TensorRT builds fp16 engines for it
-        files = self._variant_files(self._precision)
+        files = variant_files(self._info, self._precision)
+        self._files = files
         image_path = self.directory / files["image"]
         if not image_path.is_file():
             raise FileNotFoundError(f"encoder file {str(image_path)!r} does not exist")
@@ -233,6 +181,7 @@ class Encoder:
         self._image_input = self._check_input(self._image_session, image_path, self._info.get("image_input", "pixels"))
         self._check_image_input(self._image_session, image_path)
         self._dim = self._resolve_dim(self._image_session, image_path)
+        self._log_choice()
         self._text_session = None
         self._tokenizer = None
         text_name = files.get("text")
@@ -242,6 +191,7 @@ class Encoder:
             self._text_input = self._check_input(self._text_session, text_path, self._info.get("text_input", "tokens"))
             self._check_output_dim(self._text_session, text_path)
             self._tokenizer = self._load_tokenizer()
+            logger.info("text encoder: %s on %s", text_path.name, (self._text_session.get_providers() or [CPU])[0])
         elif text_name and text_name != TEXT_MODEL:
             raise FileNotFoundError(f"encoder file {str(text_path)!r} does not exist")
 
@@ -249,17 +199,28 @@ class Encoder:
 
     def _choose_precision(self, precision: str, providers: Sequence[Any]) -> str:
         variants = self._info.get("variants") or {}
-        if precision in _EXPORT_FLAGS and precision not in variants:
-            raise EncoderError(f"{self.directory} has no {precision} variant; export it with {_EXPORT_FLAGS[precision]}")
+        if precision in EXPORT_FLAGS and precision not in variants:
+            raise EncoderError(f"{self.directory} has no {precision} variant; export it with {EXPORT_FLAGS[precision]}")
         if precision != "auto":
             return precision
         on_gpu = any(provider_name(p) in (CUDA, TENSORRT) for p in providers)
-        return "fp16" if on_gpu and "fp16" in variants else "fp32"
+        if on_gpu:
+            return "fp16" if "fp16" in variants else "fp32"
+        if "int8" in variants:
+            int8_image = self.directory / variant_files(self._info, "int8")["image"]
+            if int8_image.is_file():
+                return "int8"
+            logger.warning("%s lists an int8 variant but %s is missing; using fp32", PREPROCESS, int8_image.name)
+        return "fp32"
 
-    def _variant_files(self, precision: str) -> dict:
-        variants = self._info.get("variants") or {}
-        default = {"image": IMAGE_MODEL, "text": TEXT_MODEL}
-        return {**default, **(variants.get(precision) or {})}
+    def _log_choice(self) -> None:
+        """One line naming the variant and provider the image encoder runs (and why, when chosen by auto)."""
+        line = f"image encoder: {self.describe()}"
+        if self._requested == "auto" and self._precision == "int8":
+            agreement = int8_agreement(self._info)
+            figure = f"min cosine {agreement:.4f} to fp32 on the export's held-out images; " if agreement else ""
+            line += f" (auto picks int8 on a CPU; {figure}precision='fp32' / --precision fp32 refuses it)"
+        logger.info("%s", line)
 
     def _open(self, path: Path):
         import onnxruntime as ort
@@ -270,7 +231,7 @@ class Encoder:
         except Exception as error:  # onnxruntime raises its own exception types for corrupt models
             raise EncoderError(f"cannot load ONNX model {str(path)!r}: {error}") from error
         used = session.get_providers()
-        logger.info("%s (%s) runs on %s", path.name, self._precision, used[0] if used else "no provider")
+        logger.debug("%s (%s) runs on %s", path.name, self._precision, used[0] if used else "no provider")
         requested = provider_name(self._providers[0]) if self._providers else CPU
         if requested != CPU and used and used[0] != requested:
             logger.warning("%s was requested for %s but onnxruntime uses %s", requested, path.name, used[0])
@@ -289,19 +250,14 @@ class Encoder:
         """The graph's input type and fixed sizes must agree with preprocess.json (an encoder/preprocess
         mismatch would otherwise surface as a cryptic onnxruntime error on the first batch)."""
         node = next(node for node in session.get_inputs() if node.name == self._image_input)
-        expected_type = _ONNX_TYPES[self._input_format]
+        expected_type = ONNX_INPUT_TYPES[self._input_format]
         if node.type != expected_type:
             raise EncoderError(
                 f"encoder/preprocess mismatch: {path.name} takes {node.type} but {PREPROCESS} says "
                 f"input_format {self._input_format!r} ({expected_type})"
             )
         spec = self._preprocess
-        if self._input_format == UINT8_NHWC:
-            expected = (spec.image_size, spec.image_size, spec.channels)
-            layout = "[N, H, W, C]"
-        else:
-            expected = (spec.channels, spec.image_size, spec.image_size)
-            layout = "[N, C, H, W]"
+        layout, expected = input_shape(spec, self._input_format)
         shape = list(node.shape)
         if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected)):
             raise EncoderError(
@@ -341,7 +297,7 @@ class Encoder:
             raise EncoderError(f"{self.directory} holds {TEXT_MODEL} but {PREPROCESS} describes no tokenizer")
         if spec.get("type", "clip_bpe") != "clip_bpe":
             raise EncoderError(f"unsupported tokenizer type {spec.get('type')!r} in {PREPROCESS}")
-        vocab = self.directory / spec.get("vocab_file", "bpe_simple_vocab_16e6.txt.gz")
+        vocab = self.directory / spec.get("vocab_file", VOCAB_NAME)
         if not vocab.is_file():
             raise FileNotFoundError(f"tokenizer vocabulary {str(vocab)!r} does not exist")
         return ClipTokenizer(vocab, context_length=int(spec.get("context_length", 77)))
@@ -388,6 +344,28 @@ class Encoder:
         """The execution providers the image session actually uses, best first."""
         return list(self._image_session.get_providers())
 
+    @property
+    def provider(self) -> str:
+        """The execution provider the image encoder runs on (e.g. ``"CPUExecutionProvider"``)."""
+        used = self._image_session.get_providers()
+        return str(used[0]) if used else CPU
+
+    @property
+    def execution(self) -> dict:
+        """What runs: ``{"variant", "provider", "image_model", "text_model", "requested"}`` (for logs,
+        ``embeddings.json``, ``index.json`` and the app)."""
+        return {
+            "variant": self._precision,
+            "provider": self.provider,
+            "image_model": self._files["image"],
+            "text_model": self._files.get("text") if self._text_session is not None else None,
+            "requested": self._requested,
+        }
+
+    def describe(self) -> str:
+        """E.g. ``"int8 variant on CPUExecutionProvider"``."""
+        return describe_execution(self._precision, self.provider)
+
     def _run(self, session, name: str, batch: np.ndarray, source: str) -> np.ndarray:
         if self._io_binding:
             output = self._run_bound(session, name, batch)
@@ -417,32 +395,30 @@ class Encoder:
             return empty_batch(self._preprocess, self._input_format)
         return np.stack([prepare_image(image, self._preprocess, self._input_format) for image in images])
 
-    def encode_batch(self, batch: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    def encode_batch(self, batch: np.ndarray, batch_size: int = 64, normalize: bool = True) -> np.ndarray:
         """Embed prepared inputs (see ``prepare``): float32 [N, C, H, W] normalised pixels, or uint8
-        [N, H, W, C] for ``uint8_nhwc`` encoders. Returns L2-normalised float32 [N, D]."""
-        dtype = np.uint8 if self._input_format == UINT8_NHWC else np.float32
+        [N, H, W, C] for ``uint8_nhwc`` encoders. Returns float32 [N, D], L2-normalised unless
+        ``normalize=False`` (then the graph's raw outputs, e.g. to look at their norms)."""
+        dtype = input_dtype(self._input_format)
         batch = np.asarray(batch)
         if batch.dtype != dtype and not (dtype == np.float32 and np.issubdtype(batch.dtype, np.floating)):
             raise EncoderError(f"this encoder takes {np.dtype(dtype).name} input ({self._input_format}), got {batch.dtype}")
         batch = np.ascontiguousarray(batch, dtype=dtype)
         step = max(1, batch_size)
         chunks = [
-            self._run(self._image_session, self._image_input, batch[start : start + step], IMAGE_MODEL)
+            self._run(self._image_session, self._image_input, batch[start : start + step], self._files["image"])
             for start in range(0, len(batch), step)
         ]
         if not chunks:
             return np.zeros((0, self._dim), dtype=np.float32)
-        return l2_normalize(np.concatenate(chunks))
+        output = np.concatenate(chunks)
+        return l2_normalize(output) if normalize else output
 
-    def encode_pixels(self, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Embed already preprocessed inputs; the same as ``encode_batch`` (kept for callers of the first API)."""
-        return self.encode_batch(pixels, batch_size)
-
-    def encode_images(self, images: Iterable[Any], batch_size: int = 64) -> np.ndarray:
-        """Embed PIL images (any size or mode); returns L2-normalised float32 [N, D]."""
+    def encode_images(self, images: Iterable[Any], batch_size: int = 64, normalize: bool = True) -> np.ndarray:
+        """Embed PIL images (any size or mode); returns float32 [N, D], L2-normalised unless ``normalize=False``."""
         images = list(images)
         step = max(1, batch_size)
-        chunks = [self.encode_batch(self.prepare(images[start : start + step]), step)
+        chunks = [self.encode_batch(self.prepare(images[start : start + step]), step, normalize=normalize)
                   for start in range(0, len(images), step)]
         if not chunks:
             return np.zeros((0, self._dim), dtype=np.float32)
@@ -454,8 +430,9 @@ class Encoder:
             raise EncoderError(self._no_text_message())
         return self._tokenizer(list(texts))
 
-    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256) -> np.ndarray:
-        """Embed texts; returns L2-normalised float32 [N, D]. Raises EncoderError for image-only models."""
+    def encode_texts(self, texts: Sequence[str] | str, batch_size: int = 256, normalize: bool = True) -> np.ndarray:
+        """Embed texts; returns float32 [N, D], L2-normalised unless ``normalize=False``. Raises
+        EncoderError for image-only models."""
         if self._text_session is None:
             raise EncoderError(self._no_text_message())
         if isinstance(texts, str):
@@ -463,12 +440,13 @@ class Encoder:
         tokens = self.tokenize(texts)
         step = max(1, batch_size)
         chunks = [
-            self._run(self._text_session, self._text_input, tokens[start : start + step], TEXT_MODEL)
+            self._run(self._text_session, self._text_input, tokens[start : start + step], self._files["text"])
             for start in range(0, len(tokens), step)
         ]
         if not chunks:
             return np.zeros((0, self._dim), dtype=np.float32)
-        return l2_normalize(np.concatenate(chunks))
+        output = np.concatenate(chunks)
+        return l2_normalize(output) if normalize else output
 
     def _no_text_message(self) -> str:
         model = self._info.get("model")
@@ -480,4 +458,4 @@ class Encoder:
 
     def __repr__(self) -> str:
         return (f"Encoder({str(self.directory)!r}, dim={self._dim}, has_text={self.has_text}, "
-                f"precision={self._precision!r}, providers={self.providers})")
+                f"precision={self._precision!r}, provider={self.provider!r})")

@@ -58,6 +58,11 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
                              f"{current.dim}-d vectors (another encoder?); rebuild the index")
         known, incoming = info.get("encoder_fingerprint"), getattr(source, "fingerprint", None)
         if known and incoming and known != incoming:
+            built, new = info.get("encoder_variant"), source.describe().get("encoder_variant")
+            if built and new and built != new and info.get("encoder") == source.describe().get("encoder"):
+                raise ValueError(f"encoder variant mismatch: the index holds embeddings of the {built} variant of "
+                                 f"{info.get('encoder')} but the new ones come from its {new} variant; extract them "
+                                 f"with --precision {built}")
             raise ValueError(f"encoder mismatch: the index was built with encoder {str(known)[:12]} "
                              f"but the new embeddings come from {str(incoming)[:12]}; rebuild the index")
         index, keep_alive = devices.to_gpu(current.faiss_index, use_gpu)

@@ -2,7 +2,7 @@
 
     python -m index.build --encoder RUN/onnx --data 'SHARDS/test-*.tar.gz' --output RUN/index
     python -m index.build --embeddings RUN/emb --output RUN/index [--max-memory 8G] [--index FACTORY]
-        [--target-recall 0.95] [--recall-k 10] [--train-size N] [--cpu]
+        [--target-recall 0.95] [--recall-k 10] [--train-size N] [--cpu] [--precision auto|fp32|fp16|int8]
 
 The index type comes from ``index.select.choose_index`` (Flat -> HNSW32 -> IVF<n>,Flat ->
 OPQ<m>,IVF<n>,PQ<m> as the collection outgrows ``--max-memory``) unless ``--index`` names a faiss
@@ -13,7 +13,7 @@ collection) that join the index only after tuning. With GPUs, training, adding a
 
 Writes, into ``--output`` (``index.store``): ``index.json`` (factory, metric, dim, count, choice reason,
 training sample size, tuned search parameters, achieved recall and latency, build times, encoder
-identity) naming ``index-<gen>.faiss`` and ``metadata-<gen>.parquet`` (id, key, shard, label,
+identity: directory, fingerprint, ``encoder_variant`` and ``encoder_provider``) naming ``index-<gen>.faiss`` and ``metadata-<gen>.parquet`` (id, key, shard, label,
 label_name, caption). Embeddings are L2-normalised: inner product is cosine similarity. No torch.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from export.contract import describe_execution
 from index import devices
 from index.select import IndexChoice, choose_index, default_max_memory, describe_factory, parse_memory, train_size_for
 from index.sources import ArraySource, EmbeddingsSource, ShardSource
@@ -219,19 +220,27 @@ def build_index(
     target_recall: float = DEFAULT_TARGET_RECALL,
     recall_k: int | None = None,
     train_size: int | None = None,
+    precision: str = "auto",
 ) -> dict:
     """Embed ``data_spec`` through ``encoder_dir`` (or read ``embeddings``) and write a tuned index.
 
+    ``precision`` picks the encoder variant (``export.runtime.Encoder``; auto: fp16 on a GPU, int8 on a
+    CPU, when exported); ``index.json`` records it (``encoder_variant``, ``encoder_provider``), for
+    ``embeddings`` as ``export.extract`` recorded it.
     Returns the ``index.json`` dictionary. Raises ``ShardPatternError`` when the spec names no shard,
     ``FileNotFoundError``/``EncoderError`` for an unusable encoder directory, ``ValueError`` for an empty
     collection, colliding ids, a bad factory string or a collection that cannot fit ``max_memory``.
     """
     if embeddings is not None:
         source: Any = EmbeddingsSource(embeddings)
+        described = source.describe()
+        logger.info("indexing embeddings made by the %s (%s)", describe_execution(
+            described.get("encoder_variant"), described.get("encoder_provider")), described.get("encoder"))
     elif encoder_dir is None or data_spec is None:
         raise ValueError("give --encoder and --data, or --embeddings")
     else:
-        source = ShardSource(encoder_dir, data_spec, batch_size=batch_size, limit=limit, progress=progress)
+        source = ShardSource(encoder_dir, data_spec, batch_size=batch_size, limit=limit, progress=progress,
+                             precision=precision)
     if isinstance(max_memory, str):
         max_memory = parse_memory(max_memory)
     info, _ = build_from_source(source, output_dir, factory=factory, max_memory=max_memory, target_recall=target_recall,
@@ -262,6 +271,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--limit", type=int, default=None, help="index at most this many images")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is present")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
+                        help="encoder variant with --encoder (auto: fp16 on a GPU, int8 on a CPU, when exported)")
     return parser.parse_args(argv)
 
 
@@ -277,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.encoder, args.data, args.output, batch_size=args.batch_size, limit=args.limit,
             progress=not args.no_progress, use_gpu=False if args.cpu else None, embeddings=args.embeddings,
             factory=args.factory, max_memory=args.max_memory, target_recall=args.target_recall,
-            recall_k=args.recall_k, train_size=args.train_size,
+            recall_k=args.recall_k, train_size=args.train_size, precision=args.precision,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

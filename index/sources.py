@@ -67,7 +67,7 @@ class ShardSource:
     """Images of a shard set, embedded once through ``export.runtime.Encoder`` and kept in memory."""
 
     def __init__(self, encoder_dir: str | os.PathLike, data_spec: str | list[str], batch_size: int = 256,
-                 limit: int | None = None, progress: bool = True) -> None:
+                 limit: int | None = None, progress: bool = True, precision: str = "auto") -> None:
         from export.embeddings import encoder_identity
         from export.runtime import Encoder
 
@@ -79,12 +79,12 @@ class ShardSource:
         self.shards = expand_patterns(data_spec)
         manifest = read_manifest(self.shards)
         self.classes = [str(name) for name in manifest.get("classes", [])]
-        self.encoder = Encoder(encoder_dir)
-        self.fingerprint = encoder_identity(self.encoder.directory)["fingerprint"]
+        self.encoder = Encoder(encoder_dir, precision=precision)
+        self.fingerprint = encoder_identity(self.encoder.directory, variant=self.encoder.precision)["fingerprint"]
         self.dim = int(self.encoder.dim)
         self.skipped = 0
         self.skipped_keys: list[str] = []
-        logger.info("embedding %d shard(s) with %r", len(self.shards), self.encoder)
+        logger.info("embedding %d shard(s) with %s (%s)", len(self.shards), self.encoder.describe(), self.encoder.directory)
         self._blocks = list(self._embed(batch_size, limit, progress, _expected_total(self.shards, manifest, limit)))
         self.count = sum(len(vectors) for vectors, _ in self._blocks)
         if self.count == 0:
@@ -145,6 +145,8 @@ class ShardSource:
             "encoder": str(self.encoder.directory),
             "encoder_model": self.encoder.info.get("model"),
             "encoder_fingerprint": self.fingerprint,
+            "encoder_variant": self.encoder.precision,
+            "encoder_provider": self.encoder.provider,
             "has_text": bool(self.encoder.has_text),
             "data": self.data_spec,
             "shards": [os.path.abspath(shard) for shard in self.shards],
@@ -177,13 +179,17 @@ class EmbeddingsSource:
         return read_embeddings(self.path, allow_incomplete=self.allow_incomplete)
 
     def describe(self) -> dict:
+        from export.contract import declares_text
+
         encoder = self.info.get("encoder") or {}
         preprocess = encoder.get("preprocess") or {}
         return {
             "encoder": encoder.get("directory"),
             "encoder_model": preprocess.get("model"),
             "encoder_fingerprint": self.fingerprint,
-            "has_text": "text" in preprocess or "tokenizer" in preprocess,
+            "encoder_variant": encoder.get("variant"),  # None for embeddings extracted before variants were recorded
+            "encoder_provider": encoder.get("provider"),
+            "has_text": declares_text(preprocess),
             "embeddings": self.path,
             "data": self.path,
             "shards": self.info.get("shards"),

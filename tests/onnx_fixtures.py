@@ -138,6 +138,36 @@ def make_onnx_dir(
     return out
 
 
+def add_int8_variant(directory: str | os.PathLike, calibration: int = 32, seed: int = 0) -> Path:
+    """Quantise ``directory/image_encoder.onnx`` to ``image_encoder.int8.onnx`` (static QDQ, minmax,
+    calibrated on random images) and record the ``int8`` variant and its agreement in ``preprocess.json``,
+    as ``python -m export --int8`` does (calibrated on random images instead of shards, with no quality
+    bound). Returns the directory. Mutates it: copy shared fixtures first. Needs ``onnx`` (the train extra)."""
+    from export.contract import (
+        IMAGE_MODEL, IMAGE_MODEL_INT8, Preprocess, l2_normalize, prepare_image, read_preprocess, write_preprocess,
+    )
+    from export.quantize import quantize_graph
+
+    import onnxruntime as ort
+
+    out = Path(directory)
+    info = read_preprocess(out)
+    spec = Preprocess.from_dict(info)
+    inputs = np.stack([prepare_image(image, spec) for image in random_images(calibration + 8, spec.image_size, seed)])
+    quantize_graph(str(out / IMAGE_MODEL), str(out / IMAGE_MODEL_INT8), "pixels", inputs[:calibration], "minmax")
+    held_out = inputs[calibration:]
+    outputs = [l2_normalize(ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
+                            .run(["embedding"], {"pixels": held_out})[0], np.float64)
+               for name in (IMAGE_MODEL, IMAGE_MODEL_INT8)]
+    cosine = (outputs[0] * outputs[1]).sum(axis=1)
+    text = "text_encoder.onnx" if info.get("tokenizer") else None
+    info["variants"] = {"fp32": {"image": IMAGE_MODEL, "text": text}, "int8": {"image": IMAGE_MODEL_INT8, "text": text}}
+    info["parity"] = {"image_int8": {"method": "minmax", "held_out": {
+        "count": len(held_out), "min_cosine": float(cosine.min()), "mean_cosine": float(cosine.mean())}}}
+    write_preprocess(out, info)
+    return out
+
+
 def shared_onnx_dir(tmp_path_factory, with_text: bool = True, dim: int = 16, image_size: int = 32) -> Path:
     """``make_onnx_dir`` memoised per test session (export costs a second or two on 2 cores)."""
     key = (with_text, dim, image_size)

@@ -18,22 +18,24 @@ import numpy as np
 import pytest
 
 try:  # pytest's default "prepend" import mode puts tests/ itself on sys.path (as the other tests assume)
-    from onnx_fixtures import CIFAR_DIR, cifar_subset_shard, make_onnx_dir, make_shard, shared_onnx_dir
+    from onnx_fixtures import CIFAR_DIR, add_int8_variant, cifar_subset_shard, make_onnx_dir, make_shard, shared_onnx_dir
 except ImportError:  # e.g. --import-mode=importlib, or tests/ made a package
-    from tests.onnx_fixtures import CIFAR_DIR, cifar_subset_shard, make_onnx_dir, make_shard, shared_onnx_dir
+    from tests.onnx_fixtures import (
+        CIFAR_DIR, add_int8_variant, cifar_subset_shard, make_onnx_dir, make_shard, shared_onnx_dir,
+    )
 
 from app.__main__ import main
 from app.ui import (
     Hit,
     SearchError,
     UnreadableUpload,
-    _run,
     build_app,
     clamp_k,
     model_card_markdown,
     neighbours_for_id,
     neighbours_for_image,
     neighbours_for_text,
+    run_search,
     search_image,
     search_text,
     status_line,
@@ -200,7 +202,7 @@ def test_handler_reports_errors_in_the_status_line() -> None:
     def failing() -> list[Hit]:
         raise SearchError("Upload an image first.")
 
-    gallery, ids, status = _run(failing, "the uploaded image")
+    gallery, ids, status = run_search(failing, "the uploaded image")
     assert gallery == [] and ids == [] and "Upload an image first." in status
 
 
@@ -208,18 +210,18 @@ def test_handler_survives_unexpected_errors(caplog: pytest.LogCaptureFixture) ->
     def broken() -> list[Hit]:
         raise RuntimeError("faiss exploded")
 
-    gallery, ids, status = _run(broken, "'a ship'")
+    gallery, ids, status = run_search(broken, "'a ship'")
     assert gallery == [] and ids == [] and status == "⚠️ Search failed (RuntimeError): faiss exploded"
     assert "faiss exploded" in caplog.text
 
 
 def test_handler_escapes_markdown_in_the_status() -> None:
-    _, _, status = _run(lambda: [], "'*bold* <img src=x> $x$'")
+    _, _, status = run_search(lambda: [], "'*bold* <img src=x> $x$'")
     assert status.startswith(r"0 results for '\*bold\* \<img src=x\> \$x\$' in ")
 
 
 def test_handler_returns_gallery_ids_and_status(encoder: Any, index: Any) -> None:
-    gallery, ids, status = _run(lambda: neighbours_for_text(encoder, index, "a ship", 8), "'a ship'")
+    gallery, ids, status = run_search(lambda: neighbours_for_text(encoder, index, "a ship", 8), "'a ship'")
     assert len(gallery) == len(ids) == 8
     assert re.fullmatch(r"8 results for 'a ship' in \d+ ms", status), status
     assert gallery[0][0].size == (32, 32), "tiny images are sent as they are (the browser scales them up)"
@@ -246,6 +248,32 @@ def test_model_card_lists_model_and_index(encoder: Any, index: Any) -> None:
     assert "**Model**" in card and "**Index**" in card
     assert "fixture" in card  # encoder.info["model"]["objective"]
     assert str(index.count) in card and str(index.dim) in card
+
+
+def test_app_says_which_variant_and_provider_it_runs(collection: tuple[Path, Path], index: Any, tmp_path: Path) -> None:
+    """On a CPU the app's encoder is the int8 variant when exported; the model card, the page title and
+    the startup notes say so (and when the index was built with another variant)."""
+    import shutil
+
+    from app.__main__ import build_collections, build_parser, variant_note
+    from export.runtime import Encoder
+
+    int8_dir = add_int8_variant(shutil.copytree(collection[0], tmp_path / "onnx"))
+    args = build_parser().parse_args(["--encoder", str(int8_dir), "--index", str(collection[1])])
+    served, _ = build_collections(args)
+    assert served.encoder.precision == "int8"
+    card = model_card_markdown(served.encoder, index)
+    assert "| encoder variant | int8 |" in card and "| execution provider | CPUExecutionProvider |" in card
+    title = [c for c in build_app(served.encoder, index).get_config_file()["components"]
+             if c.get("props", {}).get("elem_id") == "mv-title"]
+    assert "encoder: int8 variant on CPUExecutionProvider" in title[0]["props"]["value"]
+    assert index.info["encoder_variant"] == "fp32"  # the shared index was built before the int8 file existed
+    note = variant_note(served.encoder, index)
+    assert note and "fp32 variant" in note and "--precision fp32" in note
+    refused = build_collections(build_parser().parse_args(["--encoder", str(int8_dir), "--index", str(collection[1]),
+                                                           "--precision", "fp32"]))[0]
+    assert refused.encoder.precision == "fp32" and variant_note(refused.encoder, index) is None
+    assert variant_note(Encoder(int8_dir, precision="int8"), index)
 
 
 def test_build_app_makes_blocks(encoder: Any, index: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -379,7 +407,7 @@ def test_filtered_search_returns_only_matching_results(encoder: Any, index: Any)
     for hit in neighbours_for_text(encoder, index, "a photo", 5, ResultFilter.parse([], word)):
         assert word in hit.record["caption"].lower()
     assert neighbours_for_text(encoder, index, "a ship", 5, ResultFilter.parse(["no such label"], "")) == []
-    _, _, status = _run(lambda: [], "'x'", 5, ResultFilter.parse(["no such label"], ""))
+    _, _, status = run_search(lambda: [], "'x'", 5, ResultFilter.parse(["no such label"], ""))
     assert "filter: label no such label; no more among the nearest" in status
 
 

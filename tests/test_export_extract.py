@@ -16,7 +16,7 @@ from export.embeddings import (
 )
 from export.extract import distributed_env, extract
 from export.runtime import CPU, Encoder
-from onnx_fixtures import CLASSES, make_onnx_dir, make_shard, shared_onnx_dir
+from onnx_fixtures import CLASSES, add_int8_variant, make_onnx_dir, make_shard, shared_onnx_dir
 from trainer.data.shards import decode_image, iter_samples
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,3 +195,40 @@ def test_broken_shard_is_named(encoder_dir: Path, tmp_path: Path) -> None:
         extract(encoder_dir, str(tmp_path / "shards" / "s-*"), tmp_path / "emb", workers=0, progress=False,
                 rank=0, world_size=1)
     assert json.loads((tmp_path / "emb" / "done" / "000000.json").read_text())["written"] == 10  # kept for resuming
+
+
+def test_variant_and_provider_are_recorded_and_never_mix(encoder_dir: Path, tmp_path: Path) -> None:
+    """auto extracts with int8 on a CPU when exported, says so (summary, embeddings.json, CLI output), and
+    an output started with one variant refuses another: their embeddings are close, not identical."""
+    import hashlib
+    import shutil
+
+    from export.embeddings import encoder_identity, file_sha256
+
+    int8_dir = add_int8_variant(shutil.copytree(encoder_dir, tmp_path / "onnx"))
+    shard = str(make_shard(tmp_path / "data" / "part-000000.tar", count=12, seed=4))
+    summary = extract(int8_dir, shard, tmp_path / "emb", batch_size=8, workers=0, progress=False, rank=0, world_size=1)
+    assert summary["precision"] == "int8" and summary["provider"] == CPU
+    assert summary["encoder"] == f"int8 variant on {CPU}"
+    identity = embeddings_info(tmp_path / "emb")["encoder"]
+    assert identity["variant"] == "int8" and identity["provider"] == CPU
+    assert identity["image_model"] == "image_encoder.int8.onnx"
+    with pytest.raises(EmbeddingsMismatchError, match=r"int8 variant.*fp32 variant.*--precision int8"):
+        extract(int8_dir, shard, tmp_path / "emb", precision="fp32", workers=0, progress=False, rank=0, world_size=1)
+
+    # fp32's fingerprint is the one written before variants were recorded (image_encoder.onnx +
+    # preprocess.json), so existing embeddings and indexes keep matching; int8's differs.
+    fp32 = encoder_identity(int8_dir)
+    legacy = hashlib.sha256((file_sha256(int8_dir / "image_encoder.onnx") +
+                             file_sha256(int8_dir / "preprocess.json")).encode()).hexdigest()
+    assert fp32["fingerprint"] == legacy and fp32["variant"] == "fp32"
+    assert identity["fingerprint"] != legacy
+
+    result = subprocess.run([sys.executable, "-m", "export.extract", "--encoder", str(int8_dir), "--data", shard,
+                             "--output", str(tmp_path / "emb32"), "--precision", "fp32", "--workers", "0",
+                             "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["encoder"] == f"fp32 variant on {CPU}" and printed["precision"] == "fp32"
+    assert f"fp32 variant on {CPU}" in result.stderr  # the log line
+    assert embeddings_info(tmp_path / "emb32")["encoder"]["variant"] == "fp32"

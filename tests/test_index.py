@@ -21,6 +21,7 @@ from onnx_fixtures import (
     CIFAR_DIR,
     CIFAR_SKIP_REASON,
     CLASSES,
+    add_int8_variant,
     cifar_subset_shard,
     make_onnx_dir,
     make_shard,
@@ -361,3 +362,34 @@ def test_build_and_add_from_extracted_embeddings(onnx_dir: Path, shards: Path, l
     assert extract.main(["--encoder", str(other), "--workers", "0", "--no-progress", "--data",
                          str(tmp_path / "more" / "more-000000.tar"), "--output", str(tmp_path / "emb3")]) == 0
     assert add_main(["--index", str(tmp_path / "ix"), "--embeddings", str(tmp_path / "emb3")]) == 2  # another encoder
+
+
+def test_index_records_encoder_variant_and_provider(onnx_dir: Path, shards: Path, tmp_path: Path, caplog) -> None:
+    """index.json says which variant and provider made its vectors: from shards (auto picks int8 on a CPU),
+    and from extracted embeddings (as export.extract recorded them)."""
+    from export.extract import extract
+
+    int8_dir = add_int8_variant(shutil.copytree(onnx_dir, tmp_path / "onnx"))
+    spec = str(shards / "part-000000.tar")
+    with caplog.at_level("INFO"):
+        info = build_index(int8_dir, spec, tmp_path / "index", batch_size=16, progress=False)
+    assert info["encoder_variant"] == "int8" and info["encoder_provider"] == "CPUExecutionProvider"
+    assert read_info(tmp_path / "index")["encoder_variant"] == "int8"
+    assert any("int8 variant on CPUExecutionProvider" in record.getMessage() for record in caplog.records)
+    fp32 = build_index(int8_dir, spec, tmp_path / "index32", batch_size=16, progress=False, precision="fp32")
+    assert fp32["encoder_variant"] == "fp32" and fp32["encoder_fingerprint"] != info["encoder_fingerprint"]
+
+    extract(int8_dir, spec, tmp_path / "emb", workers=0, progress=False, rank=0, world_size=1)
+    from_embeddings = build_index(None, None, tmp_path / "index-emb", embeddings=tmp_path / "emb")
+    assert from_embeddings["encoder_variant"] == "int8" and from_embeddings["encoder_provider"] == "CPUExecutionProvider"
+    assert from_embeddings["encoder_fingerprint"] == info["encoder_fingerprint"]
+    assert from_embeddings["has_text"] is True
+
+
+def test_embeddings_of_an_image_only_encoder_have_no_text(shards: Path, tmp_path: Path, tmp_path_factory) -> None:
+    from export.extract import extract
+
+    image_only = shared_onnx_dir(tmp_path_factory, with_text=False)
+    extract(image_only, str(shards / "part-000000.tar"), tmp_path / "emb", workers=0, progress=False, rank=0, world_size=1)
+    info = build_index(None, None, tmp_path / "index", embeddings=tmp_path / "emb")
+    assert info["has_text"] is False and info["encoder_variant"] == "fp32"

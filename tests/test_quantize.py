@@ -81,9 +81,10 @@ def test_int8_export_agrees_with_fp32_and_loads_in_the_runtime(tmp_path: Path, m
     assert any(init.data_type == onnx.TensorProto.INT8 for init in graph.initializer)
     assert sum(node.op_type == "DequantizeLinear" for node in graph.node) >= 4
 
-    fp32 = Encoder(out, providers=[CPU])
+    fp32 = Encoder(out, providers=[CPU], precision="fp32")  # "fp32" refuses the int8 variant
     quantised = Encoder(out, providers=[CPU], precision="int8")
-    assert fp32.precision == "fp32" and quantised.precision == "int8"  # "auto" never picks int8
+    assert fp32.precision == "fp32" and quantised.precision == "int8"
+    assert Encoder(out, providers=[CPU]).precision == "int8"  # on a CPU, "auto" picks the gated int8 variant
     images = random_images(12, size=24, seed=5)
     cosine = (fp32.encode_images(images) * quantised.encode_images(images)).sum(axis=1)
     assert cosine.min() >= MIN_COSINE - 0.01  # random noise images, not the calibration distribution

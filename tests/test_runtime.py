@@ -11,7 +11,7 @@ from PIL import Image
 
 from export.runtime import CPU, Encoder, EncoderError, default_providers, l2_normalize
 from export.tokenizer import ClipTokenizer
-from onnx_fixtures import VOCAB_NAME, make_onnx_dir, random_images, shared_onnx_dir
+from onnx_fixtures import VOCAB_NAME, add_int8_variant, make_onnx_dir, random_images, shared_onnx_dir
 from trainer.data.preprocess import preprocess_batch
 
 
@@ -168,3 +168,75 @@ def test_session_options_for_throughput() -> None:
     assert options.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL and options.intra_op_num_threads == 3
     # float16 graphs stop before the CPU layout transforms (onnxruntime 1.31 crashes on fp16 ViTs there).
     assert session_options(fp16=True).graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+
+
+# -- variants: auto picks int8 on a CPU when exported; un-normalised outputs --------------------------
+
+
+@pytest.fixture(scope="module")
+def int8_dir(text_dir: Path, tmp_path_factory) -> Path:
+    """The text fixture plus an int8 image encoder, as ``python -m export --int8`` leaves it."""
+    copy = Path(shutil.copytree(text_dir, tmp_path_factory.mktemp("int8") / "onnx"))
+    return add_int8_variant(copy)
+
+
+def test_auto_picks_int8_on_cpu_when_exported(int8_dir: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="export.runtime"):
+        encoder = Encoder(int8_dir)  # default providers: CPU on this machine
+    assert encoder.precision == "int8" and encoder.provider == CPU
+    assert encoder.execution == {"variant": "int8", "provider": CPU, "image_model": "image_encoder.int8.onnx",
+                                 "text_model": "text_encoder.onnx", "requested": "auto"}
+    assert encoder.describe() == f"int8 variant on {CPU}"
+    assert any(f"image encoder: int8 variant on {CPU}" in record.getMessage() for record in caplog.records)
+    assert "int8" in repr(encoder) and encoder.has_text  # the text tower stays float32
+    explicit_cpu = Encoder(int8_dir, providers=[CPU])
+    assert explicit_cpu.precision == "int8"
+    images = random_images(6, seed=11)
+    cosine = (Encoder(int8_dir, precision="fp32").encode_images(images) * encoder.encode_images(images)).sum(axis=1)
+    assert cosine.min() > 0.9  # a real quantised graph of the same network (random calibration: loose bound)
+
+
+def test_auto_picks_fp32_without_int8(text_dir: Path) -> None:
+    encoder = Encoder(text_dir, providers=[CPU])
+    assert encoder.precision == "fp32" and encoder.execution["image_model"] == "image_encoder.onnx"
+    assert encoder.describe() == f"fp32 variant on {CPU}"
+    with pytest.raises(EncoderError, match="--int8"):
+        Encoder(text_dir, precision="int8")
+
+
+def test_fp32_refuses_int8(int8_dir: Path) -> None:
+    encoder = Encoder(int8_dir, precision="fp32")
+    assert encoder.precision == "fp32" and encoder.execution["image_model"] == "image_encoder.onnx"
+    assert encoder.execution["requested"] == "fp32"
+    assert Encoder(int8_dir, precision="int8").precision == "int8"
+
+
+def test_auto_on_a_gpu_never_picks_int8(int8_dir: Path) -> None:
+    """Asked for CUDA (absent here, so onnxruntime falls back), auto still does not pick the CPU-only int8."""
+    encoder = Encoder(int8_dir, providers=[("CUDAExecutionProvider", {"device_id": 0}), CPU])
+    assert encoder.precision == "fp32"
+
+
+def test_auto_falls_back_when_the_int8_file_is_missing(int8_dir: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(int8_dir, tmp_path / "onnx"))
+    (copy / "image_encoder.int8.onnx").unlink()
+    assert Encoder(copy).precision == "fp32"
+    with pytest.raises(FileNotFoundError, match="image_encoder.int8.onnx"):
+        Encoder(copy, precision="int8")
+
+
+def test_unnormalised_outputs_are_public(encoder: Encoder, text_dir: Path) -> None:
+    import onnxruntime as ort
+
+    images = random_images(5, seed=4)
+    session = ort.InferenceSession(str(text_dir / "image_encoder.onnx"), providers=[CPU])
+    raw = session.run(["embedding"], {"pixels": preprocess_batch(images, encoder.preprocess)})[0]
+    got = encoder.encode_images(images, batch_size=2, normalize=False)
+    np.testing.assert_allclose(got, raw, atol=1e-5)
+    assert not np.allclose(np.linalg.norm(got, axis=1), 1.0)  # really un-normalised
+    np.testing.assert_allclose(encoder.encode_batch(encoder.prepare(images), normalize=False), raw, atol=1e-5)
+    np.testing.assert_allclose(l2_normalize(got), encoder.encode_images(images), atol=1e-5)
+    texts = ["a red square", "noise"]
+    raw_text = encoder.encode_texts(texts, normalize=False)
+    np.testing.assert_allclose(l2_normalize(raw_text), encoder.encode_texts(texts), atol=1e-5)
+    assert not hasattr(encoder, "encode_pixels")  # removed: encode_batch is the one prepared-input entry point
