@@ -157,3 +157,43 @@ def test_pretrain_with_micro_batches(cifar_2k_shards, tmp_path):
     with pytest.raises(SystemExit):
         main([*common, "--output", str(tmp_path / "bad"), "--micro-batch-size", "64"])  # larger than the batch
 
+
+
+@pytest.mark.parametrize("micro_batch_size", [None, 4])
+def test_the_step_stops_on_a_non_finite_loss_before_the_optimizer_step(micro_batch_size, monkeypatch):
+    """trainer.loop.train_step checks the loss once, with or without micro-batches: NonFiniteLoss names the step;
+    without micro-batches no backward pass runs on it."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from trainer.checkpoint import TrainState
+    from trainer.config import TrainConfig
+    from trainer.loop import NonFiniteLoss, StepContext, train_step
+
+    torch.manual_seed(0)
+    model = get_objective("simclr").build(ObjectiveSpec(backbone="cnn-small", image_size=SIZE,
+                                                        options={"projection_dim": 16, "projection_hidden_dim": 32}))
+    real = type(model).loss_from_embeddings
+
+    def nan_loss(self, embeddings, batch):
+        outputs = real(self, embeddings, batch)
+        return {**outputs, "loss": outputs["loss"] * float("nan")}
+
+    monkeypatch.setattr(type(model), "loss_from_embeddings", nan_loss)
+    backward_calls = []
+    accelerator = SimpleNamespace(autocast=contextlib.nullcontext,
+                                  backward=lambda loss: (backward_calls.append(1), loss.backward()))
+    state = TrainState()
+    state.step = 7
+    ctx = StepContext(accelerator=accelerator, objective=model, task=model, optimizer=None, state=state,
+                      config=TrainConfig(batch_size=ROWS, micro_batch_size=micro_batch_size, output="RUN"), views=None,
+                      urls=[], total_steps=10, base_lr=0.1, metrics_path="")
+    with pytest.raises(NonFiniteLoss, match=r"loss is nan at step 7.*RUN/checkpoints"):
+        train_step(ctx, _simclr_batch())
+    if micro_batch_size is None:
+        assert backward_calls == [] and all(p.grad is None for p in model.parameters())
+    else:
+        assert backward_calls == [1]  # inside the gradient cache, before the (one) check
+    monkeypatch.undo()
+    ctx.state.step = 8
+    assert torch.isfinite(train_step(ctx, _simclr_batch())["loss"])

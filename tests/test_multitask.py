@@ -17,7 +17,8 @@ from learning_helpers import assert_beats_floor
 from trainer.config import TrainConfig, load_recipe, recipe_path
 from trainer.data.pipeline import collate
 from trainer.data.shards import ShardSample
-from trainer.evolve import cluster_fitness, main as evolve_main, mutate, normalise, tournament, zipf_kl, zipf_prior
+from trainer.evolution import cluster_fitness, mutate, normalise, tournament, zipf_kl, zipf_prior
+from trainer.evolve import main as evolve_main
 from trainer.objectives import ObjectiveSpec, get_objective
 from trainer.objectives.multitask import MultitaskViews, split_batch
 

@@ -60,26 +60,28 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     step, checkpoints up to step 4 are intact and nothing later is written; --resume then finishes the run."""
     import torch
 
-    import trainer.pretrain as pretrain
+    from trainer.objectives import get_objective
 
-    real_step, calls = pretrain._train_step, []
+    simclr, calls = get_objective("simclr"), []
+    real_forward = simclr.forward
 
-    def nan_in_fifth_step(accelerator, objective, task, batch, config):
+    def nan_in_fifth_step(self, batch):
         calls.append(1)
-        outputs = real_step(accelerator, objective, task, batch, config)
-        return {**outputs, "loss": torch.tensor(float("nan"))} if len(calls) == 5 else outputs
+        outputs = real_forward(self, batch)
+        return {**outputs, "loss": outputs["loss"] * torch.tensor(float("nan"))} if len(calls) == 5 else outputs
 
     run = tmp_path / "nan"
     args = ["--objective", "simclr", "--train-data", f"{cifar_2k_shards}/train-*.tar.gz", "--output", str(run),
             "--backbone", "cnn-small", "--batch-size", "8", "--image-size", "16", "--max-steps", "6",
             "--checkpoint-every", "2", "--log-every", "1", "--num-workers", "1", "--set", "projection_hidden_dim=32"]
-    monkeypatch.setattr(pretrain, "_train_step", nan_in_fifth_step)
+    monkeypatch.setattr(simclr, "forward", nan_in_fifth_step)
     with caplog.at_level(logging.ERROR):
         assert main(args) == 3
     assert "loss is nan at step 4" in caplog.text and "last good checkpoint" in caplog.text
+    assert len(calls) == 5  # stopped at the first non-finite loss
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert not (run / "model").exists()
-    monkeypatch.setattr(pretrain, "_train_step", real_step)
+    monkeypatch.setattr(simclr, "forward", real_forward)
     assert main([*args, "--resume"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]

@@ -13,9 +13,12 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from trainer.data.pipeline import eval_batches
 from trainer.data.preprocess import Preprocess
 from trainer.data.shards import ShardPatternError, expand_patterns, read_manifest
+from trainer.models import build_tokenizer, load_model
 
 log = logging.getLogger("manyview.evaluate")
 ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of the {}.", "an image of a {}.")
@@ -25,10 +28,6 @@ ZERO_SHOT_TEMPLATES = ("a photo of a {}.", "a picture of the {}.", "an image of 
 def extract_features(model, urls: list[str], batch_size: int = 256, num_workers: int = 2,
                      limit: int | None = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image embeddings [N, D] and labels [N] of the samples in ``urls``."""
-    from tqdm.auto import tqdm
-
-    from trainer.data.pipeline import eval_batches
-
     config = model.config
     spec = Preprocess(image_size=config.image_size, channels=config.channels, mean=config.mean, std=config.std)
     features, labels = [], []
@@ -84,8 +83,6 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
 @torch.no_grad()
 def zero_shot_predict(model, features: torch.Tensor, class_names: list[str]) -> torch.Tensor:
     """Classify by the nearest class-name prompt embedding (averaged over templates)."""
-    from trainer.models import build_tokenizer
-
     tokenizer = build_tokenizer(model.config.text.context_length)
     classifiers = []
     for name in class_names:
@@ -99,8 +96,6 @@ def evaluate(model_dir: str, train_data: str | None, test_data: str, knn_k: int 
              linear: bool = False, zero_shot: bool = False, batch_size: int = 256, num_workers: int = 2,
              limit_train: int | None = None, limit_test: int | None = None) -> dict:
     """Compute the requested metrics; see the module docstring."""
-    from trainer.models import load_model
-
     torch.manual_seed(0)
     model, saved = load_model(model_dir)
     test_urls = expand_patterns(test_data)

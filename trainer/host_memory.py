@@ -10,7 +10,7 @@ allocates the same shapes every time. Measured on resnet18-cifar at batch 256, 2
 grows by 3-20%, the heap's fragmentation.
 
 This is what PyTorch's CPU performance guide gets from preloading jemalloc or tcmalloc, without a
-preload. The settings are process-wide and stay for the rest of the process: ``trainer.pretrain.train``
+preload. The settings are process-wide and stay for the rest of the process: ``trainer.loop.train``
 applies them when it trains on the CPU (unless ``--no-keep-freed-memory``), and forked data-loader workers
 inherit them.
 """

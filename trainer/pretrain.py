@@ -1,323 +1,31 @@
-"""The one training loop: ``accelerate launch trainer/pretrain.py --objective KEY --train-data ... --output RUN``.
+"""Pretrain an objective: ``accelerate launch trainer/pretrain.py --objective KEY --train-data ... --output RUN``.
 
-The loop knows nothing of any objective: it builds one from the registry, feeds it batches of the views
-it asked for, and steps the optimizer on the ``loss`` it returns.
+The command line: parse the config, check the objective and the shards, optionally search multitask loss
+weights (``--evolve-weights``), then run ``trainer.loop.train``. Exit status 0 when done, 2 for a user error,
+3 when the loss became NaN or infinite (``trainer.exit_status``).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import logging
-import math
 import os
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch
-
-from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
-from trainer.config import ConfigError, TrainConfig, add_arguments, config_from_args
-from trainer.data.shards import ShardPatternError, count_samples, expand_patterns
-from trainer.distributed import synchronise_batch_norm
-from trainer.grad_cache import average_gradients, grad_cache_backward, supports_grad_cache
-from trainer.host_memory import keep_freed_memory
-from trainer.objectives.diagnostics import COLLAPSE_THRESHOLD, is_collapsed
-from trainer.optim import build_optimizer, lr_at, scaled_lr
+from trainer.config import ConfigError, add_arguments, config_from_args
+from trainer.data.shards import ShardPatternError, expand_patterns
+from trainer.evolve import add_evolve_arguments, evolve_from_args
+from trainer.exit_status import FAILURES, OK, exit_status
+from trainer.loop import train
+from trainer.objectives import get_objective, list_objectives
 
 log = logging.getLogger("manyview.pretrain")
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
-
-
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
-
-
-def samples_per_epoch(config: TrainConfig, urls: list[str]) -> int | None:
-    """The epoch length: ``data.samples_per_epoch`` when given, else counted from local shards (manifest or tar
-    headers, once); None for remote shards without one (then the run needs --max-steps)."""
-    if config.data.samples_per_epoch:
-        return int(config.data.samples_per_epoch)
-    if any(url.startswith(REMOTE_PREFIXES) for url in urls):
-        return None
-    return count_samples(urls)
-
-
-def total_steps_for(config: TrainConfig, samples: int | None, world_size: int) -> int:
-    if config.max_steps is not None:
-        return int(config.max_steps)
-    if not samples:
-        raise ValueError("--epochs needs the epoch length, which remote (pipe:/URL) shards cannot give: "
-                         "set --samples-per-epoch, or train for --max-steps")
-    return max(1, math.ceil(config.epochs * samples / (config.batch_size * world_size)))
-
-
-def model_card(config: TrainConfig, encoder, step: int) -> dict:
-    model = encoder.config
-    return {
-        "objective": config.objective,
-        "backbone": model.backbone,
-        "embed_dim": encoder.embed_dim,
-        "image_size": model.image_size,
-        "channels": model.channels,
-        "mean": model.mean,
-        "std": model.std,
-        "text_model": model.text.to_dict() if model.text else None,
-        "steps": step,
-        "train_data": config.data.train_data,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def write_model(accelerator, objective, config: TrainConfig, step: int) -> None:
-    from trainer.models import save_model
-
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        task = accelerator.unwrap_model(objective)
-        card = {**model_card(config, task.encoder, step), **task.model_card_extras()}
-        save_model(task.encoder, os.path.join(config.output, "model"), card)
-        log.info("wrote %s", os.path.join(config.output, "model"))
-    accelerator.wait_for_everyone()
-
-
-def append_metrics(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
-
-
-def trim_metrics(path: str, step: int) -> None:
-    """Keep only the rows of ``path`` up to ``step`` (all of them gone for a fresh run), atomically."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as handle:
-        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(staging, path)
-
-
-def train(config: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns the final step's metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
-
-    from trainer.data.pipeline import train_batches
-    from trainer.objectives import ObjectiveSpec, get_objective
-
-    urls = expand_patterns(config.data.train_data)
-    objective_cls = get_objective(config.objective)
-    # cpu=True where no GPU exists: Accelerate then runs several processes over gloo (MULTI_CPU) instead of
-    # silently treating each launched process as a lone one.
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
-    if config.keep_freed_memory and accelerator.device.type == "cpu":
-        keep_freed_memory()  # process-wide, so it stays for the rest of this process
-    set_seed(config.seed)  # identical initial weights on every process
-    num_samples = samples_per_epoch(config, urls)
-    total_steps = total_steps_for(config, num_samples, accelerator.num_processes)
-    objective = objective_cls.build(ObjectiveSpec(
-        backbone=config.backbone, image_size=config.data.image_size,
-        mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
-        num_train_samples=num_samples, total_steps=total_steps,
-        global_batch_size=config.batch_size * accelerator.num_processes,
-    ))
-    if accelerator.num_processes > 1:
-        # The papers' global batch includes global batch-norm statistics.
-        objective = synchronise_batch_norm(objective, accelerator.device)
-    if config.micro_batch_size and config.micro_batch_size < config.batch_size and not supports_grad_cache(objective):
-        raise ValueError(f"objective {config.objective!r} cannot train in micro-batches (--micro-batch-size): it does "
-                         f"not split into embed()/loss_from_embeddings(); use a smaller --batch-size instead")
-    if config.channels_last:
-        objective = objective.to(memory_format=torch.channels_last)
-    if config.compile:
-        objective.encoder.compile()  # in place: parameter names (checkpoints, the saved model) stay the same
-    global_batch = config.batch_size * accelerator.num_processes
-    base_lr = scaled_lr(config.optim, global_batch)
-    optimizer = build_optimizer(objective.parameter_groups(config.optim.weight_decay), config.optim, base_lr)
-    views = device_augmentation(objective.views(), config.data.augment_on_device, accelerator.device)
-    objective, optimizer = accelerator.prepare(objective, optimizer)
-    state = TrainState()
-    accelerator.register_for_checkpointing(state)
-
-    os.makedirs(config.output, exist_ok=True)
-    metrics_path = os.path.join(config.output, "metrics.jsonl")
-    if config.resume:
-        checkpoint = latest_checkpoint(config.output)
-        if checkpoint is None:
-            log.warning("--resume: no complete checkpoint in %s; starting from step 0", config.output)
-        else:
-            accelerator.load_state(checkpoint)
-            log.info("resumed from %s at step %d", checkpoint, state.step)
-    if accelerator.is_main_process:
-        trim_metrics(metrics_path, state.step)  # rows a killed run logged after its last checkpoint
-        with open(os.path.join(config.output, "train_config.json"), "w", encoding="utf-8") as handle:
-            json.dump({**config.to_dict(), "world_size": accelerator.num_processes, "total_steps": total_steps}, handle, indent=2)
-        log.info("objective=%s backbone=%s processes=%d global batch=%d steps=%d lr=%.4g shards=%d",
-                 config.objective, config.backbone, accelerator.num_processes, global_batch, total_steps, base_lr, len(urls))
-
-    last: dict = {"step": state.step}
-    if state.step < total_steps:
-        last = _loop(accelerator, objective, optimizer, state, config, views, urls, total_steps, base_lr, metrics_path, tqdm, train_batches)
-    write_model(accelerator, objective, config, state.step)
-    accelerator.end_training()
-    return last
-
-
-def device_augmentation(views, mode: str, device: torch.device):
-    """``views`` split into decoding in the workers and batched augmentation on ``device`` (``on_device``), when
-    ``mode`` asks for it (``auto``: on a GPU) and the recipe is a plain two-view one; else ``views`` unchanged."""
-    from trainer.data.views import TwoViews
-
-    if mode == "off" or (mode == "auto" and device.type != "cuda"):
-        return views
-    reason = None
-    if type(views) is not TwoViews:
-        reason = f"this objective's {type(views).__name__} views cannot be made on the device (two-view recipes can)"
-    elif any(c is not None and c.background_prob > 0 for c in (views.config, views.second_config)):
-        reason = "background augmentation needs the whole decoded image in the workers"
-    if reason:
-        if mode == "on":
-            raise ValueError(f"--augment-on-device on: {reason}; use --augment-on-device off")
-        return views
-    from trainer.data.batched_augment import device_views_from
-
-    log.info("augmentation: batched on %s; data workers only decode", device)
-    return device_views_from(views)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated on ``device`` when it is a GPU, else this process's peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def stream_seed(seed: int, rank: int, step: int) -> int:
-    """The data stream's seed for ``rank`` starting at ``step``: shard draws, sample shuffle and the workers'
-    augmentation RNG all follow from it."""
-    return seed * 7919 + rank * 104729 + step
-
-
-def _train_step(accelerator, objective, task, batch: dict, config: TrainConfig) -> dict:
-    """Forward and backward for one optimizer step; gradients are averaged over processes on return."""
-    with accelerator.autocast():
-        if config.micro_batch_size and config.micro_batch_size < config.batch_size:
-            outputs = grad_cache_backward(task, batch, config.micro_batch_size, accelerator.backward)
-            average_gradients(task.parameters())  # the cached passes bypass DistributedDataParallel
-            return outputs
-        outputs = objective(batch)
-    loss = outputs["loss"]
-    if torch.isfinite(loss.detach()).all():
-        accelerator.backward(loss)
-    return outputs
-
-
-def _loop(accelerator, objective, optimizer, state, config, views, urls, total_steps, base_lr, metrics_path, tqdm, train_batches) -> dict:
-    task = accelerator.unwrap_model(objective)
-    progress = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process,
-                    desc=config.objective, dynamic_ncols=True)
-    objective.train()
-    skipped_total = 0
-    started = time.perf_counter()
-    window_start, window_images = started, 0
-    last: dict = {}
-    finished = False
-    on_device = getattr(views, "on_device", None)  # batched augmentation on the training device
-    while not finished:
-        # A fresh data stream at the start and after every checkpoint, seeded by the step: a run resumed from a
-        # checkpoint sees exactly the batches the uninterrupted run saw from there.
-        batches = train_batches(urls, views, config.batch_size, config.data.num_workers,
-                                stream_seed(config.seed, accelerator.process_index, state.step), config.data.shuffle_buffer)
-        generator = None
-        if on_device is not None:
-            generator = torch.Generator(device=accelerator.device)
-            generator.manual_seed(stream_seed(config.seed, accelerator.process_index, state.step))
-        for batch in batches:
-            lr = lr_at(state.step, base_lr, config.optim.warmup_steps, total_steps, config.optim.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            skipped_total += int(batch.pop("skipped", 0))
-            batch = {k: v.to(accelerator.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-            if on_device is not None:
-                batch = on_device(batch, generator)
-            if config.channels_last:
-                batch = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
-                         for k, v in batch.items()}
-            outputs = _train_step(accelerator, objective, task, batch, config)
-            loss = outputs["loss"]
-            if not torch.isfinite(loss.detach()).all():
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} at step {state.step}; stopping. The last good checkpoint is kept in "
-                    f"{os.path.join(config.output, 'checkpoints')}; lower --lr or enable --grad-clip and --resume."
-                )
-            grad_norm = None
-            if config.optim.grad_clip and config.optim.grad_clip > 0:
-                grad_norm = accelerator.clip_grad_norm_(objective.parameters(), config.optim.grad_clip)
-            task.before_optimizer_step(state.step, total_steps)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            task.after_step(state.step, total_steps)
-            state.step += 1
-            images = config.batch_size * accelerator.num_processes
-            state.images_seen += images
-            window_images += images
-            progress.update(1)
-
-            if state.step % config.log_every == 0 or state.step == total_steps:
-                reduced = {k: accelerator.reduce(v.detach().float(), reduction="mean").item()
-                           for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
-                elapsed = time.perf_counter() - window_start
-                last = {"step": state.step, **reduced, "lr": lr, "images_per_s": window_images / max(elapsed, 1e-9),
-                        "images_seen": state.images_seen, "corrupt_skipped": skipped_total, "time": time.time(),
-                        "peak_memory_mb": peak_memory_mb(accelerator.device)}
-                if grad_norm is not None:
-                    last["grad_norm"] = float(grad_norm)
-                if "embedding_std" in last:
-                    last["collapsed"] = is_collapsed(last["embedding_std"])
-                    if last["collapsed"] and accelerator.is_main_process:
-                        log.warning("step %d: embeddings have collapsed (embedding_std %.4f < %.2f: every image maps "
-                                    "to nearly the same point); lower the lr or check the objective's settings",
-                                    state.step, last["embedding_std"], COLLAPSE_THRESHOLD)
-                window_start, window_images = time.perf_counter(), 0
-                if accelerator.is_main_process:
-                    append_metrics(metrics_path, last)
-                    progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{lr:.3g}", img_s=f"{last['images_per_s']:.0f}")
-            if state.step >= total_steps or (config.time_budget is not None
-                                             and _budget_spent(accelerator, started, config.time_budget)):
-                if state.step < total_steps:
-                    log.info("time budget of %.0f s spent at step %d", config.time_budget, state.step)
-                finished = True
-                break
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
-                break  # next segment: a new stream seeded by this step
-        del batches  # shuts down this segment's data workers
-    progress.close()
-    save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
-    if skipped_total:
-        log.warning("skipped %d corrupt or image-less samples on this process", skipped_total)
-    return last
-
-
-def _budget_spent(accelerator, started: float, budget: float) -> bool:
-    """Whether any process has trained for ``budget`` seconds; all ranks get the same answer, so none waits."""
-    spent = torch.tensor(float(time.perf_counter() - started >= budget), device=accelerator.device)
-    return bool(accelerator.reduce(spent, reduction="sum").item() > 0)
-
-
 def list_objectives_text() -> str:
     """One line per registered objective: its key and the first line of its module's docstring."""
-    from trainer.objectives import get_objective, list_objectives
-
     lines = []
     for key in list_objectives():
         doc = (sys.modules[get_objective(key).__module__].__doc__ or "").strip()
@@ -327,19 +35,15 @@ def list_objectives_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from trainer.evolve import add_evolve_arguments, evolve_from_args
-
     parser = argparse.ArgumentParser(prog="pretrain", description=__doc__.splitlines()[0])
     add_arguments(parser)
     add_evolve_arguments(parser)  # --evolve-weights (multitask): the Evolving Losses search before training
     args = parser.parse_args(argv)
     if args.list_objectives:
         print(list_objectives_text())
-        return 0
+        return OK
     try:
         config = config_from_args(args)
-        from trainer.objectives import get_objective
-
         get_objective(config.objective)
         expand_patterns(config.data.train_data)
     except (ConfigError, ShardPatternError, KeyError) as error:
@@ -348,13 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.evolve_weights:
             config = evolve_from_args(config, args)  # the search, then the full run with the winning weights
         train(config)
-    except NonFiniteLoss as error:
-        log.error("%s", error)
-        return 3
-    except ValueError as error:  # objectives and data raise ValueError with a message meant for the user
-        log.error("%s", error)
-        return 2
-    return 0
+    except FAILURES as error:
+        return exit_status(error, log)
+    return OK
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.data.shards import expand_patterns
     from trainer.objectives import ObjectiveSpec, get_objective
     from trainer.optim import build_optimizer, lr_at, scaled_lr
-    from trainer.pretrain import peak_memory_mb
+    from trainer.loop import peak_memory_mb
 
     parser = argparse.ArgumentParser(prog="ceiling_side", description=__doc__.splitlines()[0])
     parser.add_argument("--objective", required=True)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_recipe(recipe_path(args.objective), TrainConfig(objective=args.objective))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        keep_freed_memory()  # as trainer.pretrain.train does on the CPU
+        keep_freed_memory()  # as trainer.loop.train does on the CPU
     torch.manual_seed(0)
     objective = get_objective(args.objective).build(ObjectiveSpec(
         backbone=args.backbone, image_size=args.image_size, options=dict(config.objective_options),

@@ -59,7 +59,7 @@ from trainer.config import TrainConfig, load_recipe, recipe_path
 from trainer.data.shards import count_samples, expand_patterns
 from trainer.models import EmbeddingModel, ModelConfig, build_backbone, save_model
 from trainer.optim import build_optimizer, lr_at, scaled_lr
-from trainer.pretrain import peak_memory_mb
+from trainer.loop import peak_memory_mb
 
 METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
 
