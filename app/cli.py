@@ -25,6 +25,10 @@ COMMANDS = {
     "caption-index": ("app.caption_index", "index an image index's captions (the app's text index)"),
 }
 
+# Top-level packages of the `train` extra (pyproject.toml): a command that imports one needs that extra.
+TRAIN_EXTRA = ("torch", "torchvision", "open_clip", "timm", "accelerate", "webdataset", "onnx", "onnxscript",
+               "safetensors", "yaml")
+
 
 def usage() -> str:
     lines = ["usage: manyview COMMAND [ARGS]", "", "commands:"]
@@ -42,7 +46,16 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"manyview: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
+    try:
+        module = importlib.import_module(COMMANDS[command][0])
+    except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] in TRAIN_EXTRA:
+            # The serving install (`pip install .`) has no torch; training and export need the `train` extra.
+            print(f"manyview {command}: needs {error.name}, which the serving install leaves out; install the "
+                  f"training extra: pip install 'manyview[train]' (from a checkout: pip install -e '.[train]')",
+                  file=sys.stderr)
+            return 2
+        raise
     sys.argv = [f"manyview {command}", *rest]
     return int(module.main(rest) or 0)
 

@@ -101,6 +101,11 @@ def test_serving_install_runs_without_torch(tmp_path: Path) -> None:
     no_torch = subprocess.run([str(python), "-c", "import torch"], cwd=work, env=env, capture_output=True, text=True,
                               timeout=120)
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    # Training commands in this environment say which extra they need instead of a traceback.
+    pretrain = subprocess.run([str(venv / "bin" / "manyview"), "pretrain", "--help"], cwd=work, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert pretrain.returncode == 2 and "pip install 'manyview[train]'" in pretrain.stderr, pretrain.stderr[-2000:]
+    assert "Traceback" not in pretrain.stderr
 
     # An encoder (with the int8 variant) and shards, made here where torch is installed.
     encoder = add_int8_variant(make_onnx_dir(tmp_path / "onnx", with_text=True))
