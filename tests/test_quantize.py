@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from export.onnx import export_model
-from export.quantize import INT8_MODEL, INT8_REPORT, CalibrationError, activation_matmuls
+from export.quantize import INT8_MODEL, INT8_REPORT, WEIGHT_RANGE, CalibrationError, activation_matmuls
 from export.runtime import CPU, Encoder, EncoderError
 from onnx_fixtures import CIFAR_DIR, CIFAR_SKIP_REASON, cifar_subset_shard, random_images
 from trainer.models import EmbeddingModel, ModelConfig, save_model
@@ -98,8 +98,11 @@ def test_int8_export_agrees_with_fp32_and_loads_in_the_runtime(tmp_path: Path, m
 @needs_cifar
 def test_vit_int8_keeps_attention_and_norms_in_float(tmp_path: Path, calibration_shard: Path) -> None:
     """A timm ViT: only the weight MatMuls/Gemms and the patch Conv are quantised; attention-score MatMuls,
-    LayerNorm, Softmax and GELU stay float32 (measured: held-out min cosine 0.9991 at 32 px)."""
+    LayerNorm, Softmax and GELU stay float32 (measured: held-out min cosine 0.998 at 32 px with 7-bit weights,
+    on an AVX2-only AMD EPYC; with 8-bit weights 0.9991 on an AVX512-VNNI EPYC but 0.877 there, where the
+    uint8 x int8 kernels saturate int16 pair sums, see export/quantize.py)."""
     import onnx
+    from onnx import numpy_helper
 
     torch.manual_seed(0)
     save_model(EmbeddingModel(ModelConfig(backbone="vit-tiny-cifar", image_size=32)).eval(), str(tmp_path / "model"),
@@ -111,6 +114,9 @@ def test_vit_int8_keeps_attention_and_norms_in_float(tmp_path: Path, calibration
     quantised = json.loads((tmp_path / "onnx" / INT8_REPORT).read_text())["quantised"]
     assert quantised["graph"] == "transformer" and quantised["float_activation_matmuls"] > 0
     graph = onnx.load(str(tmp_path / "onnx" / INT8_MODEL)).graph
+    # 7-bit weights whatever this machine's CPU: 255 * 64 * 2 fits the int16 pair sums of x86 kernels without VNNI.
+    weights = [numpy_helper.to_array(init) for init in graph.initializer if init.data_type == onnx.TensorProto.INT8]
+    assert weights and all(WEIGHT_RANGE[0] <= w.min() and w.max() <= WEIGHT_RANGE[1] for w in weights)
     producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
         if node.op_type in ("LayerNormalization", "Softmax"):  # float in, float out: no DequantizeLinear feeds them
