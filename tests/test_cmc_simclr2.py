@@ -118,7 +118,7 @@ def test_cmc_loss_is_symmetric_infonce_over_the_chosen_pairs():
     assert set(core({"image": images})) == {"loss", "loss_0_1", "loss_0_2"}
     out["loss"].backward()
     assert all(p.grad is not None for p in objective.parameters())
-    with pytest.raises(ValueError, match="unknown contrastive loss"):
+    with pytest.raises(ValueError, match="cmc: loss 'nope' is not one of infonce, nce, flatnce, debiased, hcl"):
         _cmc(loss="nope")
 
 

@@ -18,7 +18,7 @@ SIZE = 16
 def _objective(key: str):
     torch.manual_seed(0)
     options = {"simclr": {"projection_dim": 16, "projection_hidden_dim": 32},
-               "clip": {"embed_dim": 16, "text": {"context_length": 8, "width": 32, "heads": 2, "layers": 1}}}[key]
+               "clip": {"projection_dim": 16, "text": {"context_length": 8, "width": 32, "heads": 2, "layers": 1}}}[key]
     return get_objective(key).build(ObjectiveSpec(backbone="cnn-small", image_size=SIZE, options=options))
 
 

@@ -28,7 +28,7 @@ def _simclr():
 def _clip():
     torch.manual_seed(0)
     spec = ObjectiveSpec(backbone="vit-tiny-cifar", image_size=SIZE,
-                         options={"embed_dim": 16, "text": {"width": 32, "heads": 2, "layers": 1, "context_length": 8}})
+                         options={"projection_dim": 16, "text": {"width": 32, "heads": 2, "layers": 1, "context_length": 8}})
     return get_objective("clip").build(spec)
 
 

@@ -100,7 +100,7 @@ def _instdisc_batch(ids=(0, 3, 5, 7)):
 # (6, 128): the bank is scored whole and the noise columns picked; (2, 8): noise rows gathered ([N, m, D]).
 @pytest.mark.parametrize("m,dim", [(6, 128), (2, 8)])
 def test_instdisc_nce_loss_and_normaliser_match_hand_computation(m, dim):
-    objective = _build("instdisc", proximal_weight=0.0, num_noise=m, feature_dim=dim)
+    objective = _build("instdisc", proximal_weight=0.0, num_noise=m, projection_dim=dim)
     batch = _instdisc_batch()
     torch.manual_seed(5)
     out = objective(batch)
@@ -180,7 +180,7 @@ def test_instdisc_caps_noise_samples_at_bank_size():
 # ---------------------------------------------------------------- CURL objective
 
 def test_curl_loss_is_cross_entropy_of_bilinear_scores():
-    objective = _build("curl", feature_dim=6)
+    objective = _build("curl", projection_dim=6)
     batch = {"view0": _images(4, 1), "view1": _images(4, 2)}
     out = objective(batch)
     with torch.no_grad():
@@ -201,7 +201,7 @@ def test_curl_loss_is_cross_entropy_of_bilinear_scores():
 
 
 def test_curl_momentum_update_hand_computed():
-    objective = _build("curl", key_momentum=0.9, feature_dim=6)
+    objective = _build("curl", key_momentum=0.9, projection_dim=6)
     query = dict(objective.encoder.named_parameters())
     key = dict(objective.key_encoder.named_parameters())
     name = next(iter(query))
@@ -251,18 +251,18 @@ def test_invaspread_infonce_option_is_info_nce_with_augmented_queries():
 
 def test_unknown_loss_kind_fails_at_build():
     for key in ("instdisc", "invaspread", "curl"):
-        with pytest.raises(ValueError, match="unknown contrastive loss"):
+        with pytest.raises(ValueError, match=f"{key}: loss 'triplet' is not one of "):
             _build(key, loss="triplet")
 
 
 # ---------------------------------------------------------------- two processes
 
 def _build_invaspread():
-    return _build("invaspread", feature_dim=16)
+    return _build("invaspread", projection_dim=16)
 
 
 def _build_curl():
-    return _build("curl", feature_dim=8)
+    return _build("curl", projection_dim=8)
 
 
 def _pairs_batch() -> dict:

@@ -19,8 +19,8 @@ from trainer.objectives.moco import SplitBatchNorm, split_batch_norm
 from trainer.objectives.momentum import ema_update_, momentum_at, momentum_copy
 
 SIZE = 16
-SMALL = {"moco": {"queue_size": 32, "embed_dim": 16, "bn_splits": 2},
-         "moco2": {"queue_size": 32, "embed_dim": 16, "bn_splits": 2, "projection_hidden_dim": 32},
+SMALL = {"moco": {"queue_size": 32, "projection_dim": 16, "bn_splits": 2},
+         "moco2": {"queue_size": 32, "projection_dim": 16, "bn_splits": 2, "projection_hidden_dim": 32},
          "moco3": {"projection_dim": 16, "projection_hidden_dim": 32, "predictor_hidden_dim": 32}}
 
 

@@ -25,7 +25,7 @@ from trainer.objectives import ObjectiveSpec, get_objective
 SMALL = {"rotation": {"head_hidden_dim": 16},
          "jigsaw": {"num_permutations": 10, "tile_dim": 8, "head_hidden_dim": 16},
          "context": {"patch_dim": 8, "head_hidden_dim": 16},
-         "exemplar": {"feature_dim": 8, "num_copies": 2, "seed_patch": 12}}
+         "exemplar": {"projection_dim": 8, "num_copies": 2, "seed_patch": 12}}
 
 
 def _build(key: str, seed: int = 0, **options):

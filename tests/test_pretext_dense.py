@@ -23,7 +23,7 @@ from trainer.models.colour import rgb_to_lab as in_graph_rgb_to_lab
 from trainer.objectives import ObjectiveSpec, get_objective
 from trainer.objectives.jigsaw_clustering import join_patches, make_montages, split_patches
 
-SMALL = {"colorization": {"head_dim": 16}, "counting": {"count_dim": 16, "hidden_dim": 32},
+SMALL = {"colorization": {"head_hidden_dim": 16}, "counting": {"count_dim": 16, "hidden_dim": 32},
          "jigsaw_clustering": {"projection_dim": 16, "projection_hidden_dim": 32}}
 
 

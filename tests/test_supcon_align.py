@@ -171,7 +171,7 @@ def test_simclr_default_loss_is_nt_xent_and_unknown_loss_is_an_error():
     z1, z2 = joint.projector(joint.encoder.encode_image(torch.cat([batch["view0"], batch["view1"]]))).chunk(2)
     assert torch.equal(joint(batch)["loss"], nt_xent(z1, z2, 0.5))
     assert not torch.equal(joint(batch)["loss"], objective(batch)["loss"])
-    with pytest.raises(ValueError, match="unknown loss 'triplet'"):
+    with pytest.raises(ValueError, match="simclr: loss 'triplet' is not one of infonce, nce"):
         _build("simclr", loss="triplet")
 
 

@@ -2,23 +2,30 @@
 Cluster Assignments").
 
 * ``sinkhorn(scores)``: soft codes Q from prototype scores by the Sinkhorn-Knopp algorithm (sec. 3.1, eq. 3),
-  the equipartition constraint taken over the global batch: every sum over samples is all-reduced across
-  processes, so 2 processes holding halves of a batch get exactly the codes of 1 process holding it all.
+  the equipartition constraint taken over the whole batch. The function knows nothing of processes: every sum
+  and the maximum over samples go through ``reduce_sum`` / ``reduce_max``, which the caller sets to its
+  collectives (``trainer.objectives.swav`` passes the all-reduce of ``trainer.distributed``), so 2 processes
+  holding halves of a batch get exactly the codes of 1 process holding it all; by default they are the identity.
 * ``swav_loss(scores, codes)``: the swapped prediction problem (eq. 1-2) over multi-crop views: the code of
   each assigned crop is predicted from the scores of every other crop.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from trainer.distributed import all_reduce_sum, gather_no_grad, world_size
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 @torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, reduce_sum: Reduce = _identity,
+             reduce_max: Reduce = _identity) -> torch.Tensor:
     """Soft assignments of samples to prototypes with equal prototype marginals over the global batch.
 
     Q = exp(scores / epsilon), then ``iterations`` rounds of: scale each prototype's total mass (summed over
@@ -30,6 +37,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
         scores: [B_local, K] similarities z . c_k of this process's samples to the K prototypes.
         epsilon: entropy regularisation (0.05 in the paper); smaller is closer to a hard assignment.
         iterations: Sinkhorn-Knopp rounds (3 in the paper).
+        reduce_sum, reduce_max: the sum / the maximum of a tensor over every holder of a part of the batch
+            (e.g. an all-reduce across processes); the identity when this call holds the whole batch.
     Returns:
         [B_local, K] float32 codes, each row summing to 1.
     """
@@ -40,13 +49,13 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     # float64 and the global maximum subtracted: exp() neither overflows nor flushes a whole prototype column
     # to 0 (0 / 0) for small epsilon; the shift cancels in the first normalisation.
     scores = scores.detach().double()
-    shift = gather_no_grad(scores.max().reshape(1)).max()
+    shift = reduce_max(scores.max())
     q = torch.exp((scores - shift) / epsilon)
-    samples = scores.shape[0] * world_size()
+    samples = reduce_sum(scores.new_tensor(float(scores.shape[0])))  # B, over every part of the batch
     prototypes = scores.shape[1]
-    q /= all_reduce_sum(q.sum())
+    q /= reduce_sum(q.sum())
     for _ in range(iterations):
-        q /= all_reduce_sum(q.sum(dim=0, keepdim=True))  # each prototype: total mass 1 ...
+        q /= reduce_sum(q.sum(dim=0, keepdim=True))  # each prototype: total mass 1 ...
         q /= prototypes  # ... then 1/K
         q /= q.sum(dim=1, keepdim=True)  # each sample: mass 1 ...
         q /= samples  # ... then 1/B

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.data.views import TwoViews, view_configs
+from trainer.data.views import view_configs
 from trainer.distributed import gather_with_grad
 from trainer.losses.noncontrastive import barlow_twins
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
@@ -55,17 +55,11 @@ class BarlowTwins(Objective):
     Options = BarlowTwinsOptions
 
     def __init__(self, spec: ObjectiveSpec, options: BarlowTwinsOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe (augment, second_view_augment)
         self.projector = projection_mlp(self.encoder.embed_dim, options.projection_hidden_dim, options.projection_dim,
                                         options.projection_layers)
         # The loss standardises each dimension, so a bias there would get no gradient: drop it, as the paper.
         self.projector[-1].register_parameter("bias", None)
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        first, second = view_configs(self.options.augment, self.options.second_view_augment)
-        return TwoViews(config.image_size, config.mean, config.std, first, second)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         z1 = self.projector(self.encoder.encode_image(batch["view0"]))  # one pass per view, as the paper

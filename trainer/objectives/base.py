@@ -5,16 +5,27 @@ training-only parts, builds its own data views, and turns a batch into losses. T
 ``Objective.build(spec)``, ``views()``, ``forward(batch) -> {"loss": ..., **metrics}``,
 ``before_optimizer_step(step, total_steps)``, ``after_step(step, total_steps)`` and
 ``parameter_groups(weight_decay)``; it never names an objective.
+
+Writing one: set ``key`` and ``Options`` (a dataclass; InfoNCE-family objectives mix in
+``trainer.objectives.options.InfoNCEOptions``), call ``super().__init__(spec, options)`` first (it sets
+``self.spec``, ``self.options`` and builds ``self.encoder`` from ``model_config``), then build the heads
+(``trainer.models.heads``) and write ``forward``. The defaults cover the common case: ``model_config`` is the
+plain backbone at the run's image size and normalisation, and ``views()`` is the two-view recipe
+(``view0``, ``view1``) from ``options.augment`` (and ``options.second_view_augment`` when the options have it);
+override only what the paper changes. Renamed options stay readable through ``Options.ALIASES``
+(``parse_options``).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from trainer.data.views import TwoViews, view_configs
 from trainer.models import EmbeddingModel, ModelConfig
 
 
@@ -56,32 +67,70 @@ def steps_from_epochs(spec: ObjectiveSpec, steps: int | None, epochs: float, wha
 
 
 def parse_options(options_type: type, options: dict[str, Any], objective: str):
-    """Turn an options mapping into the objective's typed dataclass; unknown keys are an error."""
+    """Turn an options mapping into the objective's typed dataclass.
+
+    Unknown keys are an error. Renamed keys listed in ``options_type.ALIASES`` (old name -> new name) still
+    work: each warns (``FutureWarning``, naming both) and is read as the new name; giving both is an error.
+    A ValueError raised by the options' own validation is prefixed with the objective's key.
+    """
     names = {f.name for f in dataclasses.fields(options_type)}
+    aliases: dict[str, str] = getattr(options_type, "ALIASES", {})
+    options = dict(options)
+    for old, new in aliases.items():
+        if old not in options:
+            continue
+        if new in options:
+            raise ValueError(f"objective {objective!r}: option {old!r} is the deprecated name of {new!r}; "
+                             f"give only {new!r}")
+        warnings.warn(f"objective {objective!r}: option {old!r} is deprecated, use {new!r}", FutureWarning,
+                      stacklevel=3)
+        options[new] = options.pop(old)
     unknown = sorted(set(options) - names)
     if unknown:
         raise ValueError(f"objective {objective!r}: unknown option(s) {unknown}; known: {sorted(names)}")
-    return options_type(**options)
+    try:
+        return options_type(**options)
+    except ValueError as error:
+        message = str(error)
+        if message.startswith((f"{objective}:", f"{objective} ", f"objective {objective!r}")):
+            raise
+        raise ValueError(f"{objective}: {message}") from None
 
 
 class Objective(nn.Module):
-    """Base class: subclasses set ``key``, ``Options``, build ``self.encoder`` and implement ``forward``."""
+    """Base class: subclasses set ``key`` and ``Options``, call ``super().__init__(spec, options)`` and
+    implement ``forward``; they override ``model_config`` and ``views`` only where their paper differs."""
 
     key: ClassVar[str] = ""
     Options: ClassVar[type] = object
 
-    def __init__(self, spec: ObjectiveSpec, model_config: ModelConfig):
+    def __init__(self, spec: ObjectiveSpec, options: Any):
         super().__init__()
         self.spec = spec
-        self.encoder = EmbeddingModel(model_config)
+        self.options = options
+        self.encoder = EmbeddingModel(self.model_config(spec, options))
+
+    def model_config(self, spec: ObjectiveSpec, options: Any) -> ModelConfig:
+        """The exported model: by default the run's backbone at its image size and normalisation, nothing after
+        it. Objectives whose exported model differs (a projection, a colour split, a patch grid) override this."""
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std)
 
     @classmethod
     def build(cls, spec: ObjectiveSpec) -> "Objective":
         return cls(spec, parse_options(cls.Options, spec.options, cls.key))
 
     def views(self):
-        """The picklable view recipe the data workers apply to each (image, sample)."""
-        raise NotImplementedError
+        """The picklable view recipe the data workers apply to each (image, sample).
+
+        Default: two augmented views ``view0`` / ``view1`` at the model's image size, from ``options.augment``
+        (``AugmentConfig`` fields) with ``options.second_view_augment`` laid over it for view1 when present."""
+        augment = getattr(self.options, "augment", None)
+        if augment is None:
+            raise NotImplementedError(f"{type(self).__name__}: no views(); its options have no 'augment' for the "
+                                      f"default two-view recipe")
+        first, second = view_configs(augment, getattr(self.options, "second_view_augment", None))
+        config = self.encoder.config
+        return TwoViews(config.image_size, config.mean, config.std, first, second)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError

@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.data.views import TwoViews, view_configs
+from trainer.data.views import view_configs
 from trainer.distributed import gather_no_grad, gather_with_grad
 from trainer.losses.noncontrastive import byol_loss
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -67,18 +67,12 @@ class BYOL(Objective):
     Options = BYOLOptions
 
     def __init__(self, spec: ObjectiveSpec, options: BYOLOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe (augment, second_view_augment)
         self.projector = projection_mlp(self.encoder.embed_dim, options.projection_hidden_dim, options.projection_dim, 2)
         self.predictor = projection_mlp(options.projection_dim, options.predictor_hidden_dim, options.projection_dim, 2)
         # Deep copies draw no random numbers: every process builds the same target network.
         self.target_encoder = momentum_copy(self.encoder)
         self.target_projector = momentum_copy(self.projector)
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        first, second = view_configs(self.options.augment, self.options.second_view_augment)
-        return TwoViews(config.image_size, config.mean, config.std, first, second)
 
     @torch.no_grad()
     def _target(self, images: torch.Tensor) -> torch.Tensor:

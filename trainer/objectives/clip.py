@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,11 +24,15 @@ from .base import Objective, ObjectiveSpec, register
 
 @dataclass
 class CLIPOptions:
-    embed_dim: int = 256
+    # Width of the joint image-text space: the image projection's and the text tower's output. Ignored with an
+    # open_clip backbone, whose visual tower projects itself (the model's embed_dim is then the tower's).
+    projection_dim: int = 256
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     crop_scale: tuple[float, float] = (0.8, 1.0)
     text: dict = field(default_factory=dict)  # TextConfig fields
+
+    ALIASES: ClassVar[dict[str, str]] = {"embed_dim": "projection_dim"}
 
 
 @register
@@ -36,16 +41,14 @@ class CLIP(Objective):
     Options = CLIPOptions
 
     def __init__(self, spec: ObjectiveSpec, options: CLIPOptions):
-        text = TextConfig(**options.text)
-        # open_clip visual towers project themselves; other backbones get a linear projection.
-        projection = None if spec.backbone.startswith("open_clip:") else options.embed_dim
-        config = ModelConfig(
-            backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-            image_projection=projection, text=text,
-        )
-        super().__init__(spec, config)
-        self.options = options
+        super().__init__(spec, options)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / options.init_temperature)))
+
+    def model_config(self, spec: ObjectiveSpec, options: CLIPOptions) -> ModelConfig:
+        """Image tower + linear projection (open_clip visual towers project themselves) and the text tower."""
+        projection = None if spec.backbone.startswith("open_clip:") else options.projection_dim
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           image_projection=projection, text=TextConfig(**options.text))
 
     def views(self) -> ImageText:
         config = self.encoder.config

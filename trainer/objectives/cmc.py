@@ -28,16 +28,17 @@ from torch import nn
 
 from trainer.data.views import AugmentConfig, OneView
 from trainer.distributed import gather_with_grad
-from trainer.losses.nce_family import contrastive_loss, loss_options_for
+from trainer.losses.nce_family import contrastive_loss
 from trainer.models import ModelConfig, projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
+from .options import InfoNCEOptions
 
 PAIRINGS = ("core", "full")
 
 
 @dataclass
-class CMCOptions:
+class CMCOptions(InfoNCEOptions):
     temperature: float = 0.07  # the paper's tau
     projection_dim: int = 128  # per-view embedding width, as in the paper
     projection_layers: int = 1  # the paper's heads are one linear layer (fc -> 128 -> L2 norm)
@@ -45,9 +46,6 @@ class CMCOptions:
     colour_space: str = "lab"
     view_channels: list = field(default_factory=lambda: [[0], [1, 2]])  # L | ab
     pairing: str = "core"
-    loss: str = "infonce"
-    tau_plus: float = 0.1  # debiased / hcl class prior
-    beta: float = 1.0  # hcl concentration
     augment: dict = field(default_factory=dict)  # AugmentConfig fields, over NO_COLOUR_DISTORTION
 
 
@@ -73,18 +71,18 @@ class CMC(Objective):
     Options = CMCOptions
 
     def __init__(self, spec: ObjectiveSpec, options: CMCOptions):
-        loss_options_for(options.loss, {})  # unknown loss kinds fail at build time, not at step 1
-        super().__init__(spec, ModelConfig(
-            backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-            colour_space=options.colour_space, view_channels=[list(g) for g in options.view_channels],
-        ))
-        self.options = options
+        super().__init__(spec, options)
         self.pairs = view_pairs(len(options.view_channels), options.pairing)
-        self.loss_options = loss_options_for(options.loss, vars(options))
+        self.loss_options = options.loss_options()
         self.projectors = nn.ModuleList([
             projection_mlp(dim, options.projection_hidden_dim, options.projection_dim, options.projection_layers)
             for dim in self.encoder.backbone.feature_dims
         ])
+
+    def model_config(self, spec: ObjectiveSpec, options: CMCOptions) -> ModelConfig:
+        """One encoder per channel group of the colour space (``ViewSplitEncoder``), features concatenated."""
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           colour_space=options.colour_space, view_channels=[list(g) for g in options.view_channels])
 
     def views(self) -> OneView:
         config = self.encoder.config

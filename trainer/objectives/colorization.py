@@ -25,6 +25,7 @@ lambda 0.5 and p~ the empirical bin distribution smoothed by a Gaussian (sigma 5
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from torchvision import transforms as T
 from trainer.data.lab import dense_targets, gamut_bins, rgb_to_lab, soft_encode
 from trainer.distributed import all_reduce_sum
 from trainer.losses.colorization import colorization_loss, rebalancing_weights, smoothed_prior
-from trainer.models import ModelConfig
+from trainer.models import ModelConfig, conv_bn_relu
 from trainer.models.dense import feature_map, probe_shapes
 
 from .base import Objective, ObjectiveSpec, register
@@ -50,9 +51,11 @@ class ColorizationOptions:
     rebalance: bool = True        # class rebalancing (section 2.2)
     rebalance_mix: float = 0.5    # lambda
     prior_sigma: float = 5.0      # smoothing of the empirical prior over ab
-    head_dim: int = 256
+    head_hidden_dim: int = 256    # width of the 1x1 conv-BN-ReLU layer before the bin classifier
     crop_scale: tuple = (0.5, 1.0)
     flip: float = 0.5
+
+    ALIASES: ClassVar[dict[str, str]] = {"head_dim": "head_hidden_dim"}
 
 
 class ColorizationViews:
@@ -82,24 +85,26 @@ class Colorization(Objective):
     Options = ColorizationOptions
 
     def __init__(self, spec: ObjectiveSpec, options: ColorizationOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean,
-                                           std=spec.std, colour_space="lab", view_channels=[[0]]))
-        if options.grid <= 0 or options.sigma <= 0 or options.prior_sigma <= 0 or options.head_dim < 1:
-            raise ValueError("colorization: grid, sigma, prior_sigma must be > 0 and head_dim >= 1")
+        super().__init__(spec, options)
+        if options.grid <= 0 or options.sigma <= 0 or options.prior_sigma <= 0 or options.head_hidden_dim < 1:
+            raise ValueError("colorization: grid, sigma, prior_sigma must be > 0 and head_hidden_dim >= 1")
         if not 1 <= options.target_size <= spec.image_size:
             raise ValueError(f"colorization: target_size must be in [1, image_size={spec.image_size}], got {options.target_size}")
         if not 0.0 <= options.rebalance_mix <= 1.0:
             raise ValueError(f"colorization: rebalance_mix must be in [0, 1], got {options.rebalance_mix}")
-        self.options = options
         bins = gamut_bins(options.grid)
         if not 1 <= options.neighbours <= len(bins):
             raise ValueError(f"colorization: neighbours must be in [1, {len(bins)}], got {options.neighbours}")
         self.register_buffer("ab_bins", bins)                                      # [Q, 2], saved with the state
         self.register_buffer("bin_counts", torch.zeros(len(bins), dtype=torch.float64))
         width = probe_shapes(self.l_backbone, spec.image_size, channels=1)[0][0]   # unsupported backbones fail here
-        self.head = nn.Sequential(nn.Conv2d(width, options.head_dim, 1), nn.BatchNorm2d(options.head_dim),
-                                  nn.ReLU(inplace=True))
-        self.classifier = nn.Conv2d(options.head_dim, len(bins), 1)
+        self.head = conv_bn_relu(width, options.head_hidden_dim)
+        self.classifier = nn.Conv2d(options.head_hidden_dim, len(bins), 1)
+
+    def model_config(self, spec: ObjectiveSpec, options: ColorizationOptions) -> ModelConfig:
+        """One 1-channel backbone on the L of Lab, converted in-graph from the usual RGB input."""
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           colour_space="lab", view_channels=[[0]])
 
     @property
     def l_backbone(self) -> nn.Module:

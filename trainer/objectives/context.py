@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trainer.data.pretext_inputs import NEIGHBOUR_POSITIONS, ContextPairView
 from trainer.losses.pretext import pretext_accuracy, pretext_classification_loss
-from trainer.models import ModelConfig
+from trainer.models import linear_bn_relu, projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -53,16 +52,12 @@ class Context(Objective):
     Options = ContextOptions
 
     def __init__(self, spec: ObjectiveSpec, options: ContextOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         refuse_fixed_size_backbone(self.encoder, self.key)
-        self.options = options
         self.views()  # geometry errors at build time
-        self.patch_head = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.patch_dim, bias=False),
-                                        nn.BatchNorm1d(options.patch_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Sequential(
-            nn.Linear(2 * options.patch_dim, options.head_hidden_dim, bias=False),
-            nn.BatchNorm1d(options.head_hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(options.head_hidden_dim, len(NEIGHBOUR_POSITIONS)))
+        self.patch_head = linear_bn_relu(self.encoder.embed_dim, options.patch_dim)  # fc6, per patch
+        # fc7 (Linear-BN-ReLU) and fc8 on the concatenated pair
+        self.classifier = projection_mlp(2 * options.patch_dim, options.head_hidden_dim, len(NEIGHBOUR_POSITIONS))
 
     def views(self) -> ContextPairView:
         o, config = self.options, self.encoder.config

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from torch import nn
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from trainer.losses.counting import counting_loss
-from trainer.models import ModelConfig
+from trainer.models import relu_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -94,7 +93,7 @@ class Counting(Objective):
     Options = CountingOptions
 
     def __init__(self, spec: ObjectiveSpec, options: CountingOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         if options.count_dim < 1 or options.hidden_dim < 1 or options.head_layers < 1 or options.margin <= 0:
             raise ValueError(f"counting: count_dim, hidden_dim and head_layers must be >= 1 and margin > 0, got "
                              f"{options.count_dim}, {options.hidden_dim}, {options.head_layers}, {options.margin}")
@@ -105,12 +104,8 @@ class Counting(Objective):
         if options.crop_size < 0 or options.crop_size % 2:
             raise ValueError(f"counting: crop_size must be 0 (image_size) or an even number of pixels, "
                              f"got {options.crop_size}")
-        self.options = options
         widths = [self.encoder.embed_dim] + [options.hidden_dim] * (options.head_layers - 1) + [options.count_dim]
-        layers: list[nn.Module] = []
-        for width_in, width_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        self.counter = nn.Sequential(*layers)
+        self.counter = relu_mlp(widths)  # phi's head: every layer ReLU'd, so the counts are >= 0
 
     def views(self) -> CountingViews:
         config, o = self.encoder.config, self.options

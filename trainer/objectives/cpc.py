@@ -20,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from trainer.data.patches import PatchGridViews
 from trainer.distributed import gather_with_grad
 from trainer.losses.cpc import cpc_loss
-from trainer.models import ModelConfig
+from trainer.models import ModelConfig, RowPredictor
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -64,50 +63,13 @@ def orient(grid: torch.Tensor, direction: str) -> torch.Tensor:
     raise ValueError(f"unknown direction {direction!r}; known: {list(DIRECTIONS)}")
 
 
-class MaskedContextBlock(nn.Module):
-    """Residual block whose output at row i depends on rows <= i only (Hénaff et al., Algorithm 1):
-    1x1 -> ReLU -> 1x3 (within the row) -> 2x1 over (row i - 1, row i) -> ReLU -> 1x1, added to the input."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.reduce = nn.Conv2d(dim, hidden_dim, 1)
-        self.row = nn.Conv2d(hidden_dim, hidden_dim, (1, 3), padding=(0, 1))
-        self.column = nn.Conv2d(hidden_dim, hidden_dim, (2, 1))  # after padding one zero row on top
-        self.expand = nn.Conv2d(hidden_dim, dim, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.row(F.relu(self.reduce(x)))
-        h = F.relu(self.column(F.pad(h, (0, 0, 1, 0))))
-        return x + self.expand(h)
-
-
-class RowPredictor(nn.Module):
-    """Context network over the rows of a grid plus one linear W_k per step: z [N, H, W, D] ->
-    {k: [N, H - k, W, target_dim]}, the prediction made at row i of the target at row i + k."""
-
-    def __init__(self, dim: int, hidden_dim: int, layers: int, target_dim: int, steps: list[int]):
-        super().__init__()
-        self.context = nn.Sequential(*[MaskedContextBlock(dim, hidden_dim) for _ in range(layers)], nn.ReLU())
-        self.steps = list(steps)
-        self.heads = nn.ModuleList([nn.Linear(dim, target_dim) for _ in self.steps])
-
-    def forward(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
-        context = self.context(z.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # [N, H, W, D]
-        rows = z.shape[1]
-        return {k: head(context[:, :rows - k]) for k, head in zip(self.steps, self.heads)}
-
-
 @register
 class CPC(Objective):
     key = "cpc"
     Options = CPCOptions
 
     def __init__(self, spec: ObjectiveSpec, options: CPCOptions):
-        grid = {"patch": options.patch, "stride": options.stride}
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean,
-                                           std=spec.std, patch_grid=grid,
-                                           backbone_norm="layer" if options.layer_norm else None))
-        self.options = options
+        super().__init__(spec, options)
         size = (spec.image_size - options.patch) // options.stride + 1
         if not 0 <= options.skip_steps < options.prediction_steps < size:
             raise ValueError(f"{self.key}: need 0 <= skip_steps < prediction_steps < grid size {size} "
@@ -127,6 +89,12 @@ class CPC(Objective):
             direction: RowPredictor(dim, options.context_hidden_dim, options.context_layers, target_dim, steps)
             for direction in options.directions
         })
+
+    def model_config(self, spec: ObjectiveSpec, options: CPCOptions) -> ModelConfig:
+        """The patch encoder over the grid, mean-pooled (``patch_grid``); layer norm replaces batch norm if asked."""
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           patch_grid={"patch": options.patch, "stride": options.stride},
+                           backbone_norm="layer" if options.layer_norm else None)
 
     def views(self) -> PatchGridViews:
         config, options = self.encoder.config, self.options

@@ -19,29 +19,35 @@ they are options to experiment with, not the paper.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 from torchvision import transforms as T
 
 from trainer.distributed import gather_no_grad, gather_with_grad
-from trainer.losses.nce_family import contrastive_loss_from_similarities, loss_options_for
-from trainer.models import ModelConfig
+from trainer.losses.nce_family import contrastive_loss_from_similarities
+from trainer.models import linear_layernorm_tanh
 
 from .base import Objective, ObjectiveSpec, register
 from .momentum import ema_update_, momentum_copy
+from .options import InfoNCEOptions
 
 
 @dataclass
-class CURLOptions:
-    feature_dim: int = 50          # CURL's encoder feature size (z_dim)
+class CURLOptions(InfoNCEOptions):
+    projection_dim: int = 50       # CURL's encoder feature size (z_dim)
     key_momentum: float = 0.95     # m of the key encoder's EMA (CURL: encoder_tau = 0.05)
     pad: int = 4                   # crop from the image edge-padded by this many pixels per side
     flip: float = 0.0              # CURL uses crops only; a horizontal flip probability can be added
-    loss: str = "infonce"          # infonce (CURL) | nce | flatnce | debiased | hcl over the bilinear scores
     temperature: float = 1.0       # scores are divided by this; CURL's bilinear logits are unscaled
-    tau_plus: float = 0.1          # debiased / hcl class prior
-    beta: float = 1.0              # hcl concentration
+
+    ALIASES: ClassVar[dict[str, str]] = {"feature_dim": "projection_dim"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 <= self.key_momentum <= 1.0:
+            raise ValueError(f"key_momentum must be in [0, 1], got {self.key_momentum}")
 
 
 class RandomCropPair:
@@ -58,24 +64,15 @@ class RandomCropPair:
         return {"view0": self.transform(image), "view1": self.transform(image)}
 
 
-def curl_head(in_dim: int, feature_dim: int) -> nn.Sequential:
-    """CURL's encoder output: linear -> LayerNorm -> tanh."""
-    return nn.Sequential(nn.Linear(in_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
-
-
 @register
 class CURL(Objective):
     key = "curl"
     Options = CURLOptions
 
     def __init__(self, spec: ObjectiveSpec, options: CURLOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        loss_options_for(options.loss, {})  # unknown loss names fail at build time
-        if not 0.0 <= options.key_momentum <= 1.0:
-            raise ValueError(f"curl: key_momentum must be in [0, 1], got {options.key_momentum}")
-        self.options = options
-        self.head = curl_head(self.encoder.embed_dim, options.feature_dim)
-        self.W = nn.Parameter(torch.rand(options.feature_dim, options.feature_dim))
+        super().__init__(spec, options)
+        self.head = linear_layernorm_tanh(self.encoder.embed_dim, options.projection_dim)  # CURL's encoder output
+        self.W = nn.Parameter(torch.rand(options.projection_dim, options.projection_dim))
         self.key_encoder = momentum_copy(self.encoder)
         self.key_head = momentum_copy(self.head)
 
@@ -100,7 +97,7 @@ class CURL(Objective):
         positive = logits.diagonal()
         negatives = logits[~torch.eye(n, dtype=torch.bool, device=logits.device)].view(n, n - 1)
         loss = contrastive_loss_from_similarities(kind, positive, negatives, self.options.temperature,
-                                                  **loss_options_for(kind, vars(self.options)))
+                                                  **self.options.loss_options())
         accuracy = (logits.argmax(dim=1) == torch.arange(n, device=logits.device)).float().mean()
         return {"loss": loss, "accuracy": accuracy.detach()}
 

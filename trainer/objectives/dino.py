@@ -26,56 +26,16 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from trainer.data.multicrop import MultiCropOptions, MultiCropViews, accepted_local_size, crops_in_order, encode_crops
 from trainer.data.views import AugmentConfig
 from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_size
 from trainer.losses.dino import dino_loss, teacher_temperature_at
-from trainer.models import ModelConfig
+from trainer.models import DINOHead
 
 from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-
-
-class WeightNormLinear(nn.Module):
-    """Linear layer without bias whose weight rows are g_k v_k / ||v_k|| (``torch.nn.utils.weight_norm``);
-    with ``learn_norm=False`` the norms g stay 1, DINO's ``norm_last_layer``."""
-
-    def __init__(self, in_dim: int, out_dim: int, learn_norm: bool = False):
-        super().__init__()
-        self.direction = nn.Parameter(nn.Linear(in_dim, out_dim, bias=False).weight.detach().clone())
-        self.norm = nn.Parameter(torch.ones(out_dim), requires_grad=learn_norm)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.norm[:, None] * F.normalize(self.direction, dim=1))
-
-
-class DINOHead(nn.Module):
-    """MLP (``layers`` linear layers, GELU, optional BN) -> bottleneck -> L2 normalise -> weight-normalised
-    last layer with ``out_dim`` outputs (DINO's ``DINOHead``, truncated-normal init with std 0.02)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 layers: int = 3, use_bn: bool = False, norm_last_layer: bool = True):
-        super().__init__()
-        if layers < 1:
-            raise ValueError(f"dino head needs layers >= 1, got {layers}")
-        blocks: list[nn.Module] = []
-        dim = in_dim
-        for _ in range(layers - 1):
-            blocks += [nn.Linear(dim, hidden_dim)] + ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU()]
-            dim = hidden_dim
-        blocks.append(nn.Linear(dim, bottleneck_dim))
-        self.mlp = nn.Sequential(*blocks)
-        for module in self.mlp:
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
-        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, learn_norm=not norm_last_layer)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.last_layer(F.normalize(self.mlp(features), dim=-1))
 
 
 @dataclass
@@ -105,14 +65,13 @@ class DINO(Objective):
     Options = DINOOptions
 
     def __init__(self, spec: ObjectiveSpec, options: DINOOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         if options.num_local_crops < 0 or options.out_dim < 2:
             raise ValueError("dino: num_local_crops must be >= 0 and out_dim >= 2")
         if min(options.student_temperature, options.teacher_temperature, options.warmup_teacher_temperature) <= 0:
             raise ValueError("dino: temperatures must be > 0")
         if not 0 <= options.center_momentum < 1:
             raise ValueError(f"dino: center_momentum must be in [0, 1), got {options.center_momentum}")
-        self.options = options
         self.freeze_last_layer_steps = steps_from_epochs(spec, options.freeze_last_layer_steps,
                                                          options.freeze_last_layer_epochs, "dino freeze_last_layer")
         self.warmup_steps = steps_from_epochs(spec, options.warmup_teacher_temperature_steps,
@@ -140,8 +99,8 @@ class DINO(Objective):
         crops = crops_in_order(batch)
         count, rows = len(crops), crops[0].shape[0]
         # Teacher first: its activations are freed before the student's graph is built, which keeps the peak
-        # memory (and, on CPU, the page faults of fresh allocations) down: 1.15x faster steps at batch 256 on
-        # CPU in a same-process A/B.
+        # memory (and, on CPU, the page faults of fresh allocations) down: faster steps (measured in commit 788b7e9;
+        # see tests/benchmarks/RESULTS_training_speed.md).
         with torch.no_grad():
             teacher = self.teacher_head(encode_crops(self.teacher_encoder.encode_image, crops[:2], self.options.encode_crops_jointly)).view(2, rows, -1)
             total = all_reduce_sum(teacher.float().sum(dim=(0, 1)))

@@ -10,11 +10,11 @@ batched ``grid_sample`` per image). The network classifies every copy into its s
 
 The surrogate class of an image is its sample id (``batch["id"]``, dense 0..n-1 from ``trainer.prepare``), so
 there are ``spec.num_train_samples`` classes. The classifier is a normalised linear one (cosine similarity of a
-``feature_dim`` projection with one weight vector per class, divided by a temperature; NormFace), not the
+``projection_dim`` projection with one weight vector per class, divided by a temperature; NormFace), not the
 paper's plain softmax layer, because with one class per image (50,000 on CIFAR-10) each class appears in a
 batch about once an epoch: a plain linear layer's rows then grow or shrink with their update counts, and its
 logits are unbounded, while the cosine classifier's logits stay in [-1/t, 1/t] and its memory is a
-``feature_dim``-wide matrix (128 x 50,000 floats = 25 MB) rather than backbone width x classes. The class
+``projection_dim``-wide matrix (128 x 50,000 floats = 25 MB) rather than backbone width x classes. The class
 weights are exempt from weight decay (their norm does not enter the logits). The projection and the class
 weights are training only; the exported encoder is the backbone.
 
@@ -24,13 +24,13 @@ Implementation choices at CIFAR scale: 20 px seed patches of the 32 px image (th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from trainer.data.pretext_inputs import ExemplarTransformConfig, ExemplarView
 from trainer.losses.pretext import cosine_logits, pretext_accuracy, pretext_classification_loss
-from trainer.models import ModelConfig
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -40,15 +40,17 @@ from .diagnostics import embedding_std
 class ExemplarOptions:
     seed_patch: int = 20         # seed patch side in px of the image (the paper: 32 of 96)
     num_copies: int = 4          # transformed copies of each seed patch per step
-    feature_dim: int = 128       # width of the cosine classifier's space
+    projection_dim: int = 128    # width of the cosine classifier's space
     temperature: float = 0.1     # logits = cos / temperature
     num_classes: int | None = None  # None: spec.num_train_samples (one surrogate class per training image)
     patch_seed: int = 0          # seeds the seed-patch choice (with the sample id)
     transforms: dict = field(default_factory=dict)  # ExemplarTransformConfig fields
 
+    ALIASES: ClassVar[dict[str, str]] = {"feature_dim": "projection_dim"}
+
     def __post_init__(self) -> None:
-        if self.num_copies < 1 or self.seed_patch < 1 or self.feature_dim < 1:
-            raise ValueError("exemplar: num_copies, seed_patch and feature_dim must be >= 1")
+        if self.num_copies < 1 or self.seed_patch < 1 or self.projection_dim < 1:
+            raise ValueError("exemplar: num_copies, seed_patch and projection_dim must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"exemplar: temperature must be > 0, got {self.temperature}")
 
@@ -59,8 +61,7 @@ class Exemplar(Objective):
     Options = ExemplarOptions
 
     def __init__(self, spec: ObjectiveSpec, options: ExemplarOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)
         try:
             self.transforms = ExemplarTransformConfig(**options.transforms)
         except TypeError as error:
@@ -72,8 +73,8 @@ class Exemplar(Objective):
         if options.seed_patch > spec.image_size:
             raise ValueError(f"exemplar: seed_patch {options.seed_patch} is larger than the {spec.image_size} px image")
         self.num_classes = int(classes)
-        self.projector = nn.Linear(self.encoder.embed_dim, options.feature_dim)
-        self.class_weights = nn.Parameter(nn.functional.normalize(torch.randn(self.num_classes, options.feature_dim), dim=1))
+        self.projector = nn.Linear(self.encoder.embed_dim, options.projection_dim)
+        self.class_weights = nn.Parameter(nn.functional.normalize(torch.randn(self.num_classes, options.projection_dim), dim=1))
 
     def views(self) -> ExemplarView:
         o, config = self.options, self.encoder.config

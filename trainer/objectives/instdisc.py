@@ -22,6 +22,7 @@ bank negatives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +30,11 @@ import torch.nn.functional as F
 from trainer.data.views import AugmentConfig, augmentation
 from trainer.distributed import all_reduce_sum, gather_no_grad, world_size
 from trainer.losses.memory_bank import estimate_normaliser, momentum_update, proximal_penalty
-from trainer.losses.nce_family import contrastive_loss_from_similarities, loss_options_for
+from trainer.losses.nce_family import contrastive_loss_from_similarities
 from trainer.models import ModelConfig
 
 from .base import Objective, ObjectiveSpec, register
+from .options import InfoNCEOptions
 
 PREPARE_HINT = (
     "memory-bank objectives index a bank by dense sample ids 0..n-1; re-shard the data with "
@@ -42,18 +44,19 @@ PREPARE_HINT = (
 
 
 @dataclass
-class InstDiscOptions:
-    feature_dim: int = 128          # bank feature size (the paper's 128-d)
+class InstDiscOptions(InfoNCEOptions):
+    projection_dim: int = 128       # bank feature size (the paper's 128-d; exported: the model's image_projection)
     temperature: float = 0.07       # tau
     num_noise: int = 4096           # m noise samples per query (capped at bank size - 1)
     bank_momentum: float = 0.5      # eta in v <- normalize(eta v + (1 - eta) f)
     proximal_weight: float = 30.0   # lambda of the proximal regulariser
     normaliser_warmup_steps: int = 0  # fix Z at the first batch after this many steps (paper: 0); before, per batch
     loss: str = "nce"               # nce (paper) | infonce | flatnce | debiased | hcl over the bank's samples
-    tau_plus: float = 0.1           # debiased / hcl class prior
-    beta: float = 1.0               # hcl concentration
+    # nce's noise_probability / normaliser: None (default) = the paper's 1 / n and Z estimated (see above)
     augment: dict = field(default_factory=lambda: {  # the paper's CIFAR augmentation (crop, jitter, grey, flip)
         "crop_scale": (0.2, 1.0), "jitter_strength": 0.5, "jitter_prob": 1.0, "grayscale_prob": 0.2})
+
+    ALIASES: ClassVar[dict[str, str]] = {"feature_dim": "projection_dim"}
 
 
 class OneView:
@@ -72,21 +75,22 @@ class InstDisc(Objective):
     Options = InstDiscOptions
 
     def __init__(self, spec: ObjectiveSpec, options: InstDiscOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean,
-                                           std=spec.std, image_projection=options.feature_dim))
-        loss_options_for(options.loss, {})  # unknown loss names fail at build time, not at step 1
+        super().__init__(spec, options)
         if not spec.num_train_samples or spec.num_train_samples < 2:
             raise ValueError(f"instdisc needs the number of training samples (>= 2) for its memory bank, got {spec.num_train_samples}")
-        self.options = options
         self.num_data = int(spec.num_train_samples)
         self.num_noise = min(options.num_noise, self.num_data - 1)
         # The paper initialises the bank randomly; unit rows so that every score is a cosine from the start.
-        self.register_buffer("bank", F.normalize(torch.randn(self.num_data, options.feature_dim), dim=1))
+        self.register_buffer("bank", F.normalize(torch.randn(self.num_data, options.projection_dim), dim=1))
         self.register_buffer("seen", torch.zeros(self.num_data, dtype=torch.uint8))  # uint8: gloo broadcasts it
         self.register_buffer("normaliser", torch.tensor(-1.0))  # Z; < 0 until estimated and fixed
         self.register_buffer("steps_done", torch.zeros((), dtype=torch.long))  # optimizer steps seen (Z warm-up)
         self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
         self._normaliser_known = False  # avoids reading the Z buffer (a device sync) on every step
+
+    def model_config(self, spec: ObjectiveSpec, options: InstDiscOptions) -> ModelConfig:
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           image_projection=options.projection_dim)
 
     def views(self) -> OneView:
         config = self.encoder.config
@@ -105,7 +109,7 @@ class InstDisc(Objective):
             previous = self.bank[ids]  # v_i^(t-1); indexing copies, so the bank update cannot touch the graph
             noise_ids = torch.randint(self.num_data, (ids.shape[0], self.num_noise), device=ids.device)
         positive = (features * previous).sum(dim=1)
-        if self.num_data <= self.num_noise * self.options.feature_dim:
+        if self.num_data <= self.num_noise * self.options.projection_dim:
             # Small banks (CIFAR: 50k rows): scoring every row and picking the noise columns is cheaper than
             # gathering an [N, m, D] block of rows.
             noise = (features @ self.bank.t()).gather(1, noise_ids)
@@ -124,10 +128,11 @@ class InstDisc(Objective):
             else:
                 self._normaliser_known = True
         kind = self.options.loss
-        if kind == "nce":
-            extra = {"noise_probability": 1.0 / self.num_data, "normaliser": normaliser}
-        else:
-            extra = loss_options_for(kind, vars(self.options))
+        extra = self.options.loss_options()
+        if kind == "nce":  # the paper's: uniform noise over the n bank rows, Z as estimated above
+            o = self.options
+            extra = {"noise_probability": 1.0 / self.num_data if o.noise_probability is None else o.noise_probability,
+                     "normaliser": normaliser if o.normaliser is None else o.normaliser}
         contrast = contrastive_loss_from_similarities(kind, positive, noise, self.options.temperature, **extra)
         proximal = proximal_penalty(features, previous, self.seen[ids].bool())
         if self.training:

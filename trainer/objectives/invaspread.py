@@ -17,28 +17,30 @@ negatives.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from trainer.data.views import AugmentConfig, TwoViews
 from trainer.distributed import gather_with_grad
 from trainer.losses.invaspread import invariance_spreading_loss
-from trainer.losses.nce_family import contrastive_loss_from_similarities, loss_options_for, similarities
+from trainer.losses.nce_family import contrastive_loss_from_similarities, similarities
 from trainer.models import ModelConfig
 
 from .base import Objective, ObjectiveSpec, register
+from .options import InfoNCEOptions
 
 
 @dataclass
-class InvaSpreadOptions:
-    feature_dim: int = 128      # the paper's 128-d normalised embedding
+class InvaSpreadOptions(InfoNCEOptions):
+    projection_dim: int = 128   # the paper's 128-d normalised embedding (exported: the model's image_projection)
     temperature: float = 0.1    # tau
     loss: str = "invaspread"    # invaspread (paper) | infonce | nce | flatnce | debiased | hcl
-    tau_plus: float = 0.1       # debiased / hcl class prior
-    beta: float = 1.0           # hcl concentration
     augment: dict = field(default_factory=lambda: {  # the paper's CIFAR augmentation (crop, jitter, grey, flip)
         "crop_scale": (0.2, 1.0), "jitter_strength": 0.5, "jitter_prob": 1.0, "grayscale_prob": 0.2})
+
+    EXTRA_LOSSES: ClassVar[tuple[str, ...]] = ("invaspread",)
+    ALIASES: ClassVar[dict[str, str]] = {"feature_dim": "projection_dim"}
 
 
 @register
@@ -46,16 +48,9 @@ class InvaSpread(Objective):
     key = "invaspread"
     Options = InvaSpreadOptions
 
-    def __init__(self, spec: ObjectiveSpec, options: InvaSpreadOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean,
-                                           std=spec.std, image_projection=options.feature_dim))
-        if options.loss != "invaspread":
-            loss_options_for(options.loss, {})  # unknown loss names fail at build time
-        self.options = options
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
+    def model_config(self, spec: ObjectiveSpec, options: InvaSpreadOptions) -> ModelConfig:
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           image_projection=options.projection_dim)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         pairs = torch.cat([batch["view0"], batch["view1"]])  # one pass: batch norm sees originals and copies
@@ -68,5 +63,5 @@ class InvaSpread(Objective):
         else:
             positive, negatives = similarities(f_hat, f)  # query x̂_i; positive f_i; negatives f_k, k != i
             loss = contrastive_loss_from_similarities(kind, positive, negatives, self.options.temperature,
-                                                      **loss_options_for(kind, vars(self.options)))
+                                                      **self.options.loss_options())
         return {"loss": loss, "positive_cos": (f * f_hat).sum(dim=1).mean().detach()}

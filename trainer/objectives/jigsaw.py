@@ -24,11 +24,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from trainer.data.pretext_inputs import TileGridView, hamming_permutation_set, permute_tiles
 from trainer.losses.pretext import pretext_accuracy, pretext_classification_loss
-from trainer.models import ModelConfig
+from trainer.models import linear_bn_relu, projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -72,19 +71,15 @@ class Jigsaw(Objective):
     Options = JigsawOptions
 
     def __init__(self, spec: ObjectiveSpec, options: JigsawOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         refuse_fixed_size_backbone(self.encoder, self.key)
-        self.options = options
         tiles = options.grid ** 2
         self.register_buffer("permutations", hamming_permutation_set(
             tiles, options.num_permutations, options.permutation_seed, options.permutation_selection))
         self.views()  # tile geometry errors at build time, not in a data worker
-        self.tile_head = nn.Sequential(nn.Linear(self.encoder.embed_dim, options.tile_dim, bias=False),
-                                       nn.BatchNorm1d(options.tile_dim), nn.ReLU(inplace=True))
-        self.classifier = nn.Sequential(
-            nn.Linear(tiles * options.tile_dim, options.head_hidden_dim, bias=False),
-            nn.BatchNorm1d(options.head_hidden_dim), nn.ReLU(inplace=True),
-            nn.Linear(options.head_hidden_dim, options.num_permutations))
+        self.tile_head = linear_bn_relu(self.encoder.embed_dim, options.tile_dim)  # fc6, per tile
+        # fc7 (Linear-BN-ReLU) and fc8 on the nine tiles concatenated in position order
+        self.classifier = projection_mlp(tiles * options.tile_dim, options.head_hidden_dim, options.num_permutations)
 
     def views(self) -> TileGridView:
         o, config = self.options, self.encoder.config

@@ -31,7 +31,7 @@ from torch import nn
 
 from trainer.data.views import AugmentConfig, OneView, augmentation
 from trainer.losses.jigsaw_clustering import clustering_loss
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 from trainer.models.dense import feature_map, probe_shapes
 
 from .base import Objective, ObjectiveSpec, register
@@ -101,7 +101,7 @@ class JigsawClustering(Objective):
     Options = JigsawClusteringOptions
 
     def __init__(self, spec: ObjectiveSpec, options: JigsawClusteringOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         m = options.grid
         if m < 2 or spec.image_size % m:
             raise ValueError(f"jigsaw_clustering: grid must be >= 2 and divide image_size {spec.image_size}, got {m}")
@@ -110,7 +110,6 @@ class JigsawClustering(Objective):
         if not 0 <= options.cross_ratio < 0.5:
             raise ValueError(f"jigsaw_clustering: cross_ratio must be in [0, 0.5), got {options.cross_ratio}")
         AugmentConfig(**options.augment)  # unknown augmentation fields fail at build
-        self.options = options
         width = probe_shapes(self.encoder.backbone, spec.image_size)[0][0]  # backbones without a map fail here
         self.projector = projection_mlp(width, options.projection_hidden_dim, options.projection_dim, 2)
         self.locator = nn.Linear(width, m * m)

@@ -21,18 +21,18 @@ loop's global batch norm never replaces them), while the query side keeps the lo
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.views import AugmentConfig, TwoViews
 from trainer.distributed import gather_no_grad, gather_with_grad, shuffle_batch, unshuffle_batch, world_size
-from trainer.losses import contrastive_loss, loss_options_for
-from trainer.models import ModelConfig
+from trainer.losses import contrastive_loss
 
 from .base import Objective, ObjectiveSpec, register
 from .momentum import ema_update_, momentum_copy
+from .options import InfoNCEOptions
 
 
 def split_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -117,19 +117,24 @@ def set_batch_norm_groups_(module: nn.Module, groups: int) -> None:
 
 
 @dataclass
-class MoCoOptions:
+class MoCoOptions(InfoNCEOptions):
     temperature: float = 0.07       # tau (v1)
     queue_size: int = 65536         # K, the dictionary size
     momentum: float = 0.999         # m of the key encoder
-    embed_dim: int = 128            # output of the fc layer (the contrastive space)
+    projection_dim: int = 128       # output of the fc layer (the contrastive space)
     shuffle_bn: bool = True         # shuffling BN on the key side (False: plain BN, the paper's "leak" ablation)
     bn_splits: int = 8              # BN groups of the global key batch (the paper's 8 GPUs)
-    loss: str = "infonce"           # infonce | nce | flatnce | debiased | hcl
-    tau_plus: float = 0.1           # debiased / hcl class prior
-    beta: float = 1.0               # hcl concentration
     # v1's augmentation: crop scale (0.2, 1), colour jitter always applied, 20% grayscale, flip.
     augment: dict = field(default_factory=lambda: {"crop_scale": (0.2, 1.0), "jitter_strength": 0.5,
                                                    "jitter_prob": 1.0, "grayscale_prob": 0.2, "blur_prob": 0.0})
+
+    # embed_dim was this width's name; encoder.embed_dim is the backbone's output, a different width.
+    ALIASES: ClassVar[dict[str, str]] = {"embed_dim": "projection_dim"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.queue_size < 1 or self.bn_splits < 1:
+            raise ValueError(f"queue_size and bn_splits must be >= 1, got {self.queue_size}, {self.bn_splits}")
 
 
 @register
@@ -138,11 +143,7 @@ class MoCo(Objective):
     Options = MoCoOptions
 
     def __init__(self, spec: ObjectiveSpec, options: MoCoOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        if options.queue_size < 1 or options.bn_splits < 1:
-            raise ValueError(f"{self.key}: queue_size and bn_splits must be >= 1")
-        loss_options_for(options.loss, vars(options))  # an unknown loss kind fails here, not at step 1
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe from options.augment
         self.projector = self.build_head(self.encoder.embed_dim)
         # Built deterministically (deep copies), so every process holds the same key network.
         self.key_encoder = momentum_copy(self.encoder)
@@ -150,17 +151,13 @@ class MoCo(Objective):
         if options.shuffle_bn:
             use_split_batch_norm_(self.key_encoder)
             use_split_batch_norm_(self.key_projector)
-        self.register_buffer("queue", F.normalize(torch.randn(options.queue_size, options.embed_dim), dim=1))
+        self.register_buffer("queue", F.normalize(torch.randn(options.queue_size, options.projection_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self._pending_keys: torch.Tensor | None = None
 
-    def build_head(self, feature_dim: int) -> nn.Module:
-        """v1: the encoder's fc layer, a linear map to ``embed_dim``."""
-        return nn.Linear(feature_dim, self.options.embed_dim)
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
+    def build_head(self, in_dim: int) -> nn.Module:
+        """v1: the encoder's fc layer, a linear map to ``projection_dim``."""
+        return nn.Linear(in_dim, self.options.projection_dim)
 
     @torch.no_grad()
     def keys(self, images: torch.Tensor) -> torch.Tensor:
@@ -188,8 +185,8 @@ class MoCo(Objective):
         query = gather_with_grad(F.normalize(self.projector(self.encoder.encode_image(batch["view0"])), dim=1))
         key = self.keys(batch["view1"])
         negatives = self.queue.detach()
-        options = loss_options_for(self.options.loss, vars(self.options))
-        loss = contrastive_loss(self.options.loss, query, key, negatives, self.options.temperature, **options)
+        loss = contrastive_loss(self.options.loss, query, key, negatives, self.options.temperature,
+                                **self.options.loss_options())
         if self.training:
             self._pending_keys = key  # enqueued after the optimizer step (the queue is in this graph)
         with torch.no_grad():  # the positive out-scores every queue entry: the pretext task's top-1

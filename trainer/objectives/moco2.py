@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from trainer.models import mlp_head
+
 from .base import register
 from .moco import MoCo, MoCoOptions
 
@@ -30,7 +32,6 @@ class MoCo2(MoCo):
     key = "moco2"
     Options = MoCo2Options
 
-    def build_head(self, feature_dim: int) -> nn.Module:
+    def build_head(self, in_dim: int) -> nn.Module:
         """v2: Linear - ReLU - Linear in place of the fc layer."""
-        hidden = self.options.projection_hidden_dim
-        return nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, self.options.embed_dim))
+        return mlp_head(in_dim, self.options.projection_hidden_dim, self.options.projection_dim)

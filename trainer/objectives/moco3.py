@@ -23,17 +23,17 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from trainer.data.views import AugmentConfig, TwoViews
 from trainer.distributed import gather_no_grad, gather_with_grad
-from trainer.losses import contrastive_loss, loss_options_for
-from trainer.models import ModelConfig, projection_mlp
+from trainer.losses import contrastive_loss
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .momentum import ema_update_, momentum_at, momentum_copy
+from .options import InfoNCEOptions
 
 
 @dataclass
-class MoCo3Options:
+class MoCo3Options(InfoNCEOptions):
     temperature: float = 0.2          # tau (the paper's value for ViT; 1.0 for ResNet)
     momentum: float = 0.99            # start of the cosine momentum schedule
     final_momentum: float = 1.0       # its end
@@ -42,9 +42,6 @@ class MoCo3Options:
     projection_layers: int = 3
     predictor_hidden_dim: int = 2048  # paper 4096
     freeze_patch_embed: bool | None = None  # None: freeze when the backbone has a patch_embed (ViT)
-    loss: str = "infonce"             # infonce | nce | flatnce | debiased | hcl
-    tau_plus: float = 0.1             # debiased / hcl class prior
-    beta: float = 1.0                 # hcl concentration
     augment: dict = field(default_factory=lambda: {"crop_scale": (0.2, 1.0), "jitter_strength": 0.5,
                                                    "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.0})
 
@@ -55,9 +52,7 @@ class MoCo3(Objective):
     Options = MoCo3Options
 
     def __init__(self, spec: ObjectiveSpec, options: MoCo3Options):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        loss_options_for(options.loss, vars(options))  # an unknown loss kind fails here, not at step 1
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe from options.augment
         backbone = self.encoder.backbone
         has_patch_embed = hasattr(backbone, "patch_embed")
         freeze = has_patch_embed if options.freeze_patch_embed is None else options.freeze_patch_embed
@@ -74,10 +69,6 @@ class MoCo3(Objective):
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
 
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
-
     def _query(self, images: torch.Tensor) -> torch.Tensor:
         return gather_with_grad(self.predictor(self.projector(self.encoder.encode_image(images))))
 
@@ -87,8 +78,8 @@ class MoCo3(Objective):
 
     def _contrast(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """ctr(q, k): in-batch InfoNCE of the global batch, scaled by 2 tau as in the paper's code."""
-        options = loss_options_for(self.options.loss, vars(self.options))
-        loss = contrastive_loss(self.options.loss, query, key, None, self.options.temperature, **options)
+        loss = contrastive_loss(self.options.loss, query, key, None, self.options.temperature,
+                                **self.options.loss_options())
         return 2.0 * self.options.temperature * loss
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

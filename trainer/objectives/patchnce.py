@@ -32,7 +32,7 @@ from torch import nn
 
 from trainer.data.crop_geometry import CropGeometryViews, crop_geometry_views
 from trainer.losses.dense import patch_nce
-from trainer.models import ModelConfig
+from trainer.models import mlp_head
 from trainer.models.dense import cells, feature_maps, probe_shapes, resolve_stages
 
 from .base import Objective, ObjectiveSpec, register
@@ -57,19 +57,16 @@ class PatchNCE(Objective):
     Options = PatchNCEOptions
 
     def __init__(self, spec: ObjectiveSpec, options: PatchNCEOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         if not options.layers:
             raise ValueError("patchnce: layers must name at least one backbone stage")
         if options.num_patches < 2 or options.temperature <= 0:
             raise ValueError(f"patchnce: num_patches must be >= 2 and temperature > 0, got {options.num_patches}, "
                              f"{options.temperature}")
-        self.options = options
         crop_geometry_views(spec.image_size, [0.0] * 3, [1.0] * 3, options.augment, shared_geometry=True)  # bad keys fail here
         shapes = probe_shapes(self.encoder.backbone, spec.image_size, list(options.layers))  # bad stages fail here
         self.stages = resolve_stages(self.encoder.backbone, list(options.layers))
-        self.heads = nn.ModuleList([
-            nn.Sequential(nn.Linear(c, options.mlp_dim), nn.ReLU(inplace=True), nn.Linear(options.mlp_dim, options.mlp_dim))
-            for c, _, _ in shapes])
+        self.heads = nn.ModuleList([mlp_head(c, options.mlp_dim, options.mlp_dim) for c, _, _ in shapes])  # CUT's netF
 
     def views(self) -> CropGeometryViews:
         config = self.encoder.config

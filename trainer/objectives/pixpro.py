@@ -32,7 +32,7 @@ from torch import nn
 
 from trainer.data.crop_geometry import CropGeometryViews, crop_geometry_views, positive_pairs
 from trainer.losses.dense import pixel_contrast, pixpro_consistency
-from trainer.models import ModelConfig
+from trainer.models import conv_mlp
 from trainer.models.dense import cells, feature_map, probe_shapes
 
 from .base import Objective, ObjectiveSpec, register
@@ -59,37 +59,30 @@ class PixProOptions:
                                                    "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.0})
 
 
-def pixel_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """PixPro's projection head on every cell: 1x1 conv - BN - ReLU - 1x1 conv."""
-    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
-                         nn.Conv2d(hidden_dim, out_dim, 1))
-
-
 @register
 class PixPro(Objective):
     key = "pixpro"
     Options = PixProOptions
 
     def __init__(self, spec: ObjectiveSpec, options: PixProOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         if options.mode not in MODES:
             raise ValueError(f"pixpro: mode must be one of {MODES}, got {options.mode!r}")
         if options.transform_layers not in (0, 1, 2):
             raise ValueError(f"pixpro: transform_layers must be 0, 1 or 2, got {options.transform_layers}")
         if options.gamma <= 0 or options.temperature <= 0 or options.threshold <= 0 or options.instance_weight < 0:
             raise ValueError("pixpro: gamma, temperature and threshold must be > 0 and instance_weight >= 0")
-        self.options = options
         crop_geometry_views(spec.image_size, [0.0] * 3, [1.0] * 3, options.augment)  # bad augment keys fail at build
         width = probe_shapes(self.encoder.backbone, spec.image_size)[0][0]  # unsupported backbones fail here
         dim, hidden = options.projection_dim, options.projection_hidden_dim
-        self.projector = pixel_mlp(width, hidden, dim)
-        self.value_transform = {0: nn.Identity(), 1: nn.Conv2d(dim, dim, 1), 2: pixel_mlp(dim, dim, dim)}[options.transform_layers]
+        self.projector = conv_mlp(width, hidden, dim)  # PixPro's pixel projection head
+        self.value_transform = {0: nn.Identity(), 1: nn.Conv2d(dim, dim, 1), 2: conv_mlp(dim, dim, dim)}[options.transform_layers]
         # Deep copies draw no random numbers: every process builds the same target network.
         self.key_encoder = momentum_copy(self.encoder)
         self.key_projector = momentum_copy(self.projector)
         if options.instance_weight > 0:
-            self.instance_projector = pixel_mlp(width, hidden, dim)
-            self.instance_predictor = pixel_mlp(dim, hidden, dim)
+            self.instance_projector = conv_mlp(width, hidden, dim)
+            self.instance_predictor = conv_mlp(dim, hidden, dim)
             self.key_instance_projector = momentum_copy(self.instance_projector)
 
     def views(self) -> CropGeometryViews:

@@ -20,7 +20,7 @@ import torch
 from trainer.data.pretext_inputs import RotationView, rotate_batch
 from trainer.data.views import view_configs
 from trainer.losses.pretext import pretext_accuracy, pretext_classification_loss
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -43,8 +43,7 @@ class Rotation(Objective):
     Options = RotationOptions
 
     def __init__(self, spec: ObjectiveSpec, options: RotationOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)
         self.augment, _ = view_configs(options.augment)  # unknown augment fields fail here
         hidden = options.head_hidden_dim
         self.classifier = (projection_mlp(self.encoder.embed_dim, hidden, 4, layers=2) if hidden

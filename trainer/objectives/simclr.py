@@ -14,26 +14,18 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.losses import (CONTRASTIVE_LOSSES, contrastive_loss_from_similarities, loss_options_for, nt_xent,
-                            two_view_similarities)
+from trainer.losses import contrastive_loss_from_similarities, nt_xent, two_view_similarities
 
 from .base import register
 from .diagnostics import embedding_std
+from .options import InfoNCEOptions
 from .two_view import TwoViewObjective, TwoViewOptions
 
 
 @dataclass
-class SimCLROptions(TwoViewOptions):
+class SimCLROptions(InfoNCEOptions, TwoViewOptions):
+    # tau_plus 0.1 (Chuang et al. on CIFAR-10), beta 1 (Robinson et al.: 0.5-1); nce's Pn defaults to 1/(2N-1).
     temperature: float = 0.5
-    loss: str = "infonce"  # infonce | nce | flatnce | debiased | hcl
-    tau_plus: float = 0.1  # debiased / hcl: class prior of false negatives (Chuang et al.: 0.1 on CIFAR-10)
-    beta: float = 1.0  # hcl: concentration on hard negatives (Robinson et al.: 0.5-1 on CIFAR-10)
-    noise_probability: float | None = None  # nce: Pn; None -> 1/(2N-1), the other views as noise universe
-    normaliser: float | None = None  # nce: Z; None -> estimated from each batch
-
-    def __post_init__(self):
-        if self.loss not in CONTRASTIVE_LOSSES:
-            raise ValueError(f"simclr: unknown loss {self.loss!r}; known: {', '.join(CONTRASTIVE_LOSSES)}")
 
 
 @register
@@ -46,7 +38,7 @@ class SimCLR(TwoViewObjective):
             loss = nt_xent(z1, z2, self.options.temperature)
         else:
             positive, negatives = two_view_similarities(z1, z2)
-            options = loss_options_for(self.options.loss, vars(self.options))
-            loss = contrastive_loss_from_similarities(self.options.loss, positive, negatives, self.options.temperature, **options)
+            loss = contrastive_loss_from_similarities(self.options.loss, positive, negatives, self.options.temperature,
+                                                      **self.options.loss_options())
         return {"loss": loss, "embedding_std": embedding_std(z1)}
 

@@ -27,15 +27,15 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distributed import gather_no_grad, gather_with_grad
-from trainer.losses.nce_family import contrastive_loss_from_similarities, loss_options_for
+from trainer.losses.nce_family import contrastive_loss_from_similarities
 from trainer.models import ModelConfig, projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
-from .simclr import SimCLR
+from .options import InfoNCEOptions
 
 
 @dataclass
-class SimCLRv2Options:
+class SimCLRv2Options(InfoNCEOptions):
     temperature: float = 0.5  # SimCLR's CIFAR value (the paper's ImageNet runs use 0.1)
     projection_dim: int = 128
     projection_hidden_dim: int | None = None  # None: the backbone's width, as in the paper
@@ -43,10 +43,15 @@ class SimCLRv2Options:
     encoder_head_layers: int = 1  # head layers exported with the encoder (fine-tune from the middle layer)
     momentum: float = 0.0  # > 0 enables the momentum encoder and its queue of negatives
     queue_size: int = 4096
-    loss: str = "infonce"
-    tau_plus: float = 0.1  # debiased / hcl class prior
-    beta: float = 1.0  # hcl concentration
-    augment: dict = field(default_factory=dict)  # AugmentConfig fields
+    augment: dict = field(default_factory=dict)  # AugmentConfig fields (SimCLR's two-view recipe)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.encoder_head_layers < self.projection_layers:
+            raise ValueError(f"encoder_head_layers must be in [0, projection_layers={self.projection_layers}), "
+                             f"got {self.encoder_head_layers}")
+        if not 0.0 <= self.momentum < 1.0 or self.queue_size < 0:
+            raise ValueError(f"need 0 <= momentum < 1 and queue_size >= 0, got {self.momentum}, {self.queue_size}")
 
 
 def nt_xent_similarities(z1: torch.Tensor, z2: torch.Tensor,
@@ -83,18 +88,8 @@ class SimCLRv2(Objective):
     Options = SimCLRv2Options
 
     def __init__(self, spec: ObjectiveSpec, options: SimCLRv2Options):
-        loss_options_for(options.loss, {})  # unknown loss kinds fail at build time
-        if not 0 <= options.encoder_head_layers < options.projection_layers:
-            raise ValueError(f"encoder_head_layers must be in [0, projection_layers={options.projection_layers}), "
-                             f"got {options.encoder_head_layers}")
-        if not 0.0 <= options.momentum < 1.0 or options.queue_size < 0:
-            raise ValueError(f"need 0 <= momentum < 1 and queue_size >= 0, got {options.momentum}, {options.queue_size}")
-        head = ({"hidden_dim": options.projection_hidden_dim, "layers": options.encoder_head_layers}
-                if options.encoder_head_layers else None)
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean,
-                                           std=spec.std, image_head=head))
-        self.options = options
-        self.loss_options = loss_options_for(options.loss, vars(options))
+        super().__init__(spec, options)  # views(): the base's two-view recipe, SimCLR's
+        self.loss_options = options.loss_options()
         hidden = options.projection_hidden_dim or self.encoder.feature_dim
         self.projector = projection_mlp(self.encoder.embed_dim, hidden, options.projection_dim,
                                         options.projection_layers - options.encoder_head_layers, last_bn=True)
@@ -106,7 +101,12 @@ class SimCLRv2(Objective):
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
             self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
 
-    views = SimCLR.views  # two augmented views, SimCLR's recipe
+    def model_config(self, spec: ObjectiveSpec, options: SimCLRv2Options) -> ModelConfig:
+        """The first ``encoder_head_layers`` head layers are exported with the backbone (``image_head``)."""
+        head = ({"hidden_dim": options.projection_hidden_dim, "layers": options.encoder_head_layers}
+                if options.encoder_head_layers else None)
+        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
+                           image_head=head)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views = torch.cat([batch["view0"], batch["view1"]])  # one pass: BN sees both views together

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.data.views import TwoViews, view_configs
+from trainer.data.views import view_configs
 from trainer.distributed import gather_no_grad, gather_with_grad
 from trainer.losses.noncontrastive import negative_cosine
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
@@ -55,16 +55,10 @@ class SimSiam(Objective):
     Options = SimSiamOptions
 
     def __init__(self, spec: ObjectiveSpec, options: SimSiamOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe, one augment for both views
         self.projector = projection_mlp(self.encoder.embed_dim, options.projection_hidden_dim, options.projection_dim,
                                         options.projection_layers, last_bn=True)
         self.predictor = projection_mlp(options.projection_dim, options.predictor_hidden_dim, options.projection_dim, 2)
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        first, _ = view_configs(self.options.augment)
-        return TwoViews(config.image_size, config.mean, config.std, first)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         z1 = self.projector(self.encoder.encode_image(batch["view0"]))  # one pass per view, as the paper

@@ -29,12 +29,16 @@ from torch import nn
 
 from trainer.data.multicrop import MultiCropOptions, MultiCropViews, accepted_local_size, crops_in_order, encode_crops
 from trainer.data.views import AugmentConfig
-from trainer.distributed import gather_no_grad, gather_with_grad, rank, world_size
+from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, rank, world_size
 from trainer.losses.clustering import sinkhorn, swav_loss
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
+
+
+def _max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    return gather_no_grad(tensor.reshape(1)).max()
 
 
 @dataclass
@@ -59,7 +63,7 @@ class SwAV(Objective):
     Options = SwAVOptions
 
     def __init__(self, spec: ObjectiveSpec, options: SwAVOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
+        super().__init__(spec, options)
         crops = 2 + options.num_local_crops
         if options.num_local_crops < 0 or not options.assigned_crops or any(
                 not 0 <= int(c) < 2 for c in options.assigned_crops) or len(set(options.assigned_crops)) != len(options.assigned_crops):
@@ -70,7 +74,6 @@ class SwAV(Objective):
         if options.queue_length < 0 or options.queue_length % world_size():
             raise ValueError(f"swav: queue_length must be >= 0 and a multiple of the {world_size()} processes, "
                              f"got {options.queue_length}")
-        self.options = options
         self.assigned_crops = [int(c) for c in options.assigned_crops]
         self.freeze_prototypes_steps = steps_from_epochs(spec, options.freeze_prototypes_steps,
                                                          options.freeze_prototypes_epochs, "swav freeze_prototypes")
@@ -115,7 +118,10 @@ class SwAV(Objective):
                 queued = self._queue_share(index)
                 if queued is not None:
                     local = torch.cat([queued @ self.prototypes.weight.t(), local])
-                codes.append(gather_no_grad(sinkhorn(local, self.options.epsilon, self.options.sinkhorn_iterations)[-rows:]))
+                # Equipartition over the global batch: Sinkhorn's sums and maximum run across processes.
+                code = sinkhorn(local, self.options.epsilon, self.options.sinkhorn_iterations,
+                                reduce_sum=all_reduce_sum, reduce_max=_max_over_processes)
+                codes.append(gather_no_grad(code[-rows:]))
             if self.options.queue_length:
                 assigned = z.view(count, rows, -1)[self.assigned_crops].detach()
                 self._pending = gather_no_grad(assigned.transpose(0, 1).contiguous())  # [B, A, D]

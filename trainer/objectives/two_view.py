@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.data.views import AugmentConfig, TwoViews
 from trainer.distributed import gather_with_grad
-from trainer.models import ModelConfig, projection_mlp
+from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec
 
@@ -23,8 +22,9 @@ class TwoViewOptions:
     projection_layers: int = 2
     augment: dict = field(default_factory=dict)  # AugmentConfig fields
     # True: one encoder pass over both views, so BN statistics span 2N images (SimCLR's TF code).
-    # False: one pass per view (lightly's and most PyTorch code); 17% faster on CPU at batch 256, where a
-    # 512-image pass falls out of cache (resnet18-cifar forward+backward: 8.7 s vs 10.4 s on 2 cores).
+    # False: one pass per view (lightly's and most PyTorch code), the default: faster on CPU at large batches,
+    # where a 2N-image pass falls out of cache (measured in commit 06b357f; training-speed results:
+    # tests/benchmarks/RESULTS_training_speed.md).
     encode_views_jointly: bool = False
 
 
@@ -35,15 +35,10 @@ class TwoViewObjective(Objective):
     ``trainer.grad_cache`` uses to train a large batch in micro-batches."""
 
     def __init__(self, spec: ObjectiveSpec, options: TwoViewOptions):
-        super().__init__(spec, ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std))
-        self.options = options
+        super().__init__(spec, options)  # views(): the base's two-view recipe from options.augment
         self.projector = projection_mlp(
             self.encoder.embed_dim, options.projection_hidden_dim, options.projection_dim, options.projection_layers
         )
-
-    def views(self) -> TwoViews:
-        config = self.encoder.config
-        return TwoViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment))
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
         """This process's projections ``z1``, ``z2`` [n, projection_dim] of view0 and view1."""

@@ -1,0 +1,66 @@
+"""Option mixins shared by objectives: one definition and one validation per group of options.
+
+``InfoNCEOptions``: the InfoNCE family's loss switch (OBJECTIVES.md, section A). Every objective whose loss is
+a softmax over one positive and K negatives mixes it into its ``Options`` dataclass and gets ``temperature``,
+``loss`` (``infonce`` | ``nce`` | ``flatnce`` | ``debiased`` | ``hcl``) and the kinds' own options (``tau_plus``,
+``beta``, ``noise_probability``, ``normaliser``), validated once, when the options are parsed, with an error that
+names the bad value. ``loss_options()`` picks what the chosen kind takes, for
+``trainer.losses.contrastive_loss(_from_similarities)``.
+
+Mixing in (all fields have defaults, so the order of bases is free): ``class SimCLROptions(InfoNCEOptions,
+TwoViewOptions)``; a subclass re-declares a field to change its default (``temperature: float = 0.07``) and
+sets ``EXTRA_LOSSES`` for losses of its own beside the family (InvaSpread's ``invaspread``). A subclass with a
+``__post_init__`` of its own calls ``super().__post_init__()``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from trainer.losses.nce_family import CONTRASTIVE_LOSSES, loss_options_for
+
+
+def _number(options: Any, name: str) -> float:
+    value = getattr(options, name)
+    try:
+        number = float(value)  # YAML reads "1e-3" (no dot) as a string
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    setattr(options, name, number)
+    return number
+
+
+@dataclass
+class InfoNCEOptions:
+    temperature: float = 0.1               # tau (> 0); objectives set their paper's value
+    loss: str = "infonce"                  # infonce | nce | flatnce | debiased | hcl (+ EXTRA_LOSSES)
+    tau_plus: float = 0.1                  # debiased / hcl: class prior of false negatives, in [0, 1)
+    beta: float = 1.0                      # hcl: concentration on hard negatives, >= 0
+    noise_probability: float | None = None  # nce: Pn in (0, 1]; None: 1 / (K + 1), or the objective's own
+    normaliser: float | None = None        # nce: Z > 0; None: estimated from each batch, or the objective's own
+
+    EXTRA_LOSSES: ClassVar[tuple[str, ...]] = ()  # losses of the objective's own, accepted beside the family
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        known = (*self.EXTRA_LOSSES, *CONTRASTIVE_LOSSES)
+        if self.loss not in known:
+            raise ValueError(f"loss {self.loss!r} is not one of {', '.join(known)}")
+        if _number(self, "temperature") <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= _number(self, "tau_plus") < 1.0:
+            raise ValueError(f"tau_plus must be in [0, 1), got {self.tau_plus}")
+        if _number(self, "beta") < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        if self.noise_probability is not None and not 0.0 < _number(self, "noise_probability") <= 1.0:
+            raise ValueError(f"noise_probability must be in (0, 1], got {self.noise_probability}")
+        if self.normaliser is not None and _number(self, "normaliser") <= 0:
+            raise ValueError(f"normaliser must be > 0, got {self.normaliser}")
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword options the chosen ``loss`` takes (``LOSS_OPTIONS``); {} for an ``EXTRA_LOSSES`` kind."""
+        if self.loss not in CONTRASTIVE_LOSSES:
+            return {}
+        return loss_options_for(self.loss, vars(self))
