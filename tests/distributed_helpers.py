@@ -55,16 +55,25 @@ def _worker(rank: int, build: Callable, make_batch: Callable, init_file: str, ou
 def assert_two_processes_match_one(build: Callable, make_batch: Callable, tmp_path, steps: int = 1,
                                    rtol: float = 1e-3, atol: float = 1e-5) -> None:
     """Run ``steps`` forward/backward passes (``after_step`` between them, no optimizer step) in one process
-    on the full batch and in two processes on halves; compare every loss and the last gradients."""
-    reference = build()
-    losses = []
-    for step in range(steps):
-        reference.zero_grad(set_to_none=True)
-        outputs = reference(make_batch(step) if steps > 1 else make_batch())
-        outputs["loss"].backward()
-        losses.append(outputs["loss"].detach())
-        if step < steps - 1:
-            reference.after_step(step, steps)
+    on the full batch and in two processes on halves; compare every loss and the last gradients.
+
+    The reference runs on one thread, as each worker does: a max-pool routes its gradient to the largest input,
+    so a 1e-6 rounding difference between thread counts can move it to a near-tied neighbour and change conv
+    gradients by a few percent (seen for CMC's cnn-small on an AVX2 CPU), which says nothing about the objective."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = build()
+        losses = []
+        for step in range(steps):
+            reference.zero_grad(set_to_none=True)
+            outputs = reference(make_batch(step) if steps > 1 else make_batch())
+            outputs["loss"].backward()
+            losses.append(outputs["loss"].detach())
+            if step < steps - 1:
+                reference.after_step(step, steps)
+    finally:
+        torch.set_num_threads(threads)
     expected = gradients(reference)
     mp.spawn(_worker, args=(build, make_batch, str(tmp_path / "init"), str(tmp_path), steps), nprocs=2, join=True)
     for rank in range(2):
