@@ -27,8 +27,8 @@ class MultiCropOptions:
     augment: dict = field(default_factory=lambda: {"jitter_strength": 0.5, "jitter_prob": 0.8,
                                                    "grayscale_prob": 0.2, "blur_prob": 0.0})
     # True: one backbone pass per resolution (DINO's MultiCropWrapper: BN statistics over all crops of a size).
-    # False: one pass per crop, as lightly's examples do; faster on CPU at batch 256 (resnet18-cifar, DINO's
-    # 2 global + 8 local crops: 13.4 vs 14.6 s per step with kept host memory), where a joint pass falls out of cache.
+    # False: one pass per crop, as lightly's examples do, the default: faster on CPU at large batches, where a
+    # joint pass falls out of cache (tests/benchmarks/RESULTS_training_speed.md, "Design measurements").
     encode_crops_jointly: bool = False
 
 

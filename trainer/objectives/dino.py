@@ -99,8 +99,8 @@ class DINO(Objective):
         crops = crops_in_order(batch)
         count, rows = len(crops), crops[0].shape[0]
         # Teacher first: its activations are freed before the student's graph is built, which keeps the peak
-        # memory (and, on CPU, the page faults of fresh allocations) down: faster steps (measured in commit 788b7e9;
-        # see tests/benchmarks/RESULTS_training_speed.md).
+        # memory (and, on CPU, the page faults of fresh allocations) down: faster steps
+        # (tests/benchmarks/RESULTS_training_speed.md, "Design measurements").
         with torch.no_grad():
             teacher = self.teacher_head(encode_crops(self.teacher_encoder.encode_image, crops[:2], self.options.encode_crops_jointly)).view(2, rows, -1)
             total = all_reduce_sum(teacher.float().sum(dim=(0, 1)))

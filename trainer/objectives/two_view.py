@@ -23,8 +23,7 @@ class TwoViewOptions:
     augment: dict = field(default_factory=dict)  # AugmentConfig fields
     # True: one encoder pass over both views, so BN statistics span 2N images (SimCLR's TF code).
     # False: one pass per view (lightly's and most PyTorch code), the default: faster on CPU at large batches,
-    # where a 2N-image pass falls out of cache (measured in commit 06b357f; training-speed results:
-    # tests/benchmarks/RESULTS_training_speed.md).
+    # where a 2N-image pass falls out of cache (tests/benchmarks/RESULTS_training_speed.md, "Design measurements").
     encode_views_jointly: bool = False
 
 
