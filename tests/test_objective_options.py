@@ -114,3 +114,22 @@ def test_sinkhorn_over_parts_with_the_callers_reduces_equals_sinkhorn_over_the_w
     for thread in threads:
         thread.join()
     assert torch.allclose(torch.cat(out), sinkhorn(scores, 0.1, 3), atol=1e-6)
+
+
+@pytest.mark.parametrize("key,options,message", [
+    ("byol", {"projection_dim": 0}, "byol: projection_dim must be >= 1, got 0"),
+    ("simsiam", {"projection_layers": 0}, "simsiam: projection_layers must be >= 1, got 0"),
+    ("jigsaw", {"grid": 1}, "jigsaw: grid must be >= 2, got 1"),
+    ("moco", {"queue_size": 0}, "moco: queue_size must be >= 1, got 0"),
+    ("barlow_twins", {"lambd": "lots"}, "barlow_twins: lambd must be a number, got 'lots'"),
+    ("byol", {"momentum": "0.99", "final_momentum": "1e0"}, None),  # YAML strings are read as numbers
+])
+def test_shared_validation_names_the_objective_and_the_value(key: str, options: dict, message: str | None) -> None:
+    options_type = get_objective(key).Options
+    if message is None:
+        parsed = parse_options(options_type, options, key)
+        assert parsed.momentum == 0.99 and parsed.final_momentum == 1.0
+        return
+    with pytest.raises(ValueError) as error:
+        parse_options(options_type, options, key)
+    assert str(error.value) == message

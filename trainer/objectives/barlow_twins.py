@@ -25,6 +25,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
+from .options import as_number, require_at_least
 
 
 @dataclass
@@ -37,15 +38,9 @@ class BarlowTwinsOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        try:
-            self.lambd = float(self.lambd)  # YAML reads "5e-3" (no dot) as a string
-        except (TypeError, ValueError):
-            raise ValueError(f"barlow_twins: lambd must be a number, got {self.lambd!r}") from None
-        if self.lambd < 0:
-            raise ValueError(f"barlow_twins: lambd must be >= 0, got {self.lambd}")
-        for name in ("projection_dim", "projection_hidden_dim", "projection_layers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"barlow_twins: {name} must be >= 1, got {getattr(self, name)}")
+        if as_number(self, "lambd") < 0:
+            raise ValueError(f"lambd must be >= 0, got {self.lambd}")
+        require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 
 

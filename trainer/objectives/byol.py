@@ -29,6 +29,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
+from .options import as_number, require_at_least
 
 # The paper's image augmentations (appendix B): crop 0.08-1, flip, jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
 # (here the SimCLR factors at strength 0.5: saturation 0.4), grayscale 0.2, and the asymmetric blur/solarize.
@@ -48,16 +49,9 @@ class BYOLOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        given = (self.momentum, self.final_momentum)
-        try:  # YAML reads "1e-3" (no dot) as a string
-            self.momentum, self.final_momentum = float(self.momentum), float(self.final_momentum)
-        except (TypeError, ValueError):
-            raise ValueError(f"byol: momentum and final_momentum must be numbers, got {given}") from None
-        if not 0.0 <= self.momentum <= self.final_momentum <= 1.0:
-            raise ValueError(f"byol: need 0 <= momentum <= final_momentum <= 1, got {given}")
-        for name in ("projection_dim", "projection_hidden_dim", "predictor_hidden_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"byol: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
+            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "predictor_hidden_dim")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 
 

@@ -26,6 +26,7 @@ from trainer.models import linear_bn_relu, projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .jigsaw import refuse_fixed_size_backbone
+from .options import require_at_least
 
 
 @dataclass
@@ -42,8 +43,7 @@ class ContextOptions:
     def __post_init__(self) -> None:
         if not 0 <= self.colour_drop <= 1:
             raise ValueError(f"context: colour_drop is a probability, got {self.colour_drop}")
-        if min(self.patch_dim, self.head_hidden_dim) < 1:
-            raise ValueError("context: patch_dim and head_hidden_dim must be >= 1")
+        require_at_least(self, 1, "patch_dim", "head_hidden_dim")
 
 
 @register

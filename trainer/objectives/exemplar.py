@@ -34,6 +34,7 @@ from trainer.losses.pretext import cosine_logits, pretext_accuracy, pretext_clas
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
+from .options import require_at_least
 
 
 @dataclass
@@ -49,8 +50,7 @@ class ExemplarOptions:
     ALIASES: ClassVar[dict[str, str]] = {"feature_dim": "projection_dim"}
 
     def __post_init__(self) -> None:
-        if self.num_copies < 1 or self.seed_patch < 1 or self.projection_dim < 1:
-            raise ValueError("exemplar: num_copies, seed_patch and projection_dim must be >= 1")
+        require_at_least(self, 1, "num_copies", "seed_patch", "projection_dim")
         if self.temperature <= 0:
             raise ValueError(f"exemplar: temperature must be > 0, got {self.temperature}")
 

@@ -31,6 +31,7 @@ from trainer.models import linear_bn_relu, projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
+from .options import require_at_least
 
 
 @dataclass
@@ -50,10 +51,8 @@ class JigsawOptions:
     head_hidden_dim: int = 1024        # fc7 width
 
     def __post_init__(self) -> None:
-        if self.grid < 2:
-            raise ValueError(f"jigsaw: grid must be >= 2, got {self.grid}")
-        if min(self.tile_dim, self.head_hidden_dim) < 1:
-            raise ValueError("jigsaw: tile_dim and head_hidden_dim must be >= 1")
+        require_at_least(self, 2, "grid")
+        require_at_least(self, 1, "tile_dim", "head_hidden_dim")
         if self.permutation_selection not in ("min", "sum"):
             raise ValueError(f"jigsaw: permutation_selection must be 'min' or 'sum', got {self.permutation_selection!r}")
 

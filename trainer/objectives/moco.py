@@ -32,7 +32,7 @@ from trainer.losses import contrastive_loss
 
 from .base import Objective, ObjectiveSpec, register
 from .momentum import ema_update_, momentum_copy
-from .options import InfoNCEOptions
+from .options import InfoNCEOptions, require_at_least
 
 
 def split_batch_norm(x: torch.Tensor, groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
@@ -133,8 +133,7 @@ class MoCoOptions(InfoNCEOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.queue_size < 1 or self.bn_splits < 1:
-            raise ValueError(f"queue_size and bn_splits must be >= 1, got {self.queue_size}, {self.bn_splits}")
+        require_at_least(self, 1, "queue_size", "bn_splits")
 
 
 @register

@@ -20,14 +20,23 @@ from typing import Any, ClassVar
 from trainer.losses.nce_family import CONTRASTIVE_LOSSES, loss_options_for
 
 
-def _number(options: Any, name: str) -> float:
+def as_number(options: Any, name: str) -> float:
+    """``options.name`` as a float, stored back (YAML reads "1e-3", with no dot, as a string); a clear error
+    naming the option otherwise. ``parse_options`` prefixes the objective's key to the message."""
     value = getattr(options, name)
     try:
-        number = float(value)  # YAML reads "1e-3" (no dot) as a string
+        number = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     setattr(options, name, number)
     return number
+
+
+def require_at_least(options: Any, minimum: int, *names: str) -> None:
+    """Every option in ``names`` (widths, counts, layers) is >= ``minimum``; the error names the first that is not."""
+    for name in names:
+        if getattr(options, name) < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {getattr(options, name)}")
 
 
 @dataclass
@@ -48,15 +57,15 @@ class InfoNCEOptions:
         known = (*self.EXTRA_LOSSES, *CONTRASTIVE_LOSSES)
         if self.loss not in known:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(known)}")
-        if _number(self, "temperature") <= 0:
+        if as_number(self, "temperature") <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= _number(self, "tau_plus") < 1.0:
+        if not 0.0 <= as_number(self, "tau_plus") < 1.0:
             raise ValueError(f"tau_plus must be in [0, 1), got {self.tau_plus}")
-        if _number(self, "beta") < 0:
+        if as_number(self, "beta") < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.noise_probability is not None and not 0.0 < _number(self, "noise_probability") <= 1.0:
+        if self.noise_probability is not None and not 0.0 < as_number(self, "noise_probability") <= 1.0:
             raise ValueError(f"noise_probability must be in (0, 1], got {self.noise_probability}")
-        if self.normaliser is not None and _number(self, "normaliser") <= 0:
+        if self.normaliser is not None and as_number(self, "normaliser") <= 0:
             raise ValueError(f"normaliser must be > 0, got {self.normaliser}")
 
     def loss_options(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
+from .options import require_at_least
 
 # The paper's augmentations (MoCo v2's): crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2,
 # blur with p 0.5 (ImageNet); the same recipe for both views.
@@ -41,11 +42,7 @@ class SimSiamOptions:
     augment: dict = field(default_factory=lambda: dict(PAPER_AUGMENT))  # AugmentConfig fields, both views
 
     def __post_init__(self):
-        for name in ("projection_dim", "projection_hidden_dim", "predictor_hidden_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"simsiam: {name} must be >= 1, got {getattr(self, name)}")
-        if self.projection_layers < 1:
-            raise ValueError(f"simsiam: projection_layers must be >= 1, got {self.projection_layers}")
+        require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "predictor_hidden_dim", "projection_layers")
         view_configs(self.augment)  # unknown augmentation fields fail here
 
 
