@@ -97,6 +97,12 @@ def parse_options(options_type: type, options: dict[str, Any], objective: str):
         raise ValueError(f"{objective}: {message}") from None
 
 
+def default_model_config(spec: ObjectiveSpec, **changes: Any) -> ModelConfig:
+    """The exported model of ``spec``: its backbone at the run's image size and normalisation, with the
+    ``ModelConfig`` fields an objective's paper changes (a projection, a colour split, a patch grid) set."""
+    return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std, **changes)
+
+
 class Objective(nn.Module):
     """Base class: subclasses set ``key`` and ``Options``, call ``super().__init__(spec, options)`` and
     implement ``forward``; they override ``model_config`` and ``views`` only where their paper differs."""
@@ -112,8 +118,9 @@ class Objective(nn.Module):
 
     def model_config(self, spec: ObjectiveSpec, options: Any) -> ModelConfig:
         """The exported model: by default the run's backbone at its image size and normalisation, nothing after
-        it. Objectives whose exported model differs (a projection, a colour split, a patch grid) override this."""
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std)
+        it. Objectives whose exported model differs (a projection, a colour split, a patch grid) override this
+        with ``default_model_config(spec, field=...)``."""
+        return default_model_config(spec)
 
     @classmethod
     def build(cls, spec: ObjectiveSpec) -> "Objective":

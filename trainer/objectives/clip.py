@@ -19,7 +19,7 @@ from trainer.distributed import gather_with_grad
 from trainer.losses import clip_loss
 from trainer.models import ModelConfig, TextConfig
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 
 
 @dataclass
@@ -47,8 +47,7 @@ class CLIP(Objective):
     def model_config(self, spec: ObjectiveSpec, options: CLIPOptions) -> ModelConfig:
         """Image tower + linear projection (open_clip visual towers project themselves) and the text tower."""
         projection = None if spec.backbone.startswith("open_clip:") else options.projection_dim
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           image_projection=projection, text=TextConfig(**options.text))
+        return default_model_config(spec, image_projection=projection, text=TextConfig(**options.text))
 
     def views(self) -> ImageText:
         config = self.encoder.config

@@ -31,7 +31,7 @@ from trainer.distributed import gather_with_grad
 from trainer.losses.nce_family import contrastive_loss
 from trainer.models import ModelConfig, projection_mlp
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .options import InfoNCEOptions
 
 PAIRINGS = ("core", "full")
@@ -81,8 +81,8 @@ class CMC(Objective):
 
     def model_config(self, spec: ObjectiveSpec, options: CMCOptions) -> ModelConfig:
         """One encoder per channel group of the colour space (``ViewSplitEncoder``), features concatenated."""
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           colour_space=options.colour_space, view_channels=[list(g) for g in options.view_channels])
+        return default_model_config(spec, colour_space=options.colour_space,
+                                    view_channels=[list(g) for g in options.view_channels])
 
     def views(self) -> OneView:
         config = self.encoder.config

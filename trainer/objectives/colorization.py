@@ -38,7 +38,7 @@ from trainer.losses.colorization import colorization_loss, rebalancing_weights, 
 from trainer.models import ModelConfig, conv_bn_relu
 from trainer.models.dense import feature_map, probe_shapes
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .diagnostics import embedding_std
 
 
@@ -103,8 +103,7 @@ class Colorization(Objective):
 
     def model_config(self, spec: ObjectiveSpec, options: ColorizationOptions) -> ModelConfig:
         """One 1-channel backbone on the L of Lab, converted in-graph from the usual RGB input."""
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           colour_space="lab", view_channels=[[0]])
+        return default_model_config(spec, colour_space="lab", view_channels=[[0]])
 
     @property
     def l_backbone(self) -> nn.Module:

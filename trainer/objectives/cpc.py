@@ -27,7 +27,7 @@ from trainer.distributed import gather_with_grad
 from trainer.losses.cpc import cpc_loss
 from trainer.models import ModelConfig, RowPredictor
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .diagnostics import embedding_std
 
 DIRECTIONS = ("down", "up", "right", "left")  # where the predicted rows lie relative to the context
@@ -92,9 +92,8 @@ class CPC(Objective):
 
     def model_config(self, spec: ObjectiveSpec, options: CPCOptions) -> ModelConfig:
         """The patch encoder over the grid, mean-pooled (``patch_grid``); layer norm replaces batch norm if asked."""
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           patch_grid={"patch": options.patch, "stride": options.stride},
-                           backbone_norm="layer" if options.layer_norm else None)
+        return default_model_config(spec, patch_grid={"patch": options.patch, "stride": options.stride},
+                                    backbone_norm="layer" if options.layer_norm else None)
 
     def views(self) -> PatchGridViews:
         config, options = self.encoder.config, self.options

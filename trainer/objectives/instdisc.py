@@ -33,7 +33,7 @@ from trainer.losses.memory_bank import estimate_normaliser, momentum_update, pro
 from trainer.losses.nce_family import contrastive_loss_from_similarities
 from trainer.models import ModelConfig
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .options import InfoNCEOptions
 
 PREPARE_HINT = (
@@ -89,8 +89,7 @@ class InstDisc(Objective):
         self._normaliser_known = False  # avoids reading the Z buffer (a device sync) on every step
 
     def model_config(self, spec: ObjectiveSpec, options: InstDiscOptions) -> ModelConfig:
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           image_projection=options.projection_dim)
+        return default_model_config(spec, image_projection=options.projection_dim)
 
     def views(self) -> OneView:
         config = self.encoder.config

@@ -27,7 +27,7 @@ from trainer.losses.invaspread import invariance_spreading_loss
 from trainer.losses.nce_family import contrastive_loss_from_similarities, similarities
 from trainer.models import ModelConfig
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .options import InfoNCEOptions
 
 
@@ -49,8 +49,7 @@ class InvaSpread(Objective):
     Options = InvaSpreadOptions
 
     def model_config(self, spec: ObjectiveSpec, options: InvaSpreadOptions) -> ModelConfig:
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           image_projection=options.projection_dim)
+        return default_model_config(spec, image_projection=options.projection_dim)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         pairs = torch.cat([batch["view0"], batch["view1"]])  # one pass: batch norm sees originals and copies

@@ -30,7 +30,7 @@ from trainer.distributed import gather_no_grad, gather_with_grad
 from trainer.losses.nce_family import contrastive_loss_from_similarities
 from trainer.models import ModelConfig, projection_mlp
 
-from .base import Objective, ObjectiveSpec, register
+from .base import Objective, ObjectiveSpec, default_model_config, register
 from .options import InfoNCEOptions
 
 
@@ -105,8 +105,7 @@ class SimCLRv2(Objective):
         """The first ``encoder_head_layers`` head layers are exported with the backbone (``image_head``)."""
         head = ({"hidden_dim": options.projection_hidden_dim, "layers": options.encoder_head_layers}
                 if options.encoder_head_layers else None)
-        return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
-                           image_head=head)
+        return default_model_config(spec, image_head=head)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         views = torch.cat([batch["view0"], batch["view1"]])  # one pass: BN sees both views together
