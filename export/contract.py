@@ -84,22 +84,29 @@ def preprocess_path(directory: str | os.PathLike) -> Path:
     return Path(directory) / PREPROCESS
 
 
+def read_json_object(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """The JSON object in ``path`` (``preprocess.json``, ``index.json``, ``embeddings.json``): ``FileNotFoundError``
+    naming ``what`` when absent, ``error`` when it is not valid JSON or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except json.JSONDecodeError as problem:
+        raise error(f"{path} is not valid JSON: {problem}") from problem
+    if not isinstance(info, dict):
+        raise error(f"{path} must hold a JSON object, found {type(info).__name__}")
+    return info
+
+
 def read_preprocess(directory: str | os.PathLike) -> dict:
     """The parsed ``preprocess.json`` of an encoder directory.
 
     Raises ``FileNotFoundError`` when it is absent and ``EncoderError`` when it is not a JSON object or
     names an unknown ``input_format``.
     """
-    path = preprocess_path(directory)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder file {str(path)!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            info = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise EncoderError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(info, dict):
-        raise EncoderError(f"{path} must hold a JSON object, found {type(info).__name__}")
+    info = read_json_object(preprocess_path(directory), EncoderError, "encoder")
     input_format = info.get("input_format", FLOAT_NCHW)
     if input_format not in INPUT_FORMATS:
         raise EncoderError(f"{PREPROCESS} has input_format {input_format!r}; expected one of {INPUT_FORMATS}")

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from export.contract import l2_normalize, preprocess_path, read_preprocess, variant_files
+from export.contract import l2_normalize, preprocess_path, read_json_object, read_preprocess, variant_files
 
 FORMAT = "manyview-embeddings"
 VERSION = 1
@@ -111,12 +111,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
     manifest_path = Path(path) / MANIFEST
     if not manifest_path.is_file():
         raise EmbeddingsError(f"{str(path)!r} is not an embeddings directory (no {MANIFEST})")
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise EmbeddingsError(f"{manifest_path} is not valid JSON: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = read_json_object(manifest_path, EmbeddingsError, "embeddings")
+    if manifest.get("format") != FORMAT:
         raise EmbeddingsError(f"{manifest_path} is not a {FORMAT} manifest")
     if int(manifest.get("version", 0)) > VERSION:
         raise EmbeddingsError(f"{manifest_path} has format version {manifest.get('version')}; this code reads <= {VERSION}")

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from export.contract import read_json_object
+
 INFO_FILE = "index.json"
 LEGACY_FILES = {"index": "index.faiss", "metadata": "metadata.parquet"}
 METADATA_COLUMNS = ("id", "key", "shard", "label", "label_name", "caption")
@@ -38,17 +40,7 @@ class IndexLoadError(RuntimeError):
 
 def read_info(directory: str | os.PathLike) -> dict:
     """The parsed ``index.json``; ``FileNotFoundError`` when absent, ``IndexLoadError`` when not JSON."""
-    path = Path(directory) / INFO_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"index file {str(path)!r} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            info = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise IndexLoadError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(info, dict):
-        raise IndexLoadError(f"{path} must hold a JSON object")
-    return info
+    return read_json_object(Path(directory) / INFO_FILE, IndexLoadError, "index")
 
 
 def data_files(directory: str | os.PathLike, info: dict) -> dict[str, Path]:
