@@ -7,8 +7,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import assert_beats_floor
 from trainer.data.saliency import (
     METHODS, BackgroundAugment, clean_mask, foreground_mask, replace_background,
 )
@@ -104,12 +102,3 @@ def test_augment_config_options_and_pipeline_order():
     for bad in ({"background_prob": 1.5}, {"background_mode": "blur"}, {"background_saliency": "deep"}):
         with pytest.raises(ValueError):
             AugmentConfig(**bad)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-def test_simclr_with_background_augmentation_beats_random_init_knn_floor(cifar_2k_shards, tmp_path):
-    args = ["--objective", "simclr", "--optimizer", "adamw", "--lr", "2e-3", "--weight-decay", "1e-4",
-            "--warmup-steps", "10", "--set", "projection_hidden_dim=256",
-            "--set", "augment={background_prob: 0.5, background_mode: random}"]
-    assert_beats_floor(cifar_2k_shards, tmp_path, "simclr+background", 80, args, 0.02)

@@ -1,7 +1,6 @@
 """BYOL, SimSiam and Barlow Twins: the three losses against hand-worked values, the objectives' stop-gradients,
 momentum target and asymmetric views, collapse reporting, checkpoints, two processes against one, and short
 learning runs on CIFAR-10."""
-import json
 import math
 
 import pytest
@@ -12,9 +11,7 @@ from PIL import Image
 import trainer.objectives.barlow_twins  # noqa: F401  (registration)
 import trainer.objectives.byol  # noqa: F401
 import trainer.objectives.simsiam  # noqa: F401
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from distributed_helpers import assert_two_processes_match_one
-from learning_helpers import assert_beats_floor
 from trainer.data.views import AugmentConfig, TwoViews
 from trainer.losses.noncontrastive import barlow_twins, byol_loss, negative_cosine
 from trainer.objectives import ObjectiveSpec, get_objective
@@ -249,19 +246,3 @@ def test_two_processes_equal_one_process(build, steps, atol, tmp_path):
     """barlow_twins: the cross-correlation of the gathered global batch; byol: gathered predictions and
     targets, global BN in the target network, the EMA between steps."""
     assert_two_processes_match_one(build, _global_batch, tmp_path, steps=steps, atol=atol)
-
-
-# Measured (floor 0.285, kNN top-1 after the run, on a 2-core machine shared with other jobs): barlow_twins
-# 0.312 at 120 steps, 0.346 and 0.342 at 160. BYOL and SimSiam have no learning check in this budget yet: BYOL
-# reached 0.265-0.304 over 14 settings at 160 steps (best +0.019, momentum 0.9), SimSiam 0.290-0.317 over five
-# runs (+0.005..+0.032): too close to the 0.02 margin to pass reliably. See the issue 4 notes.
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name,steps,objective_args", [
-    ("barlow_twins", 160, ["--objective", "barlow_twins", "--optimizer", "adamw", "--lr", "3e-3", "--weight-decay", "1e-4",
-                           "--warmup-steps", "10", "--set", "projection_dim=512", "--set", "projection_hidden_dim=512"]),
-])
-def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)
-    records = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
-    assert records and all("embedding_std" in r and r["collapsed"] is False for r in records)

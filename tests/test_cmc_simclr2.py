@@ -9,8 +9,6 @@ import torch.nn.functional as F
 
 import trainer.objectives.cmc  # noqa: F401  (registration)
 import trainer.objectives.simclr2  # noqa: F401  (registration)
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import assert_beats_floor
 from distributed_helpers import assert_two_processes_match_one
 from trainer.losses import info_nce, nt_xent
 from trainer.models import EmbeddingModel, ModelConfig, load_model, save_model
@@ -248,13 +246,3 @@ def _simclr2_batch(step):
 @pytest.mark.parametrize("build,make_batch,steps", [(_build_cmc, _cmc_batch, 1), (_build_simclr2, _simclr2_batch, 2)])
 def test_two_processes_equal_one_process(build, make_batch, steps, tmp_path):
     assert_two_processes_match_one(build, make_batch, tmp_path, steps=steps)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name,steps,objective_args", [
-    ("cmc", 60, ["--objective", "cmc", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4"]),
-    ("simclr2", 60, ["--objective", "simclr2", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4"]),
-])
-def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

@@ -12,9 +12,7 @@ from torchvision import transforms as T
 
 import trainer.objectives.cpc  # noqa: F401  (registration)
 import trainer.objectives.cpc2  # noqa: F401
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from distributed_helpers import assert_two_processes_match_one
-from learning_helpers import assert_beats_floor
 from trainer.data.patches import PatchAugmentConfig, PatchGridViews, crop_and_flip_patches, drop_colours
 from trainer.losses.cpc import cpc_logits, cpc_loss
 from trainer.models import EmbeddingModel, ModelConfig, load_model, save_model
@@ -262,21 +260,3 @@ def test_two_processes_equal_one_process(build, tmp_path):
     """Negatives are all patches of the global batch (gathered with gradient); cpc's batch norm runs over the
     patches of every process."""
     assert_two_processes_match_one(build, _global_batch, tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name,steps,objective_args", [
-    # Smaller grids than the recipes, for time: 3 x 3 patches of 16 px at stride 8 (half overlap; cpc2 keeps
-    # layer norm, four directions and per-patch augmentation), one context block, 64-d targets, K = 2,
-    # prediction scale 1 and colour dropping on half the patches.
-    ("cpc", 100, ["--objective", "cpc", "--optimizer", "adamw", "--lr", "8e-3", "--weight-decay", "1e-4",
-                  "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2", "--set", "context_layers=1",
-                  "--set", "context_hidden_dim=64", "--set", "target_dim=64"]),
-    ("cpc2", 100, ["--objective", "cpc2", "--optimizer", "adamw", "--lr", "8e-3", "--weight-decay", "1e-4",
-                   "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2", "--set", "skip_steps=0",
-                   "--set", "context_layers=1", "--set", "context_hidden_dim=64", "--set", "target_dim=64",
-                   "--set", "prediction_scale=1.0", "--set", "colour_drop=0.5"]),
-])
-def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

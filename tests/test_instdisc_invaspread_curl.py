@@ -9,8 +9,6 @@ import torch.nn.functional as F
 import trainer.objectives.curl  # noqa: F401  (registration)
 import trainer.objectives.instdisc  # noqa: F401
 import trainer.objectives.invaspread  # noqa: F401
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import assert_beats_floor
 from distributed_helpers import assert_two_processes_match_one
 from trainer.losses.invaspread import invariance_spreading_loss
 from trainer.losses.memory_bank import estimate_normaliser, momentum_update, proximal_penalty
@@ -275,15 +273,3 @@ def test_two_processes_equal_one_process_on_the_global_batch(build, tmp_path):
 
 
 # ---------------------------------------------------------------- learning
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name,steps,objective_args", [
-    ("invaspread", 80, ["--objective", "invaspread", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4"]),
-    # One view per step, so 200 steps cost about what 100 two-view steps do (160 steps: 0.297 vs floor 0.278 once). Z is re-estimated per batch for the
-    # first epoch (32 steps): fixed on the first batch's random bank it silences the positive term (see instdisc.py).
-    ("instdisc", 200, ["--objective", "instdisc", "--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4",
-                       "--set", "proximal_weight=3", "--set", "normaliser_warmup_steps=32"]),
-])
-def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)

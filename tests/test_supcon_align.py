@@ -8,9 +8,7 @@ import torch.nn.functional as F
 
 import trainer.objectives.align_uniform  # noqa: F401  (registration)
 import trainer.objectives.supcon  # noqa: F401  (registration)
-from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from distributed_helpers import assert_two_processes_match_one
-from learning_helpers import assert_beats_floor
 from trainer.losses import alignment, nt_xent, supcon, uniformity
 from trainer.objectives import ObjectiveSpec, get_objective
 
@@ -173,17 +171,3 @@ def test_simclr_default_loss_is_nt_xent_and_unknown_loss_is_an_error():
     assert not torch.equal(joint(batch)["loss"], objective(batch)["loss"])
     with pytest.raises(ValueError, match="simclr: loss 'triplet' is not one of infonce, nce"):
         _build("simclr", loss="triplet")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
-@pytest.mark.parametrize("name,steps,objective_args", [
-    # SupCon at --lr 1.6e-2 (4e-3 after the loop's batch-64/256 scaling): +0.07 over the floor in 60 steps once,
-    # +0.018 in another run (data order varies with worker timing), so 100 steps; 4e-3 gave only +0.04.
-    ("supcon", 100, ["--objective", "supcon", "--optimizer", "adamw", "--lr", "1.6e-2", "--weight-decay", "1e-4",
-                    "--set", "projection_hidden_dim=128"]),
-    ("align_uniform", 80, ["--objective", "align_uniform", "--optimizer", "adamw", "--lr", "4e-3",
-                           "--weight-decay", "1e-4", "--set", "projection_hidden_dim=128"]),
-])
-def test_short_run_beats_random_init_knn_floor(cifar_2k_shards, tmp_path, name, steps, objective_args):
-    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, objective_args, 0.02)
