@@ -10,13 +10,8 @@ Everything is bounded by timeouts and the server is always stopped.
 from __future__ import annotations
 
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -24,9 +19,11 @@ import pytest
 
 try:  # pytest's default "prepend" import mode puts tests/ itself on sys.path
     from onnx_fixtures import shared_onnx_dir
+    from server_helpers import free_port, stop_process, wait_until_serving
     from test_app import make_collection
 except ImportError:  # e.g. --import-mode=importlib, or tests/ made a package
     from tests.onnx_fixtures import shared_onnx_dir
+    from tests.server_helpers import free_port, stop_process, wait_until_serving
     from tests.test_app import make_collection
 
 CHROMIUM = os.environ.get("MANYVIEW_CHROMIUM", "/usr/bin/chromium")  # override for other machines
@@ -44,38 +41,6 @@ def _require_browser() -> Any:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
         pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
     return sync_api
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_until_serving(url: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll ``url`` until it answers 200; fail with the server log when it exits or times out."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"the app exited with status {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"the app did not answer on {url} within {timeout_s:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +62,7 @@ def server(sync_api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     build_index(other_onnx, Index.load(index_dir).info["shards"], other_index, progress=False)
     captions = tmp_path_factory.mktemp("app-captions")
     build_caption_index(str(onnx_dir), str(index_dir), str(captions))
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("app-server") / "server.log"
     env = dict(os.environ, PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1",
                GRADIO_TEMP_DIR=str(log.parent / "gradio-cache"), NO_PROXY="127.0.0.1,localhost")
@@ -108,10 +73,10 @@ def server(sync_api: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log_handle, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
-        _wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
+        wait_until_serving(url, process, log, SERVER_START_TIMEOUT_S)
         yield {"url": url, "index_dir": index_dir, "log": log}
     finally:
-        _stop(process)
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

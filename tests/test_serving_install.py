@@ -13,17 +13,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from onnx_fixtures import add_int8_variant, make_onnx_dir, make_shard
+from server_helpers import free_port, stop_process, wait_until_serving
 
 pytestmark = pytest.mark.slow
 
@@ -53,25 +51,6 @@ def _copy_sources(target: Path) -> Path:
         else:
             shutil.copy2(source, target / name)
     return target
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _wait_http(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180.0) -> int:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"python -m app exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return int(response.status)
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(1.0)
-    pytest.fail(f"python -m app did not answer {url} within {timeout_s:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 def test_serving_install_runs_without_torch(tmp_path: Path) -> None:
@@ -130,24 +109,19 @@ def test_serving_install_runs_without_torch(tmp_path: Path) -> None:
     assert info["count"] == 70 and info["encoder_variant"] == "int8"
     assert "int8 variant on CPUExecutionProvider" in built.stderr
 
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "app.log"
     with open(log, "w") as output:
         app = subprocess.Popen([str(python), "-m", "app", "--encoder", str(encoder), "--index", str(tmp_path / "index"),
                                 "--host", "127.0.0.1", "--port", str(port)], cwd=work, env=env, stdout=output,
                                stderr=subprocess.STDOUT)
         try:
-            assert _wait_http(f"http://127.0.0.1:{port}/", app, log) == 200
+            wait_until_serving(f"http://127.0.0.1:{port}/", app, log, timeout_s=180.0)
             deadline = time.monotonic() + 30
             while "searching 70 images" not in log.read_text() and time.monotonic() < deadline:
                 time.sleep(0.5)
         finally:
-            app.terminate()
-            try:
-                app.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                app.kill()
-                app.wait(timeout=30)
+            stop_process(app, timeout_s=30.0)
     text = log.read_text()
     assert "searching 70 images" in text and "int8 variant on CPUExecutionProvider" in text, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
