@@ -30,7 +30,6 @@ from export.contract import (
     UINT8_INPUT, UINT8_NHWC, VOCAB_NAME, Preprocess, l2_normalize, make_preprocess_info,
     write_preprocess,
 )
-from export.contract import client_steps as _client_steps
 
 log = logging.getLogger("manyview.export")
 
@@ -189,16 +188,6 @@ def check_parity(
     return parity
 
 
-def _spec(config) -> Preprocess:
-    return Preprocess(image_size=config.image_size, channels=config.channels, mean=list(config.mean),
-                      std=list(config.std))
-
-
-def client_steps(config, uint8_input: bool) -> list[str]:
-    """What a client must do to an image before the image encoder, in order (``export.contract.client_steps``)."""
-    return _client_steps(_spec(config), UINT8_NHWC if uint8_input else FLOAT_NCHW)
-
-
 def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = False, fp16: bool = False,
                     int8: bool = False) -> dict:
     """The ``preprocess.json`` contents for ``model`` (the schema: ``export.contract.make_preprocess_info``)."""
@@ -212,7 +201,7 @@ def preprocess_info(saved: dict, model, has_text: bool, uint8_input: bool = Fals
             "truncate": "rows longer than context_length are cut to context_length and the last position set to end_token",
         }
     return make_preprocess_info(
-        _spec(config), model.embed_dim, input_format=UINT8_NHWC if uint8_input else FLOAT_NCHW, has_text=has_text,
+        Preprocess.of_model(config), model.embed_dim, input_format=UINT8_NHWC if uint8_input else FLOAT_NCHW, has_text=has_text,
         fp16=fp16, int8=int8, tokenizer=tokenizer, model={k: v for k, v in saved.items() if k != "model"},
         opset=OPSET,
     )

@@ -29,7 +29,7 @@ def extract_features(model, urls: list[str], batch_size: int = 256, num_workers:
                      limit: int | None = None, desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised image embeddings [N, D] and labels [N] of the samples in ``urls``."""
     config = model.config
-    spec = Preprocess(image_size=config.image_size, channels=config.channels, mean=config.mean, std=config.std)
+    spec = Preprocess.of_model(config)
     features, labels = [], []
     seen = 0
     with tqdm(desc=desc, unit="img", disable=None) as bar:

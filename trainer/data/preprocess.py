@@ -29,6 +29,12 @@ class Preprocess:
         return asdict(self)
 
     @classmethod
+    def of_model(cls, config) -> "Preprocess":
+        """The recipe of a model's config (``trainer.models.ModelConfig``: image_size, channels, mean, std)."""
+        return cls(image_size=config.image_size, channels=config.channels, mean=list(config.mean),
+                   std=list(config.std))
+
+    @classmethod
     def from_dict(cls, data: dict) -> "Preprocess":
         known = {k: data[k] for k in ("image_size", "channels", "mean", "std", "resize", "crop") if k in data}
         return cls(**known)
