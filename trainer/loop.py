@@ -62,13 +62,17 @@ class StepContext:
 
     @property
     def micro_batch_size(self) -> int | None:
-        """The gradient-cache micro-batch size when the batch is split (``--micro-batch-size``), else None."""
-        size = self.config.micro_batch_size
-        return size if size and size < self.config.batch_size else None
+        return micro_batch_size(self.config)
 
     @property
     def global_batch(self) -> int:
         return self.config.batch_size * self.accelerator.num_processes
+
+
+def micro_batch_size(config: TrainConfig) -> int | None:
+    """The gradient-cache micro-batch size when it splits the batch (``--micro-batch-size``), else None."""
+    size = config.micro_batch_size
+    return size if size and size < config.batch_size else None
 
 
 def samples_per_epoch(config: TrainConfig, urls: list[str]) -> int | None:
@@ -155,7 +159,7 @@ def train(config: TrainConfig) -> dict:
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.
         objective = synchronise_batch_norm(objective, accelerator.device)
-    if config.micro_batch_size and config.micro_batch_size < config.batch_size and not supports_grad_cache(objective):
+    if micro_batch_size(config) and not supports_grad_cache(objective):
         raise ValueError(f"objective {config.objective!r} cannot train in micro-batches (--micro-batch-size): it does "
                          f"not split into embed()/loss_from_embeddings(); use a smaller --batch-size instead")
     if config.channels_last:
