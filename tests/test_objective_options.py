@@ -106,7 +106,7 @@ def test_sinkhorn_over_parts_with_the_callers_reduces_equals_sinkhorn_over_the_w
 
     def run(part):
         out[part] = sinkhorn(halves[part], 0.1, 3, reduce_sum=collective(part, torch.add),
-                             reduce_max=collective(part, torch.maximum))
+                             reduce_max=collective(part, torch.maximum), total_samples=len(scores))
 
     threads = [threading.Thread(target=run, args=(part,)) for part in (0, 1)]
     for thread in threads:

@@ -25,7 +25,7 @@ def _identity(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, reduce_sum: Reduce = _identity,
-             reduce_max: Reduce = _identity) -> torch.Tensor:
+             reduce_max: Reduce = _identity, total_samples: int | None = None) -> torch.Tensor:
     """Soft assignments of samples to prototypes with equal prototype marginals over the global batch.
 
     Q = exp(scores / epsilon), then ``iterations`` rounds of: scale each prototype's total mass (summed over
@@ -39,6 +39,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, r
         iterations: Sinkhorn-Knopp rounds (3 in the paper).
         reduce_sum, reduce_max: the sum / the maximum of a tensor over every holder of a part of the batch
             (e.g. an all-reduce across processes); the identity when this call holds the whole batch.
+        total_samples: B, the rows of the whole batch over every part (the caller knows it without a
+            collective); None when this call holds the whole batch (B = B_local).
     Returns:
         [B_local, K] float32 codes, each row summing to 1.
     """
@@ -51,7 +53,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3, r
     scores = scores.detach().double()
     shift = reduce_max(scores.max())
     q = torch.exp((scores - shift) / epsilon)
-    samples = reduce_sum(scores.new_tensor(float(scores.shape[0])))  # B, over every part of the batch
+    samples = scores.shape[0] if total_samples is None else total_samples  # B, over every part of the batch
     prototypes = scores.shape[1]
     q /= reduce_sum(q.sum())
     for _ in range(iterations):

@@ -120,7 +120,8 @@ class SwAV(Objective):
                     local = torch.cat([queued @ self.prototypes.weight.t(), local])
                 # Equipartition over the global batch: Sinkhorn's sums and maximum run across processes.
                 code = sinkhorn(local, self.options.epsilon, self.options.sinkhorn_iterations,
-                                reduce_sum=all_reduce_sum, reduce_max=_max_over_processes)
+                                reduce_sum=all_reduce_sum, reduce_max=_max_over_processes,
+                                total_samples=local.shape[0] * world_size())
                 codes.append(gather_no_grad(code[-rows:]))
             if self.options.queue_length:
                 assigned = z.view(count, rows, -1)[self.assigned_crops].detach()
