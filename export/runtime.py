@@ -5,7 +5,7 @@ contract of ``export/contract.py``.
 
 Variants (``precision``): ``"auto"`` takes the fp16 variant on a GPU when it was exported, the int8
 image encoder on a CPU when it was exported (the export keeps it only when it met its quality bound on
-held-out images; about 4x the float32 throughput), else fp32; ``"fp32"``, ``"fp16"`` and ``"int8"`` ask
+held-out images; 2-3x the float32 throughput on the CPUs measured), else fp32; ``"fp32"``, ``"fp16"`` and ``"int8"`` ask
 for one variant (``"fp32"`` is the way to refuse int8). One log line names the variant and the provider
 the image encoder runs (``image encoder: int8 variant on CPUExecutionProvider``).
 

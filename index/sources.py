@@ -16,6 +16,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from export.contract import declares_text
 from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_samples, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -179,8 +180,6 @@ class EmbeddingsSource:
         return read_embeddings(self.path, allow_incomplete=self.allow_incomplete)
 
     def describe(self) -> dict:
-        from export.contract import declares_text
-
         encoder = self.info.get("encoder") or {}
         preprocess = encoder.get("preprocess") or {}
         return {

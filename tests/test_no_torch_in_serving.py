@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING_MODULES = ["export.contract", "export.runtime", "export.tokenizer", "export.embeddings", "export.extract", "index.build",

@@ -161,7 +161,6 @@ def test_too_few_calibration_images_is_a_calibration_error(tmp_path: Path, model
 
 def test_attention_matmuls_are_found(tmp_path: Path) -> None:
     """MatMuls between two activations (attention scores) stay float; weight MatMuls are quantised."""
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     weight = numpy_helper.from_array(np.ones((4, 4), dtype=np.float32), "w")

@@ -33,7 +33,7 @@ def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 2, 
     blocks: list[nn.Module] = []
     dim = in_dim
     for _ in range(layers - 1):
-        blocks += [nn.Linear(dim, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+        blocks += list(linear_bn_relu(dim, hidden_dim))  # flattened: parameter names stay 0.weight, 1.weight, ...
         dim = hidden_dim
     blocks.append(nn.Linear(dim, out_dim, bias=not last_bn))
     if last_bn:
