@@ -101,6 +101,33 @@ class TwoViews:
         return {"view0": self.transform(image), "view1": self.second_transform(image)}
 
 
+class ManyViews:
+    """``num_views`` independently augmented views ``view0`` ... ``view{k-1}`` of the same image, all from one
+    recipe (MMCR's k views per image, FastSiam's 4, EMP-SSL's many fixed-size patches). ``stack_views``
+    turns a collated batch of them into one [N, k, C, H, W] tensor."""
+
+    def __init__(self, size: int, mean, std, config: AugmentConfig, num_views: int):
+        if num_views < 2:
+            raise ValueError(f"num_views must be >= 2, got {num_views}")
+        self.num_views = int(num_views)
+        self.transform = augmentation(size, mean, std, config)
+
+    def keys(self) -> list[str]:
+        return [f"view{i}" for i in range(self.num_views)]
+
+    def __call__(self, image, sample) -> dict:
+        return {key: self.transform(image) for key in self.keys()}
+
+
+def stack_views(batch: dict, num_views: int) -> torch.Tensor:
+    """The views ``view0`` ... ``view{num_views-1}`` of a collated batch as one [N, num_views, C, H, W] tensor;
+    a missing view is a KeyError naming it."""
+    missing = [f"view{i}" for i in range(num_views) if f"view{i}" not in batch]
+    if missing:
+        raise KeyError(f"batch lacks views {missing}; it has {sorted(batch)}")
+    return torch.stack([batch[f"view{i}"] for i in range(num_views)], dim=1)
+
+
 class ImageText:
     """One lightly augmented image and its tokenized caption (CLIP)."""
 
