@@ -178,20 +178,29 @@ class MoCo(Objective):
         shuffled, restore = shuffle_batch(images)
         return unshuffle_batch(encode(shuffled), restore)
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        # Queries are gathered with gradient so every rank computes the loss of the whole global batch
-        # (the same value and, after DDP's averaging, the same gradients as one process holding it).
+    def queries_and_keys(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2-normalised queries of view0 and keys of view1 over the global batch.
+
+        Queries are gathered with gradient so every rank computes the loss of the whole global batch (the same
+        value and, after DDP's averaging, the same gradients as one process holding it); keys carry none."""
         query = gather_with_grad(F.normalize(self.projector(self.encoder.encode_image(batch["view0"])), dim=1))
-        key = self.keys(batch["view1"])
+        return query, self.keys(batch["view1"])
+
+    def contrast(self, query: torch.Tensor, key: torch.Tensor) -> dict[str, torch.Tensor]:
+        """InfoNCE of ``query`` against its ``key`` and the queue, and the pretext task's top-1 accuracy; the keys
+        are enqueued after the optimizer step (the queue is in this graph). Subclasses adding a term reuse it."""
         negatives = self.queue.detach()
         loss = contrastive_loss(self.options.loss, query, key, negatives, self.options.temperature,
                                 **self.options.loss_options())
         if self.training:
-            self._pending_keys = key  # enqueued after the optimizer step (the queue is in this graph)
+            self._pending_keys = key
         with torch.no_grad():  # the positive out-scores every queue entry: the pretext task's top-1
             positive = (query * key).sum(dim=1)
             accuracy = (positive > (query @ negatives.to(query.dtype).t()).max(dim=1).values).float().mean()
         return {"loss": loss, "accuracy": accuracy}
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        return self.contrast(*self.queries_and_keys(batch))
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
