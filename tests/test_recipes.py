@@ -77,7 +77,8 @@ def _batch(recipe, size: int) -> dict:
 def test_recipe_views_feed_forward_to_a_finite_loss(key):
     config = _config(key)
     torch.manual_seed(0)
-    spec = ObjectiveSpec(backbone="cnn-small", image_size=config.data.image_size, num_train_samples=1000,
+    backbone = "vit-micro-cifar" if get_objective(key).requires_patch_tokens else "cnn-small"  # ViT objectives
+    spec = ObjectiveSpec(backbone=backbone, image_size=config.data.image_size, num_train_samples=1000,
                          total_steps=100, global_batch_size=BATCH, options=config.objective_options)
     objective = get_objective(key).build(spec)
     size = objective.encoder.config.image_size

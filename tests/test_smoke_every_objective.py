@@ -1,10 +1,11 @@
 """A 3-step smoke run of every registered objective through the real command line and loop.
 
-Each run uses the objective's own recipe (trainer/recipes/<key>.yaml) on cnn-small at 32 px and a tiny
-generated shard set, so it exercises what a user's first `trainer/pretrain.py --objective KEY` does: the recipe
-parses, the views decode and batch in the data workers, the objective's forward/backward and step hooks run
-through the loop, a checkpoint is written, and RUN/model is saved and loads again with finite outputs. Learning
-itself is checked elsewhere (the learning checks in this suite and in tests/benchmarks/)."""
+Each run uses the objective's own recipe (trainer/recipes/<key>.yaml) on cnn-small (vit-micro-cifar for the
+objectives that declare ``requires_patch_tokens``) at 32 px and a tiny generated shard set, so it exercises what
+a user's first `trainer/pretrain.py --objective KEY` does: the recipe parses, the views decode and batch in the
+data workers, the objective's forward/backward and step hooks run through the loop, a checkpoint is written,
+and RUN/model is saved and loads again with finite outputs. Learning itself is checked elsewhere (the learning
+checks in this suite and in tests/benchmarks/)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,13 @@ import torch
 
 import trainer.objectives  # noqa: F401  (registration)
 from onnx_fixtures import make_shard
-from trainer.objectives import list_objectives
+from trainer.objectives import get_objective, list_objectives
+
+
+def smoke_backbone(key: str) -> str:
+    """The small backbone a test runs ``key`` on: a ViT for objectives that need patch tokens, else cnn-small."""
+    return "vit-micro-cifar" if get_objective(key).requires_patch_tokens else "cnn-small"
+
 
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory) -> Path:
@@ -32,7 +39,7 @@ def test_three_steps_through_the_loop(key: str, tiny_shards: Path, tmp_path: Pat
 
     run = tmp_path / key
     status = pretrain(["--objective", key, "--train-data", f"{tiny_shards}/train-*.tar", "--output", str(run),
-                       "--backbone", "cnn-small", "--batch-size", "16", "--max-steps", "3", "--log-every", "1",
+                       "--backbone", smoke_backbone(key), "--batch-size", "16", "--max-steps", "3", "--log-every", "1",
                        "--checkpoint-every", "2", "--num-workers", "1"])
     assert status == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -164,3 +164,21 @@ def unshuffle_batch(tensor: torch.Tensor, restore: torch.Tensor) -> torch.Tensor
     global batch [N, ...] in its original order (identical on every rank). This rank's own rows are
     ``[rank() * n : (rank() + 1) * n]``."""
     return gather_no_grad(tensor)[restore]
+
+
+def all_reduce_sum_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes, keeping the autograd graph (a new tensor; the input is untouched): a loss computed
+    from such sums identically on every rank, after DDP's gradient averaging, has the gradient of one process
+    holding the whole batch (LeJEPA's characteristic-function sums). Identity at world size 1."""
+    if not is_distributed():
+        return tensor
+    return _AllReduceSumWithGrad.apply(tensor)
+
+
+@torch.no_grad()
+def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every process, in place (a result computed once, e.g. k-means centroids);
+    identity at world size 1."""
+    if is_distributed():
+        dist.broadcast(tensor, src=0)
+    return tensor

@@ -111,6 +111,8 @@ _NAMED: dict[str, BackboneFactory] = {
     "resnet50": lambda size, ch: _torchvision_resnet(50, False, size, ch),
     "vit-tiny-cifar": lambda size, ch: _vit_cifar(size, ch, width=192, depth=6, heads=3),
     "vit-small-cifar": lambda size, ch: _vit_cifar(size, ch, width=384, depth=8, heads=6),
+    # Tests and CPU demos of the ViT-only objectives (MSN, ...): a 3-step run in seconds.
+    "vit-micro-cifar": lambda size, ch: _vit_cifar(size, ch, width=64, depth=2, heads=2),
 }
 
 

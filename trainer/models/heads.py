@@ -66,10 +66,28 @@ def linear_layernorm_tanh(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, out_dim), nn.LayerNorm(out_dim), nn.Tanh())
 
 
+def gelu_mlp(in_dim: int, hidden_dim: int, out_dim: int, layers: int = 3) -> nn.Sequential:
+    """(Linear-BN-GELU) x (layers - 1) then Linear: the ViT-era projection head (MSN's 3-layer head)."""
+    if layers < 1:
+        raise ValueError(f"gelu_mlp needs layers >= 1, got {layers}")
+    blocks: list[nn.Module] = []
+    dim = in_dim
+    for _ in range(layers - 1):
+        blocks += [nn.Linear(dim, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.GELU()]
+        dim = hidden_dim
+    blocks.append(nn.Linear(dim, out_dim))
+    return nn.Sequential(*blocks)
+
+
 def conv_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     """A projection head on every cell of a map: 1x1 conv - BN - ReLU - 1x1 conv (PixPro)."""
     return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.BatchNorm2d(hidden_dim), nn.ReLU(inplace=True),
                          nn.Conv2d(hidden_dim, out_dim, 1))
+
+
+def conv_mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """``mlp_head`` on every cell of a map: 1x1 conv - ReLU - 1x1 conv, no normalisation (DenseCL's dense head)."""
+    return nn.Sequential(nn.Conv2d(in_dim, hidden_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(hidden_dim, out_dim, 1))
 
 
 def conv_bn_relu(in_dim: int, out_dim: int) -> nn.Sequential:

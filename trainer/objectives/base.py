@@ -109,6 +109,7 @@ class Objective(nn.Module):
 
     key: ClassVar[str] = ""
     Options: ClassVar[type] = object
+    requires_patch_tokens: ClassVar[bool] = False  # True: needs a ViT backbone (patch tokens, masking; models/vit.py)
 
     def __init__(self, spec: ObjectiveSpec, options: Any):
         super().__init__()
