@@ -12,10 +12,12 @@ Vector heads ([N, in_dim] -> [N, out_dim]):
   * ``linear_bn_relu``: one Linear-BN-ReLU layer (per-patch fc6 of context / jigsaw);
   * ``relu_mlp``: Linear-ReLU after every layer, non-negative outputs (counting's phi);
   * ``linear_layernorm_tanh``: Linear-LayerNorm-tanh (CURL);
+  * ``gelu_mlp``: (Linear-BN-GELU) x (layers - 1) then Linear (MSN);
   * ``DINOHead`` with its ``WeightNormLinear`` last layer (DINO).
 Map heads ([N, C, h, w] -> [N, out_dim, h, w], 1x1 convolutions):
   * ``conv_mlp``: conv-BN-ReLU-conv (PixPro's pixel projection);
-  * ``conv_bn_relu``: conv-BN-ReLU (colorization).
+  * ``conv_bn_relu``: conv-BN-ReLU (colorization);
+  * ``conv_mlp_head``: conv-ReLU-conv without normalisation (DenseCL's dense head).
 Predictors over grids:
   * ``RowPredictor`` (with ``MaskedContextBlock``): CPC's masked context network and its W_k.
 """
