@@ -15,7 +15,7 @@ from trainer.objectives import ObjectiveSpec, get_objective, list_objectives
 from trainer.objectives.base import parse_options
 from trainer.objectives.options import InfoNCEOptions
 
-INFONCE_FAMILY = ["cmc", "curl", "instdisc", "invaspread", "moco", "moco2", "moco3", "simclr", "simclr2"]
+INFONCE_FAMILY = ["cmc", "curl", "instdisc", "invaspread", "moco", "moco2", "moco3", "nnclr", "simclr", "simclr2"]
 RENAMED = [("moco", "embed_dim", "projection_dim"), ("moco2", "embed_dim", "projection_dim"),
            ("clip", "embed_dim", "projection_dim"), ("instdisc", "feature_dim", "projection_dim"),
            ("invaspread", "feature_dim", "projection_dim"), ("curl", "feature_dim", "projection_dim"),

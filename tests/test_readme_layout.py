@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("trainer", "export", "index", "app")
 # Folders the Layout describes as "one file per objective / loss family": their members are not listed one by one.
 ONE_FILE_EACH = ("trainer/losses", "trainer/objectives")
-SHARED_IN_ONE_FILE_EACH = {"base.py", "options.py", "two_view.py", "momentum.py", "diagnostics.py"}
+SHARED_IN_ONE_FILE_EACH = {"base.py", "options.py", "two_view.py", "momentum.py", "diagnostics.py", "support_set.py"}
 
 
 def _layout() -> str:

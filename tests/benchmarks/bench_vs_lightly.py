@@ -41,7 +41,7 @@ BENCH_SITE = os.path.join(REPO, ".bench-site")
 LIGHTLY_PACKAGES = ["lightly", "hydra-core", "omegaconf", "antlr4-python3-runtime==4.9.3", "pytorch_lightning",
                     "lightning-utilities", "torchmetrics"]
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
-METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
+METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl", "dclw")
 SIDES = ("manyview", "lightly")
 
 
@@ -99,8 +99,9 @@ def train_command(side: str, method: str, args: argparse.Namespace, train_data: 
               "--seed", str(args.seed)]
     if side == "manyview":
         return [sys.executable, os.path.join(REPO, "trainer", "pretrain.py"), "--objective", method,
-                "--backbone", "resnet18-cifar", "--checkpoint-every", "0", "--log-every", "1", *common]
-    return [sys.executable, os.path.join(REPO, "tests", "benchmarks", "lightly_side.py"), "--method", method, *common]
+                "--backbone", args.backbone, "--checkpoint-every", "0", "--log-every", "1", *common]
+    return [sys.executable, os.path.join(REPO, "tests", "benchmarks", "lightly_side.py"), "--method", method,
+            "--backbone", args.backbone, *common]
 
 
 def throughput(metrics_path: str, skip_steps: int) -> tuple[float, int]:
@@ -184,7 +185,7 @@ def report_markdown(rows: list[dict], summary: list[dict], machine: dict, args: 
         f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}, "
         f"Python {machine['python']}, lightly {lightly_version}",
         f"- Command: `{command}` ({total_s / 60:.0f} min in all)",
-        f"- Each run: resnet18-cifar, batch {args.batch_size}, {args.num_workers} data workers, LR schedule over a "
+        f"- Each run: {args.backbone}, batch {args.batch_size}, {args.num_workers} data workers, LR schedule over a "
         f"nominal {max_steps} steps, stopped after {args.budget:.0f} s of training; images/s excludes the first "
         f"{args.skip_steps} steps; kNN k=200 t=0.1, bank {rows[0]['bank']} train images (shards 0-1), "
         f"{rows[0]['queries']} queries (test shard 0)" + (" (--eval-limit)" if args.eval_limit else "")
@@ -246,6 +247,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--max-steps", type=int, help="nominal LR-schedule length (default: from the budget)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--backbone", default="resnet18-cifar", help="the same on both sides (cnn-small: many more "
+                        "steps per budget on a CPU, so kNN is past its floor)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-steps", type=int, default=3, help="start-up steps left out of images/s (>= 1)")

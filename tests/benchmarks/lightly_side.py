@@ -45,10 +45,13 @@ if REPO not in sys.path:  # run as a script from anywhere
 
 import torch
 import webdataset as wds
-from lightly.loss import BarlowTwinsLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss
+from lightly.loss import (BarlowTwinsLoss, DCLLoss, DCLWLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss,
+                          TiCoLoss, VICRegLoss)
 from lightly.models.modules import (BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead,
-                                    DINOProjectionHead, MoCoProjectionHead, SimCLRProjectionHead,
-                                    SimSiamPredictionHead, SimSiamProjectionHead, SwaVProjectionHead, SwaVPrototypes)
+                                    DINOProjectionHead, MoCoProjectionHead, NNCLRPredictionHead, NNCLRProjectionHead,
+                                    NNMemoryBankModule, SimCLRProjectionHead, SimSiamPredictionHead,
+                                    SimSiamProjectionHead, SwaVProjectionHead, SwaVPrototypes, TiCoProjectionHead,
+                                    VICRegProjectionHead)
 from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
 from lightly.transforms import (BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform,
                                 MoCoV2Transform, SimCLRTransform, SimSiamTransform, SwaVTransform)
@@ -61,7 +64,8 @@ from trainer.models import EmbeddingModel, ModelConfig, build_backbone, save_mod
 from trainer.optim import build_optimizer, lr_at, scaled_lr
 from trainer.loop import peak_memory_mb
 
-METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins")
+METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl",
+           "dclw")
 
 
 class Projected(nn.Module):
@@ -126,10 +130,13 @@ def transform_for(method: str, options: dict, image_size: int, mean, std):
     augment = options.get("augment", {})
     normalize = {"mean": list(mean), "std": list(std)}
     common = {**_jitter(augment), "gaussian_blur": augment.get("blur_prob", 0.0), "normalize": normalize}
-    if method in ("simclr", "moco2", "simsiam"):
-        transform_cls = {"simclr": SimCLRTransform, "moco2": MoCoV2Transform, "simsiam": SimSiamTransform}[method]
+    if method in ("simclr", "moco2", "simsiam", "dcl", "dclw"):
+        transform_cls = {"simclr": SimCLRTransform, "moco2": MoCoV2Transform, "simsiam": SimSiamTransform,
+                         "dcl": SimCLRTransform, "dclw": SimCLRTransform}[method]
         return transform_cls(input_size=image_size, min_scale=_min_scale(augment), **common)
-    if method in ("byol", "barlow_twins"):  # lightly's Barlow Twins example uses BYOL's transforms too
+    # lightly's Barlow Twins example uses BYOL's transforms too; VICReg, NNCLR and TiCo take the recipe's asymmetric
+    # views (view1 solarize 0.2) as BYOL's view 1 / view 2 transforms configured to the recipe's values.
+    if method in ("byol", "barlow_twins", "vicreg", "nnclr", "tico"):
         second = {**augment, **options.get("second_view_augment", {})}
         view1 = BYOLView1Transform(input_size=image_size, min_scale=_min_scale(augment),
                                    solarization_prob=augment.get("solarize_prob", 0.0), **common)
@@ -243,6 +250,41 @@ def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: i
             return loss
         model.after_backward = lambda step: online.projection_head.cancel_last_layer_gradients(current_epoch=step)
         return model, dino_loss
+    if method == "vicreg":
+        model = Projected(backbone, VICRegProjectionHead(feature_dim, hidden, out_dim,
+                                                         num_layers=int(opt("projection_layers", 3))))
+        criterion = VICRegLoss(lambda_param=float(opt("invariance_weight", 25.0)),
+                               mu_param=float(opt("variance_weight", 25.0)), nu_param=float(opt("covariance_weight", 1.0)))
+        return model, lambda views, step: criterion(model(views[0]), model(views[1]))
+    if method == "nnclr":  # lightly's examples/pytorch/nnclr.py
+        if int(opt("projection_layers", 3)) != 3:
+            raise ValueError("lightly's NNCLRProjectionHead has 3 layers")
+        model = Projected(backbone, NNCLRProjectionHead(feature_dim, hidden, out_dim),
+                          NNCLRPredictionHead(out_dim, int(opt("predictor_hidden_dim", 4096)), out_dim))
+        memory_bank = NNMemoryBankModule(size=(int(opt("queue_size", 16384)), out_dim))
+        criterion = NTXentLoss(temperature=float(opt("temperature", 0.1)))
+
+        def nnclr_loss(views, step):
+            z0, z1 = model(views[0]), model(views[1])
+            p0, p1 = model.prediction_head(z0), model.prediction_head(z1)
+            z0 = memory_bank(z0.detach(), update=False)
+            z1 = memory_bank(z1.detach(), update=True)
+            return 0.5 * (criterion(z0, p1) + criterion(z1, p0))
+        return model, nnclr_loss
+    if method == "tico":  # lightly's examples/pytorch/tico.py: online view 0 against the momentum view 1
+        model = WithMomentum(Projected(backbone, TiCoProjectionHead(feature_dim, hidden, out_dim)))
+        criterion = TiCoLoss(beta=float(opt("beta", 0.9)), rho=float(opt("rho", 8.0)))
+
+        def tico_loss(views, step):
+            model.update(cosine_schedule(step, max_steps, float(opt("momentum", 0.99)), float(opt("final_momentum", 1.0))))
+            return criterion(model.online(views[0]), model.forward_momentum(views[1]))
+        return model, tico_loss
+    if method in ("dcl", "dclw"):  # lightly's examples/pytorch/dcl.py: SimCLR with DCLLoss / DCLWLoss
+        model = Projected(backbone, SimCLRProjectionHead(feature_dim, hidden, out_dim))
+        temperature = float(opt("temperature", 0.1))
+        criterion = (DCLLoss(temperature=temperature) if method == "dcl"
+                     else DCLWLoss(temperature=temperature, sigma=float(opt("sigma", 0.5))))
+        return model, lambda views, step: criterion(model(views[0]), model(views[1]))
     raise ValueError(f"unknown method {method!r}")
 
 
