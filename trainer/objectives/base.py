@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from trainer.data.views import TwoViews, view_configs
+from trainer.data.views import ManyViews, TwoViews, view_configs
 from trainer.models import EmbeddingModel, ModelConfig
 
 
@@ -139,6 +139,12 @@ class Objective(nn.Module):
         first, second = view_configs(augment, getattr(self.options, "second_view_augment", None))
         config = self.encoder.config
         return TwoViews(config.image_size, config.mean, config.std, first, second)
+
+    def many_views(self, count: int) -> ManyViews:
+        """``count`` views ``view0`` ... ``view{count-1}`` from the one recipe ``options.augment`` (MMCR, W-MSE,
+        FroSSL, EMP-SSL, FastSiam): what their ``views()`` returns."""
+        config = self.encoder.config
+        return ManyViews(config.image_size, config.mean, config.std, view_configs(self.options.augment)[0], count)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         raise NotImplementedError

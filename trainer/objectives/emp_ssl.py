@@ -69,9 +69,7 @@ class EMPSSL(Objective):
                                         options.projection_layers)
 
     def views(self) -> ManyViews:
-        config = self.encoder.config
-        return ManyViews(config.image_size, config.mean, config.std, view_configs(self.options.augment)[0],
-                         self.options.num_patches)
+        return self.many_views(self.options.num_patches)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         patches = stack_views(batch, self.options.num_patches)  # [n, P, C, H, W]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.data.views import AugmentConfig, ManyViews, stack_views
+from trainer.data.views import ManyViews, stack_views
 from trainer.distributed import gather_no_grad, gather_with_grad
 from trainer.losses.fastsiam import fastsiam_loss
 
@@ -40,9 +40,7 @@ class FastSiam(SimSiam):
     Options = FastSiamOptions
 
     def views(self) -> ManyViews:
-        config = self.encoder.config
-        return ManyViews(config.image_size, config.mean, config.std, AugmentConfig(**self.options.augment),
-                         self.options.num_views)
+        return self.many_views(self.options.num_views)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = stack_views(batch, self.options.num_views)  # [N, K, C, H, W]

@@ -64,9 +64,7 @@ class FroSSL(Objective):
                                         options.projection_layers)
 
     def views(self) -> ManyViews:
-        config = self.encoder.config
-        return ManyViews(config.image_size, config.mean, config.std, view_configs(self.options.augment)[0],
-                         self.options.num_views)
+        return self.many_views(self.options.num_views)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         z = torch.stack([self.projector(self.encoder.encode_image(batch[f"view{i}"]))

@@ -66,9 +66,7 @@ class MMCR(Objective):
         self.projector[-1].register_parameter("bias", None)
 
     def views(self) -> ManyViews:
-        config = self.encoder.config
-        return ManyViews(config.image_size, config.mean, config.std, view_configs(self.options.augment)[0],
-                         self.options.num_views)
+        return self.many_views(self.options.num_views)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         images = stack_views(batch, self.options.num_views)  # [n, k, C, H, W]

@@ -78,9 +78,7 @@ class WMSE(Objective):
         self._warned_singular = False
 
     def views(self) -> ManyViews:
-        config = self.encoder.config
-        return ManyViews(config.image_size, config.mean, config.std, view_configs(self.options.augment)[0],
-                         self.options.num_views)
+        return self.many_views(self.options.num_views)
 
     def permutations(self, rows: int) -> list[torch.Tensor]:
         """``w_iter`` permutations of the global batch's rows, the same on every process for a given step."""
