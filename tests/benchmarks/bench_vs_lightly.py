@@ -1,5 +1,6 @@
-"""manyview vs lightly: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO and Barlow Twins on CIFAR-10 for the same
-wall-clock budget, side by side in one run.
+"""manyview vs lightly: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, NNCLR, TiCo, DCL, DCLW
+and MSN (on a ViT: ``--backbone vit-micro-cifar``) on CIFAR-10 for the same wall-clock budget, side by side in one
+run.
 
 For each repeat and method, one manyview run (``trainer/pretrain.py``) and one lightly run
 (``tests/benchmarks/lightly_side.py``, in its own process with lightly from ``.bench-site``) train a
@@ -41,7 +42,8 @@ BENCH_SITE = os.path.join(REPO, ".bench-site")
 LIGHTLY_PACKAGES = ["lightly", "hydra-core", "omegaconf", "antlr4-python3-runtime==4.9.3", "pytorch_lightning",
                     "lightning-utilities", "torchmetrics"]
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
-METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl", "dclw")
+METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl", "dclw",
+           "msn")
 SIDES = ("manyview", "lightly")
 
 

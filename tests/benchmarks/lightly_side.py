@@ -1,5 +1,5 @@
-"""The lightly side of the benchmark: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO and Barlow Twins trained with
-lightly (1.6), as a lightly user would.
+"""The lightly side of the benchmark: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, NNCLR, TiCo,
+DCL/DCLW and MSN trained with lightly (1.6), as a lightly user would.
 
 Written after lightly's own examples (``examples/pytorch/<method>.py``): lightly's projection/prediction heads,
 prototypes and losses (``NTXentLoss`` with ``memory_bank_size=(K, D)`` as MoCo's queue,
@@ -45,16 +45,17 @@ if REPO not in sys.path:  # run as a script from anywhere
 
 import torch
 import webdataset as wds
-from lightly.loss import (BarlowTwinsLoss, DCLLoss, DCLWLoss, DINOLoss, NegativeCosineSimilarity, NTXentLoss, SwaVLoss,
-                          TiCoLoss, VICRegLoss)
+from lightly.loss import (BarlowTwinsLoss, DCLLoss, DCLWLoss, DINOLoss, MSNLoss, NegativeCosineSimilarity, NTXentLoss,
+                          SwaVLoss, TiCoLoss, VICRegLoss)
 from lightly.models.modules import (BarlowTwinsProjectionHead, BYOLPredictionHead, BYOLProjectionHead,
-                                    DINOProjectionHead, MoCoProjectionHead, NNCLRPredictionHead, NNCLRProjectionHead,
-                                    NNMemoryBankModule, SimCLRProjectionHead, SimSiamPredictionHead,
-                                    SimSiamProjectionHead, SwaVProjectionHead, SwaVPrototypes, TiCoProjectionHead,
-                                    VICRegProjectionHead)
-from lightly.models.utils import deactivate_requires_grad, get_weight_decay_parameters, update_momentum
+                                    DINOProjectionHead, MaskedVisionTransformerTIMM, MoCoProjectionHead,
+                                    NNCLRPredictionHead, NNCLRProjectionHead, NNMemoryBankModule, SimCLRProjectionHead,
+                                    SimSiamPredictionHead, SimSiamProjectionHead, SwaVProjectionHead, SwaVPrototypes)
+from lightly.models.modules.heads import MSNProjectionHead, TiCoProjectionHead, VICRegProjectionHead
+from lightly.models.utils import (deactivate_requires_grad, get_weight_decay_parameters, random_token_mask,
+                                  update_momentum)
 from lightly.transforms import (BYOLTransform, BYOLView1Transform, BYOLView2Transform, DINOTransform,
-                                MoCoV2Transform, SimCLRTransform, SimSiamTransform, SwaVTransform)
+                                MoCoV2Transform, MSNTransform, SimCLRTransform, SimSiamTransform, SwaVTransform)
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
@@ -65,7 +66,7 @@ from trainer.optim import build_optimizer, lr_at, scaled_lr
 from trainer.loop import peak_memory_mb
 
 METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl",
-           "dclw")
+           "dclw", "msn")
 
 
 class Projected(nn.Module):
@@ -144,6 +145,13 @@ def transform_for(method: str, options: dict, image_size: int, mean, std):
                                    **{**_jitter(second), "gaussian_blur": second.get("blur_prob", 0.0),
                                       "solarization_prob": second.get("solarize_prob", 0.0), "normalize": normalize})
         return BYOLTransform(view_1_transform=view1, view_2_transform=view2)
+    if method == "msn":  # the recipe's 1 target + num_random_views anchors + num_focal_views focal crops
+        return MSNTransform(random_size=image_size, focal_size=int(options.get("focal_crop_size", 16)),
+                            random_views=1 + int(options.get("num_random_views", 1)),
+                            focal_views=int(options.get("num_focal_views", 10)),
+                            random_crop_scale=tuple(options.get("crop_scale", (0.3, 1.0))),
+                            focal_crop_scale=tuple(options.get("focal_crop_scale", (0.05, 0.3))),
+                            **common)
     global_scale = tuple(options.get("global_crop_scale", (0.14, 1.0)))
     local_scale = tuple(options.get("local_crop_scale", (0.05, 0.14)))
     local_size, local_count = int(options.get("local_crop_size", 16)), int(options.get("num_local_crops", 6))
@@ -285,7 +293,76 @@ def build_method(method: str, options: dict, backbone: nn.Module, feature_dim: i
         criterion = (DCLLoss(temperature=temperature) if method == "dcl"
                      else DCLWLoss(temperature=temperature, sigma=float(opt("sigma", 0.5))))
         return model, lambda views, step: criterion(model(views[0]), model(views[1]))
+    if method == "msn":  # lightly's examples/pytorch/msn.py, on the timm ViT through MaskedVisionTransformerTIMM
+        return _msn(options, backbone, feature_dim, max_steps)
     raise ValueError(f"unknown method {method!r}")
+
+
+def _allow_any_image_size(vit: nn.Module) -> None:
+    """Let a timm ViT built for one image size take smaller crops (MSN's focal views), as ``dynamic_img_size=True``
+    at construction would: the patch embedding emits NHWC without a size check, and lightly's wrapper then
+    interpolates the position embedding."""
+    from timm.layers import Format
+
+    vit.dynamic_img_size = True
+    vit.patch_embed.strict_img_size = False
+    vit.patch_embed.flatten = False
+    vit.patch_embed.output_fmt = Format.NHWC
+
+
+class MSNModel(nn.Module):
+    """lightly's MSN example: the anchor (online) ViT + projection head trained, the target an EMA copy of them;
+    ``.backbone`` is the anchor ViT, the network manyview's ``msn`` exports too."""
+
+    def __init__(self, vit: nn.Module, feature_dim: int, hidden: int, out_dim: int, num_prototypes: int):
+        super().__init__()
+        _allow_any_image_size(vit)
+        # "skip": keep the seeded timm initialisation, so both sides start from the same network.
+        self.anchor_backbone = MaskedVisionTransformerTIMM(vit=vit, weight_initialization="skip",
+                                                           pos_embed_initialization="skip")
+        self.anchor_projection_head = MSNProjectionHead(feature_dim, hidden, out_dim)
+        self.target_backbone = copy.deepcopy(self.anchor_backbone)
+        self.target_projection_head = copy.deepcopy(self.anchor_projection_head)
+        deactivate_requires_grad(self.target_backbone)
+        deactivate_requires_grad(self.target_projection_head)
+        self.prototypes = nn.Linear(out_dim, num_prototypes, bias=False).weight
+
+    @property
+    def backbone(self) -> nn.Module:
+        return self.anchor_backbone.vit
+
+    def update(self, momentum: float) -> None:
+        update_momentum(self.anchor_backbone, self.target_backbone, m=momentum)
+        update_momentum(self.anchor_projection_head, self.target_projection_head, m=momentum)
+
+    def forward_masked(self, images: torch.Tensor, mask_ratio: float) -> torch.Tensor:
+        patch = self.anchor_backbone.vit.patch_embed.patch_size[0]
+        sequence = (images.shape[-1] // patch) ** 2 + 1  # + the class token, which random_token_mask keeps
+        idx_keep, _ = random_token_mask(size=(images.shape[0], sequence), mask_ratio=mask_ratio, device=images.device)
+        return self.anchor_projection_head(self.anchor_backbone(images=images, idx_keep=idx_keep))
+
+
+def _msn(options: dict, backbone: nn.Module, feature_dim: int, max_steps: int):
+    def opt(name, default):
+        return options.get(name, default)
+
+    model = MSNModel(backbone, feature_dim, int(opt("projection_hidden_dim", 2048)), int(opt("projection_dim", 256)),
+                     int(opt("num_prototypes", 1024)))
+    criterion = MSNLoss(temperature=float(opt("temperature", 0.1)),
+                        sinkhorn_iterations=int(opt("sinkhorn_iterations", 3)),
+                        regularization_weight=float(opt("regularisation_weight", 1.0)))
+    sharpen = float(opt("target_temperature", 0.025)) / float(opt("temperature", 0.1))  # lightly: T+ / T
+    random_views, mask_ratio = int(opt("num_random_views", 1)), float(opt("mask_ratio", 0.15))
+
+    def msn_loss(views, step):
+        model.update(cosine_schedule(step, max_steps, float(opt("momentum", 0.996)), float(opt("final_momentum", 1.0))))
+        with torch.no_grad():
+            targets = model.target_projection_head(model.target_backbone(images=views[0]))
+        anchors = model.forward_masked(torch.cat(views[1:1 + random_views]), mask_ratio)
+        focal = model.forward_masked(torch.cat(views[1 + random_views:]), mask_ratio)
+        # The example passes prototypes.data (they would take no gradient); manyview trains them, as the paper.
+        return criterion(torch.cat([anchors, focal]), targets, model.prototypes, target_sharpen_temperature=sharpen)
+    return model, msn_loss
 
 
 def loader_for(urls: list[str], transform, batch_size: int, num_workers: int, shuffle_buffer: int, seed: int):
