@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torchvision import transforms as T
 
-from .views import AugmentConfig, OneView
+from .views import OneView
 
 NEIGHBOUR_POSITIONS = (0, 1, 2, 3, 5, 6, 7, 8)  # context label k -> grid cell (row-major 3x3); 4 is the centre
 CENTRE_POSITION = 4

@@ -51,7 +51,7 @@ from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
 from .nnclr import neighbour_similarity
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_momentum_schedule, require_non_negative, require_positive
 from .support_set import SupportSet
 
 
@@ -78,14 +78,9 @@ class All4OneOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        for name in ("temperature", "centroid_temperature"):
-            if as_number(self, name) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("neighbour_weight", "centroid_weight", "feature_weight"):
-            if as_number(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_positive(self, "temperature", "centroid_temperature")
+        require_non_negative(self, "neighbour_weight", "centroid_weight", "feature_weight")
+        require_momentum_schedule(self)
         if not 0.0 <= as_number(self, "transformer_dropout") < 1.0:
             raise ValueError(f"transformer_dropout must be in [0, 1), got {self.transformer_dropout}")
         require_at_least(self, 1, "queue_size", "num_neighbours", "projection_dim", "projection_hidden_dim",

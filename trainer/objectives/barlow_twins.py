@@ -25,7 +25,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_non_negative
 
 
 @dataclass
@@ -38,8 +38,7 @@ class BarlowTwinsOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        if as_number(self, "lambd") < 0:
-            raise ValueError(f"lambd must be >= 0, got {self.lambd}")
+        require_non_negative(self, "lambd")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 

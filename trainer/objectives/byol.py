@@ -29,7 +29,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import require_at_least, require_momentum_schedule
 
 # The paper's image augmentations (appendix B): crop 0.08-1, flip, jitter (0.4, 0.4, 0.2, 0.1) with p 0.8
 # (here the SimCLR factors at strength 0.5: saturation 0.4), grayscale 0.2, and the asymmetric blur/solarize.
@@ -49,8 +49,7 @@ class BYOLOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_momentum_schedule(self)
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "predictor_hidden_dim")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 

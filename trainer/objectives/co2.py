@@ -21,7 +21,7 @@ from trainer.losses.co2 import co2_consistency
 
 from .base import register
 from .moco2 import MoCo2, MoCo2Options
-from .options import as_number
+from .options import require_non_negative, require_positive
 
 
 @dataclass
@@ -31,10 +31,8 @@ class CO2Options(MoCo2Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if as_number(self, "consistency_weight") < 0:
-            raise ValueError(f"consistency_weight must be >= 0, got {self.consistency_weight}")
-        if as_number(self, "consistency_temperature") <= 0:
-            raise ValueError(f"consistency_temperature must be > 0, got {self.consistency_temperature}")
+        require_non_negative(self, "consistency_weight")
+        require_positive(self, "consistency_temperature")
 
 
 @register

@@ -22,7 +22,7 @@ from trainer.losses.dcl import dcl, dclw
 
 from .base import register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_positive
 from .two_view import TwoViewObjective, TwoViewOptions
 
 
@@ -31,8 +31,7 @@ class DCLOptions(TwoViewOptions):
     temperature: float = 0.1  # tau (paper 0.1; DCL is far less sensitive to it than NT-Xent)
 
     def __post_init__(self) -> None:
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        require_positive(self, "temperature")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
         view_configs(self.augment)  # unknown augmentation fields fail here
 
@@ -58,8 +57,7 @@ class DCLWOptions(DCLOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if as_number(self, "sigma") <= 0:
-            raise ValueError(f"sigma must be > 0, got {self.sigma}")
+        require_positive(self, "sigma")
 
 
 @register

@@ -52,7 +52,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
 from .instdisc import PREPARE_HINT
-from .options import as_number, require_at_least
+from .options import require_at_least, require_positive
 
 
 @torch.no_grad()
@@ -85,10 +85,8 @@ class DeepClusterV2Options(MultiCropOptions):
         if not self.num_prototypes or any(int(k) < 2 for k in self.num_prototypes):
             raise ValueError(f"num_prototypes must be a non-empty list of sizes >= 2, got {self.num_prototypes}")
         self.num_prototypes = [int(k) for k in self.num_prototypes]
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if as_number(self, "cluster_every_epochs") <= 0:
-            raise ValueError(f"cluster_every_epochs must be > 0, got {self.cluster_every_epochs}")
+        require_positive(self, "temperature")
+        require_positive(self, "cluster_every_epochs")
         if self.cluster_every_steps is not None and self.cluster_every_steps < 1:
             raise ValueError(f"cluster_every_steps must be >= 1, got {self.cluster_every_steps}")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "kmeans_iterations")

@@ -43,7 +43,7 @@ from .diagnostics import embedding_std
 from .moco import set_batch_norm_groups_
 from .moco2 import MoCo2, MoCo2Options
 from .momentum import ema_update_, momentum_copy
-from .options import as_number
+from .options import require_in_range
 
 
 @dataclass
@@ -52,8 +52,7 @@ class DenseCLOptions(MoCo2Options):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= as_number(self, "dense_weight") <= 1.0:
-            raise ValueError(f"dense_weight must be in [0, 1], got {self.dense_weight}")
+        require_in_range(self, 0.0, 1.0, "dense_weight")
 
 
 @register

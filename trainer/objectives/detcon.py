@@ -46,7 +46,7 @@ from trainer.models.dense import feature_map, probe_shapes
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_momentum_schedule, require_positive
 
 B_LOSSES = ("contrastive", "regression")
 
@@ -91,8 +91,7 @@ class DetConSOptions:
                                                    "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.5})
 
     def __post_init__(self) -> None:
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        require_positive(self, "temperature")
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"segmentation must be one of {', '.join(SEGMENTATIONS)}, got {self.segmentation!r}")
         for name in ("fh_scale", "fh_sigma", "slic_compactness"):
@@ -153,8 +152,7 @@ class DetConBOptions(DetConSOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_momentum_schedule(self)
         require_at_least(self, 1, "predictor_hidden_dim")
         if self.loss not in B_LOSSES:
             raise ValueError(f"loss must be one of {', '.join(B_LOSSES)}, got {self.loss!r}")

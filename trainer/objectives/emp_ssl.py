@@ -30,7 +30,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_non_negative, require_positive
 
 # The authors' CIFAR patches: RandomResizedCrop(32, scale 0.25-0.25), flip, jitter (0.4, 0.4, 0.4, 0.2) with
 # p 0.8 (here SimCLR's factors at strength 0.5: hue 0.1), grayscale 0.2, blur 0.1, solarize 0.1.
@@ -51,10 +51,8 @@ class EMPSSLOptions:
     def __post_init__(self):
         require_at_least(self, 2, "num_patches")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
-        if as_number(self, "eps_squared") <= 0:
-            raise ValueError(f"eps_squared must be > 0, got {self.eps_squared}")
-        if as_number(self, "invariance_weight") < 0:
-            raise ValueError(f"invariance_weight must be >= 0, got {self.invariance_weight}")
+        require_positive(self, "eps_squared")
+        require_non_negative(self, "invariance_weight")
         view_configs(self.augment)  # unknown augmentation fields fail here
 
 

@@ -28,7 +28,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_non_negative
 
 # The authors' CIFAR augmentations (solo-learn "symmetric_weak"): crop 0.08-1, flip, jitter (0.4, 0.4, 0.4, 0.1)
 # with p 0.8, grayscale 0.2; no blur or solarisation.
@@ -48,8 +48,7 @@ class FroSSLOptions:
     def __post_init__(self):
         require_at_least(self, 2, "num_views")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
-        if as_number(self, "invariance_weight") < 0:
-            raise ValueError(f"invariance_weight must be >= 0, got {self.invariance_weight}")
+        require_non_negative(self, "invariance_weight")
         view_configs(self.augment)  # unknown augmentation fields fail here
 
 

@@ -40,7 +40,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_in_range, require_positive
 
 
 @dataclass
@@ -56,10 +56,8 @@ class LeJEPAOptions(MultiCropOptions):
     num_local_crops: int = 8           # V_l (paper 8)
 
     def __post_init__(self):
-        if not 0.0 <= as_number(self, "lambd") <= 1.0:
-            raise ValueError(f"lambd must be in [0, 1], got {self.lambd}")
-        if as_number(self, "t_max") <= 0:
-            raise ValueError(f"t_max must be > 0, got {self.t_max}")
+        require_in_range(self, 0.0, 1.0, "lambd")
+        require_positive(self, "t_max")
         validate_sketch_options(self)
         require_at_least(self, 2, "knots")
 

@@ -23,7 +23,7 @@ from trainer.losses.macl import macl, model_aware_temperature
 
 from .base import register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_in_range, require_positive
 from .two_view import TwoViewObjective, TwoViewOptions
 
 
@@ -34,10 +34,8 @@ class MACLOptions(TwoViewOptions):
     alignment_threshold: float = 0.0  # A_0, the alignment at which tau = tau_0, in [-1, 1] (paper 0)
 
     def __post_init__(self) -> None:
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= as_number(self, "alpha") <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        require_positive(self, "temperature")
+        require_in_range(self, 0.0, 1.0, "alpha")
         if not -1.0 <= as_number(self, "alignment_threshold") <= 1.0:
             raise ValueError(f"alignment_threshold must be in [-1, 1] (a cosine), got {self.alignment_threshold}")
         if self.alpha * (1.0 + self.alignment_threshold) >= 1.0:  # tau at A = -1 would be <= 0

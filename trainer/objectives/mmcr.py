@@ -28,7 +28,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_non_negative
 
 # The authors' CIFAR augmentations: RandomResizedCrop(32) (scale 0.08-1), flip, jitter (0.4, 0.4, 0.4, 0.1)
 # with p 0.8 (SimCLR's factors at strength 0.5), grayscale 0.2; no blur.
@@ -48,8 +48,7 @@ class MMCROptions:
     def __post_init__(self):
         require_at_least(self, 2, "num_views")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
-        if as_number(self, "lambd") < 0:
-            raise ValueError(f"lambd must be >= 0, got {self.lambd}")
+        require_non_negative(self, "lambd")
         view_configs(self.augment)  # unknown augmentation fields fail here
 
 

@@ -59,7 +59,7 @@ from trainer.models.vit import forward_vit, patch_grid, vit_backbone
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_momentum_schedule, require_non_negative, require_positive
 
 # The paper's colour distortion (strength 0.5), grayscale 0.2 and flips; no blur at 32 px.
 PAPER_AUGMENT = {"jitter_strength": 0.5, "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.0}
@@ -105,17 +105,13 @@ class MSNOptions:
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "num_random_views", "focal_crop_size")
         require_at_least(self, 2, "num_prototypes")
         require_at_least(self, 0, "sinkhorn_iterations", "num_focal_views")
-        if as_number(self, "temperature") <= 0 or as_number(self, "target_temperature") <= 0:
-            raise ValueError(f"temperature and target_temperature must be > 0, got {self.temperature} and "
-                             f"{self.target_temperature}")
-        if as_number(self, "regularisation_weight") < 0:
-            raise ValueError(f"regularisation_weight must be >= 0, got {self.regularisation_weight}")
+        require_positive(self, "temperature", "target_temperature")
+        require_non_negative(self, "regularisation_weight")
         if not 0.0 <= as_number(self, "mask_ratio") < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.focal_block is not None and self.focal_block < 1:
             raise ValueError(f"focal_block must be None or >= 1, got {self.focal_block}")
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_momentum_schedule(self)
         self.crop_scale = _scale(self.crop_scale, "crop_scale")
         self.focal_crop_scale = _scale(self.focal_crop_scale, "focal_crop_scale")
         view_configs(self.augment)  # unknown augmentation fields fail here
@@ -213,8 +209,7 @@ class PMSNOptions(MSNOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if as_number(self, "power_law_exponent") < 0:
-            raise ValueError(f"power_law_exponent must be >= 0, got {self.power_law_exponent}")
+        require_non_negative(self, "power_law_exponent")
 
 
 @register

@@ -39,6 +39,35 @@ def require_at_least(options: Any, minimum: int, *names: str) -> None:
             raise ValueError(f"{name} must be >= {minimum}, got {getattr(options, name)}")
 
 
+def require_positive(options: Any, *names: str) -> None:
+    """Every option in ``names`` (temperatures, epsilons) is a number > 0; the error names the first that is not."""
+    for name in names:
+        if as_number(options, name) <= 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(options, name)}")
+
+
+def require_non_negative(options: Any, *names: str) -> None:
+    """Every option in ``names`` (loss weights) is a number >= 0; the error names the first that is not."""
+    for name in names:
+        if as_number(options, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(options, name)}")
+
+
+def require_in_range(options: Any, low: float, high: float, *names: str) -> None:
+    """Every option in ``names`` is a number in the closed interval [low, high]."""
+    for name in names:
+        if not low <= as_number(options, name) <= high:
+            raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {getattr(options, name)}")
+
+
+def require_momentum_schedule(options: Any) -> None:
+    """``momentum`` (EMA of a target network at step 0) and ``final_momentum`` (at the end) satisfy
+    0 <= momentum <= final_momentum <= 1."""
+    if not 0.0 <= as_number(options, "momentum") <= as_number(options, "final_momentum") <= 1.0:
+        raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {options.momentum}, "
+                         f"{options.final_momentum}")
+
+
 @dataclass
 class InfoNCEOptions:
     temperature: float = 0.1               # tau (> 0); objectives set their paper's value
@@ -57,12 +86,10 @@ class InfoNCEOptions:
         known = (*self.EXTRA_LOSSES, *CONTRASTIVE_LOSSES)
         if self.loss not in known:
             raise ValueError(f"loss {self.loss!r} is not one of {', '.join(known)}")
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        require_positive(self, "temperature")
         if not 0.0 <= as_number(self, "tau_plus") < 1.0:
             raise ValueError(f"tau_plus must be in [0, 1), got {self.tau_plus}")
-        if as_number(self, "beta") < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+        require_non_negative(self, "beta")
         if self.noise_probability is not None and not 0.0 < as_number(self, "noise_probability") <= 1.0:
             raise ValueError(f"noise_probability must be in (0, 1], got {self.noise_probability}")
         if self.normaliser is not None and as_number(self, "normaliser") <= 0:

@@ -38,7 +38,7 @@ from trainer.models.dense import cells, feature_map, probe_shapes
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import require_at_least, require_momentum_schedule
 
 
 def overlap_rois(box_a: torch.Tensor, box_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,8 +108,7 @@ class PaKAOptions:
         require_at_least(self, 1, "grid_size")
         if self.grid_size * self.grid_size < 2:
             raise ValueError(f"grid_size must give at least 2 tokens for a kernel, got {self.grid_size}")
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_momentum_schedule(self)
         crop_geometry_views(8, [0.0] * 3, [1.0] * 3, self.augment)  # unknown augment keys fail here
 
 

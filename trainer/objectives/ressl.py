@@ -32,7 +32,7 @@ from trainer.models import mlp_head
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_in_range, require_positive
 
 # The paper's strong view (MoCo v2's): crop 0.2-1, jitter (0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale 0.2,
 # blur p 0.5, flip. The weak view keeps only the crop (same scale) and the flip.
@@ -54,11 +54,8 @@ class ReSSLOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(WEAK_OVERRIDES))  # teacher's weak view1
 
     def __post_init__(self) -> None:
-        if as_number(self, "student_temperature") <= 0 or as_number(self, "teacher_temperature") <= 0:
-            raise ValueError(f"student_temperature and teacher_temperature must be > 0, got "
-                             f"{self.student_temperature} and {self.teacher_temperature}")
-        if not 0.0 <= as_number(self, "momentum") <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {self.momentum}")
+        require_positive(self, "student_temperature", "teacher_temperature")
+        require_in_range(self, 0.0, 1.0, "momentum")
         if self.final_momentum is not None and not self.momentum <= as_number(self, "final_momentum") <= 1.0:
             raise ValueError(f"need momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
         require_at_least(self, 1, "queue_size", "projection_dim", "projection_hidden_dim")

@@ -37,7 +37,7 @@ from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .deepcluster_v2 import kmeans_on_first_process
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import require_at_least, require_in_range, require_momentum_schedule, require_positive
 
 
 @dataclass
@@ -66,12 +66,9 @@ class SMoGOptions:
         if self.memory_size < self.num_groups:
             raise ValueError(f"memory_size ({self.memory_size}) must be >= num_groups ({self.num_groups}): "
                              f"k-means needs at least one feature per group")
-        if as_number(self, "temperature") <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= as_number(self, "group_momentum") <= 1.0:
-            raise ValueError(f"group_momentum must be in [0, 1], got {self.group_momentum}")
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_positive(self, "temperature")
+        require_in_range(self, 0.0, 1.0, "group_momentum")
+        require_momentum_schedule(self)
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 
 

@@ -31,7 +31,7 @@ from .base import Objective, ObjectiveSpec, register
 from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least
+from .options import as_number, require_at_least, require_momentum_schedule, require_non_negative
 
 
 @dataclass
@@ -46,12 +46,10 @@ class TiCoOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        if as_number(self, "rho") < 0:
-            raise ValueError(f"rho must be >= 0, got {self.rho}")
+        require_non_negative(self, "rho")
         if not 0.0 <= as_number(self, "beta") < 1.0:
             raise ValueError(f"beta must be in [0, 1), got {self.beta}")
-        if not 0.0 <= as_number(self, "momentum") <= as_number(self, "final_momentum") <= 1.0:
-            raise ValueError(f"need 0 <= momentum <= final_momentum <= 1, got {self.momentum}, {self.final_momentum}")
+        require_momentum_schedule(self)
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 

@@ -16,48 +16,36 @@ the authors' projector runs per view. Collapse is reported as ``embedding_std`` 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from trainer.data.views import view_configs
 from trainer.distributed import gather_with_grad
 from trainer.losses.vicreg import vibcreg
 from trainer.models import projection_mlp
 from trainer.models.whitening import IterNorm
 
 from .base import Objective, ObjectiveSpec, register
-from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least
+from .vicreg import VICRegOptions
 
 
 @dataclass
-class VIbCRegOptions:
-    invariance_weight: float = 25.0    # lambda, on the MSE between the views' projections
-    variance_weight: float = 25.0      # mu, on the std hinge of each view (summed over the two)
+class VIbCRegOptions(VICRegOptions):
+    """VICReg's options and their checks, with VIbCReg's defaults and IterNorm's two."""
     covariance_weight: float = 200.0   # nu, on the normalised (correlation) off-diagonal term
-    eps: float = 1e-4                  # inside sqrt(Var + eps)
     projection_dim: int = 4096         # projector output (paper 4096)
     projection_hidden_dim: int = 4096  # projector hidden width (paper 4096)
-    projection_layers: int = 3         # linear layers before IterNorm (paper 3)
     iternorm_groups: int = 64          # IterNorm groups (paper 64); must divide projection_dim
     iternorm_iterations: int = 5       # Newton-Schulz iterations T (paper 5)
-    augment: dict = field(default_factory=lambda: dict(PAPER_AUGMENT))  # view0's AugmentConfig fields
-    second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        for name in ("invariance_weight", "variance_weight", "covariance_weight"):
-            if as_number(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if as_number(self, "eps") <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
-        require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers", "iternorm_groups",
-                         "iternorm_iterations")
+        super().__post_init__()
+        require_at_least(self, 1, "iternorm_groups", "iternorm_iterations")
         if self.projection_dim % self.iternorm_groups:
             raise ValueError(f"iternorm_groups ({self.iternorm_groups}) must divide projection_dim "
                              f"({self.projection_dim})")
-        view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 
 
 @register

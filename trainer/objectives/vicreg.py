@@ -27,7 +27,7 @@ from trainer.models import projection_mlp
 from .base import Objective, ObjectiveSpec, register
 from .byol import PAPER_AUGMENT, PAPER_SECOND_VIEW
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_non_negative, require_positive
 
 
 @dataclass
@@ -43,11 +43,8 @@ class VICRegOptions:
     second_view_augment: dict = field(default_factory=lambda: dict(PAPER_SECOND_VIEW))  # view1: laid over augment
 
     def __post_init__(self):
-        for name in ("invariance_weight", "variance_weight", "covariance_weight"):
-            if as_number(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if as_number(self, "eps") <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        require_non_negative(self, "invariance_weight", "variance_weight", "covariance_weight")
+        require_positive(self, "eps")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers")
         view_configs(self.augment, self.second_view_augment)  # unknown augmentation fields fail here
 

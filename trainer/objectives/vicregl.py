@@ -41,7 +41,7 @@ from trainer.models.dense import cells, feature_map, probe_shapes
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
-from .options import as_number, require_at_least
+from .options import require_at_least, require_in_range, require_non_negative, require_positive
 
 
 @dataclass
@@ -67,13 +67,9 @@ class VICRegLOptions:
                                                    "grayscale_prob": 0.2, "blur_prob": 0.0})  # flip + colour
 
     def __post_init__(self):
-        if not 0.0 <= as_number(self, "alpha") <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
-        for name in ("invariance_weight", "variance_weight", "covariance_weight"):
-            if as_number(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if as_number(self, "eps") <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        require_in_range(self, 0.0, 1.0, "alpha")
+        require_non_negative(self, "invariance_weight", "variance_weight", "covariance_weight")
+        require_positive(self, "eps")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "projection_layers", "map_projection_dim",
                          "map_projection_hidden_dim", "map_projection_layers", "local_crop_size")
         require_at_least(self, 0, "num_local_crops")

@@ -28,7 +28,7 @@ from trainer.losses.sigreg import visreg
 from .base import register
 from .diagnostics import embedding_std
 from .lejepa import SketchedMultiCrop, validate_sketch_options
-from .options import as_number
+from .options import require_in_range, require_non_negative, require_positive
 
 
 @dataclass
@@ -46,13 +46,9 @@ class VISRegOptions(MultiCropOptions):
     num_local_crops: int = 8           # V_l
 
     def __post_init__(self):
-        if not 0.0 <= as_number(self, "lambd") <= 1.0:
-            raise ValueError(f"lambd must be in [0, 1], got {self.lambd}")
-        for name in ("center_weight", "scale_weight", "shape_weight"):
-            if as_number(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if as_number(self, "eps") <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}")
+        require_in_range(self, 0.0, 1.0, "lambd")
+        require_non_negative(self, "center_weight", "scale_weight", "shape_weight")
+        require_positive(self, "eps")
         validate_sketch_options(self)
 
 
