@@ -22,28 +22,15 @@ Measured on the 2-core AMD EPYC (no GPU), 2,000 CIFAR-10 images, batch 64, seed 
   the floor likely needs a larger ViT (vit-tiny-cifar: about 27x vit-micro's compute per token) for thousands
   of steps: work for a GPU, not this suite's CPU.
 """
-import importlib.util
 import json
-import os
 
 import pytest
 
+from bench_learning import SETTINGS  # the rows' settings: this file only adds steps (and the overrides below)
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
 from learning_helpers import assert_beats_floor
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)]
-
-
-def _bench_settings() -> dict[str, tuple[str, list[str]]]:
-    spec = importlib.util.spec_from_file_location(
-        "bench_learning", os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_learning.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.SETTINGS
-
-
-SETTINGS = _bench_settings()
-
 
 MSN_BELOW_FLOOR = pytest.mark.xfail(strict=True, reason="MSN/PMSN on vit-micro-cifar stay within 2 points of the "
                                      "random-init floor at 300 and 1000 steps (module docstring)")

@@ -85,8 +85,7 @@ class DeepClusterV2Options(MultiCropOptions):
         if not self.num_prototypes or any(int(k) < 2 for k in self.num_prototypes):
             raise ValueError(f"num_prototypes must be a non-empty list of sizes >= 2, got {self.num_prototypes}")
         self.num_prototypes = [int(k) for k in self.num_prototypes]
-        require_positive(self, "temperature")
-        require_positive(self, "cluster_every_epochs")
+        require_positive(self, "temperature", "cluster_every_epochs")
         if self.cluster_every_steps is not None and self.cluster_every_steps < 1:
             raise ValueError(f"cluster_every_steps must be >= 1, got {self.cluster_every_steps}")
         require_at_least(self, 1, "projection_dim", "projection_hidden_dim", "kmeans_iterations")
