@@ -13,7 +13,7 @@ fixed number of patches, so masks of many samples stack into a batch.
   focal masking).
 * ``dropped_indices``: the complement of a ``keep`` (the masked patches a reconstruction loss scores).
 * ``WithKeepIndices``: a view-recipe wrapper that draws a mask per sample in the data workers and adds it to
-  the sample as ``keep/<view>``.
+  the sample as ``keep/<view>`` (or ``<key_prefix>/<view>``: any tensor a draw returns, e.g. a boolean mask).
 """
 from __future__ import annotations
 
@@ -97,14 +97,15 @@ class WithKeepIndices:
     under the key ``keep/<view>``. Drawn in the data workers (seeded per worker and rank), so no two samples or
     processes share a mask and the training step draws no random numbers for masking."""
 
-    def __init__(self, recipe, masks: dict[str, Callable[[], torch.Tensor]]):
+    def __init__(self, recipe, masks: dict[str, Callable[[], torch.Tensor]], key_prefix: str = "keep"):
         self.recipe = recipe
         self.masks = dict(masks)
+        self.key_prefix = key_prefix
 
     def __call__(self, image, sample) -> dict:
         views = self.recipe(image, sample)
         missing = sorted(set(self.masks) - set(views))
         if missing:
             raise KeyError(f"masks for views {missing} that the recipe does not make (it makes {sorted(views)})")
-        views.update({f"keep/{view}": draw() for view, draw in self.masks.items()})
+        views.update({f"{self.key_prefix}/{view}": draw() for view, draw in self.masks.items()})
         return views

@@ -8,6 +8,11 @@ additions:
 * ``keep``: indices of the patch tokens to keep (``trainer.data.masking``), one set for the batch [K] or one per
   image [N, K]; the others are dropped after the position embedding and before the blocks, so the blocks run on
   the prefix tokens and K patches only (masking by dropping tokens, MSN sec. 3 / MAE sec. 3).
+* ``mask`` and ``mask_token``: a boolean [N, L] over the raster-order patches; the patch embeddings where it is
+  True are replaced by the learnable ``mask_token`` [D] before the position embedding is added, and every token
+  goes through the blocks (mask tokens inside the encoder: SimMIM sec. 3.1, BEiT / iBOT's ``masked_embed``).
+* ``attn_mask``: an attention mask every block applies (timm ``Block(x, attn_mask)``: boolean, True = may
+  attend, or additive float), [T, T] or [N, 1, T, T] over the P + K tokens (AIM's prefix-causal attention).
 * images of another size than the one the ViT was built for (multiple of the patch size): the position
   embedding of the patches is resampled to the image's grid (timm's ``resample_abs_pos_embed``, bicubic), as the
   MSN / DINO code does for small crops. The exported model (``vit.forward``) keeps its fixed input size.
@@ -102,16 +107,27 @@ def _keep_tokens(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return torch.gather(tokens, 1, keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
-def forward_vit(vit: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None) -> ViTOutput:
+def forward_vit(vit: nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, mask_token: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> ViTOutput:
     """Run a timm ViT on ``images`` [N, C, H, W] (H = W, a multiple of the patch size) keeping only the patch
     tokens ``keep`` ([K] for the whole batch or [N, K] per image, indices into the raster-order patch grid;
-    None keeps all). Returns the pooled feature and the output tokens (``ViTOutput``)."""
+    None keeps all), with the patches where ``mask`` [N, L] is True replaced by ``mask_token`` [D] and every
+    block attending under ``attn_mask``. Returns the pooled feature and the output tokens (``ViTOutput``)."""
     if images.shape[-1] != images.shape[-2]:
         raise ValueError(f"forward_vit takes square images, got {tuple(images.shape[-2:])}")
     grid = patch_grid(vit, images.shape[-1])
     # PatchEmbed's own steps (proj, flatten to tokens, norm) without its fixed-size check.
     patches = vit.patch_embed.proj(images).flatten(2).transpose(1, 2)
     patches = vit.patch_embed.norm(patches)
+    if mask is not None:
+        if mask_token is None:
+            raise ValueError("forward_vit: a mask needs the mask_token that replaces the masked patches")
+        if mask.shape != patches.shape[:2]:
+            raise ValueError(f"mask must be [N, L] = {tuple(patches.shape[:2])} (one flag per patch), "
+                             f"got {tuple(mask.shape)}")
+        patches = torch.where(mask.to(patches.device, torch.bool).unsqueeze(-1),
+                              mask_token.to(patches.dtype).reshape(1, 1, -1), patches)
     prefix_position, patch_position = _position_embeddings(vit, grid)
     patches = patches + patch_position
     if keep is not None:
@@ -126,5 +142,39 @@ def forward_vit(vit: nn.Module, images: torch.Tensor, keep: torch.Tensor | None 
     else:
         tokens = patches
     tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
-    tokens = vit.norm(vit.blocks(tokens))
+    if attn_mask is None:
+        tokens = vit.blocks(tokens)
+    else:
+        for block in vit.blocks:
+            tokens = block(tokens, attn_mask=attn_mask)
+    tokens = vit.norm(tokens)
     return ViTOutput(vit.forward_head(tokens), tokens, vit.num_prefix_tokens)
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """[N, C, H, W] -> [N, L, patch * patch * C]: each raster-order patch's pixels, (row, column, channel) order
+    (MAE's ``patchify``), the targets of the pixel-reconstruction objectives (MAE, SimMIM, AIM)."""
+    count, channels, height, width = images.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image size {height} x {width} is not a multiple of the patch size {patch}")
+    rows, columns = height // patch, width // patch
+    grid = images.reshape(count, channels, rows, patch, columns, patch)
+    return grid.permute(0, 2, 4, 3, 5, 1).reshape(count, rows * columns, patch * patch * channels)
+
+
+def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor:
+    """The inverse of ``patchify`` for a square grid: [N, L, patch * patch * C] -> [N, C, H, W]."""
+    count, length, _ = patches.shape
+    side = int(round(length ** 0.5))
+    if side * side != length:
+        raise ValueError(f"unpatchify needs a square grid, got {length} patches")
+    grid = patches.reshape(count, side, side, patch, patch, channels)
+    return grid.permute(0, 5, 1, 3, 2, 4).reshape(count, channels, side * patch, side * patch)
+
+
+def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Each patch's pixels [..., P] standardised by its own mean and variance (MAE's ``norm_pix_loss`` target,
+    AIM's target): (x - mean) / sqrt(var + eps), the unbiased=False variance as the authors' code has it."""
+    mean = patches.mean(dim=-1, keepdim=True)
+    variance = patches.var(dim=-1, keepdim=True, unbiased=False)
+    return (patches - mean) / (variance + eps).sqrt()
