@@ -47,6 +47,8 @@ class OptimConfig:
 class TrainConfig:
     objective: str = "simclr"
     backbone: str = "resnet18-cifar"
+    register_tokens: int = 0  # ViT backbones: register tokens (Darcet et al. 2024)
+    vit_pool: str | None = None  # ViT backbones: exported feature "token" | "avg"; None: the objective's paper's
     output: str = "runs/run"
     batch_size: int = 256  # per process
     max_steps: int | None = None
@@ -118,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--train-data", help="shards: brace pattern, glob, directory, or several joined by '::'")
     add("--output", help="run directory (checkpoints/, model/, metrics.jsonl)")
     add("--backbone", help="resnet18-cifar | resnet18/34/50 | timm:<name> | open_clip:<name>")
+    add("--register-tokens", type=int, help="ViT backbones: learnable register tokens (Darcet et al. 2024)")
+    add("--vit-pool", choices=["token", "avg"], help="ViT backbones: the exported feature, the class token or the "
+        "mean of the patch tokens (default: the pooling the objective's paper evaluates with)")
     add("--batch-size", type=int, help="per-process batch size")
     add("--max-steps", type=int, help="optimizer steps (0 writes the randomly initialised model)")
     add("--epochs", type=float, help="passes over the training set (alternative to --max-steps)")
@@ -151,6 +156,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 _FLAG_TARGETS = {
     "objective": ("", "objective"), "backbone": ("", "backbone"), "output": ("", "output"),
+    "register_tokens": ("", "register_tokens"), "vit_pool": ("", "vit_pool"),
     "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"), "time_budget": ("", "time_budget"),
     "seed": ("", "seed"), "mixed_precision": ("", "mixed_precision"),
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),

@@ -155,6 +155,7 @@ def train(config: TrainConfig) -> dict:
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
         num_train_samples=num_samples, total_steps=total_steps, global_batch_size=global_batch,
+        register_tokens=config.register_tokens, vit_pool=config.vit_pool,
     ))
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.

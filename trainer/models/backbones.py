@@ -80,12 +80,14 @@ def _timm(name: str, image_size: int, channels: int = 3, **extra) -> Backbone:
     return Backbone(model, int(model.num_features), mean, std)
 
 
-def _vit_cifar(image_size: int, channels: int, width: int, depth: int, heads: int) -> Backbone:
+def _vit_cifar(image_size: int, channels: int, width: int, depth: int, heads: int, **vit_options) -> Backbone:
     """A ViT for small images (patch 4 at 32 px, as in MoCo v3's and DINO's CIFAR ablations); the class
-    token's final representation is the feature. The patch projection is ``module.patch_embed``."""
+    token's final representation is the feature unless ``global_pool="avg"`` (mean of the patch tokens). The patch
+    projection is ``module.patch_embed``."""
     patch = 4 if image_size <= 64 else 16
+    options = {"global_pool": "token", **vit_options}
     return _timm("vit_tiny_patch16_224", image_size, channels, patch_size=patch, embed_dim=width, depth=depth,
-                 num_heads=heads, global_pool="token")
+                 num_heads=heads, **options)
 
 
 def _open_clip(name: str, image_size: int, channels: int = 3) -> Backbone:
@@ -100,7 +102,7 @@ def _open_clip(name: str, image_size: int, channels: int = 3) -> Backbone:
     return Backbone(visual, int(visual.output_dim), mean, std, native_size=image_size)
 
 
-BackboneFactory = Callable[[int, int], Backbone]  # (image_size, channels) -> Backbone
+BackboneFactory = Callable[..., Backbone]  # (image_size, channels) -> Backbone; ViTs also take ViT options
 
 _NAMED: dict[str, BackboneFactory] = {
     "cnn-small": lambda size, ch: Backbone(SmallConvNet(ch), 256, CIFAR_MEAN, CIFAR_STD),
@@ -109,10 +111,10 @@ _NAMED: dict[str, BackboneFactory] = {
     "resnet18": lambda size, ch: _torchvision_resnet(18, False, size, ch),
     "resnet34": lambda size, ch: _torchvision_resnet(34, False, size, ch),
     "resnet50": lambda size, ch: _torchvision_resnet(50, False, size, ch),
-    "vit-tiny-cifar": lambda size, ch: _vit_cifar(size, ch, width=192, depth=6, heads=3),
-    "vit-small-cifar": lambda size, ch: _vit_cifar(size, ch, width=384, depth=8, heads=6),
+    "vit-tiny-cifar": lambda size, ch, **vit: _vit_cifar(size, ch, **vit, width=192, depth=6, heads=3),
+    "vit-small-cifar": lambda size, ch, **vit: _vit_cifar(size, ch, **vit, width=384, depth=8, heads=6),
     # Tests and CPU demos of the ViT-only objectives (MSN, ...): a 3-step run in seconds.
-    "vit-micro-cifar": lambda size, ch: _vit_cifar(size, ch, width=64, depth=2, heads=2),
+    "vit-micro-cifar": lambda size, ch, **vit: _vit_cifar(size, ch, **vit, width=64, depth=2, heads=2),
 }
 
 
@@ -127,15 +129,45 @@ def list_backbones() -> list[str]:
     return sorted(_NAMED) + ["timm:<name>", "open_clip:<name>"]
 
 
-def build_backbone(name: str, image_size: int = 32, channels: int = 3) -> Backbone:
+VIT_POOLS = ("token", "avg")
+
+
+def _vit_options(name: str, register_tokens: int, vit_pool: str | None) -> dict:
+    """timm ``VisionTransformer`` keyword arguments for the ViT options (only those that are set)."""
+    if register_tokens < 0:
+        raise ValueError(f"register_tokens must be >= 0, got {register_tokens}")
+    if vit_pool is not None and vit_pool not in VIT_POOLS:
+        raise ValueError(f"vit_pool must be one of {VIT_POOLS} (class token, mean of the patch tokens), "
+                         f"got {vit_pool!r}")
+    options: dict = {}
+    if register_tokens:
+        options["reg_tokens"] = int(register_tokens)
+    if vit_pool is not None:
+        # fc_norm=False keeps timm's final norm on every token before pooling (timm's default for "avg" moves it
+        # after the pool), so the patch tokens objectives read are normed whichever pooling is exported.
+        options.update(global_pool=vit_pool, fc_norm=False)
+    return options
+
+
+def build_backbone(name: str, image_size: int = 32, channels: int = 3, register_tokens: int = 0,
+                   vit_pool: str | None = None) -> Backbone:
     """Build a randomly initialised backbone by registry name for ``channels``-channel input images;
-    unknown names raise ``KeyError``. Mean/std are the family's defaults for those channels."""
+    unknown names raise ``KeyError``. Mean/std are the family's defaults for those channels.
+
+    ViT options (``vit-*-cifar`` and ``timm:vit_*``; a ValueError for other backbones): ``register_tokens``
+    learnable register tokens after the class token (Darcet et al. 2024), and ``vit_pool`` the exported feature,
+    "token" (the class token) or "avg" (mean of the patch tokens, without class and registers); None keeps the
+    backbone's default (the class token for ``vit-*-cifar``, timm's for ``timm:vit_*``)."""
+    vit = _vit_options(name, register_tokens, vit_pool)
+    if vit and not (name.startswith("vit-") or name.startswith("timm:vit")):
+        raise ValueError(f"register_tokens and vit_pool apply to ViT backbones (vit-*-cifar, timm:vit_*), "
+                         f"not {name!r}")
     if name in _NAMED:
-        backbone = _NAMED[name](image_size, channels)
+        backbone = _NAMED[name](image_size, channels, **vit)
     else:
         family, _, model_name = name.partition(":")
         if family == "timm" and model_name:
-            backbone = _timm(model_name, image_size, channels)
+            backbone = _timm(model_name, image_size, channels, **vit)
         elif family == "open_clip" and model_name:
             backbone = _open_clip(model_name, image_size, channels)
         else:

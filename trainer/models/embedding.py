@@ -54,6 +54,11 @@ class ModelConfig:
     # Normalisation in the backbone: None keeps the backbone's own (batch norm for CNNs); "layer" replaces every
     # BatchNorm2d by GroupNorm(1, C), layer norm over (C, H, W) per sample with a per-channel affine (CPC v2).
     backbone_norm: str | None = None
+    # ViT backbones only: learnable register tokens (Darcet et al. 2024) and the exported feature, "token" (class
+    # token) or "avg" (mean of the patch tokens), the pooling the objective's paper evaluates with; None: the
+    # backbone's default.
+    register_tokens: int = 0
+    vit_pool: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -182,12 +187,15 @@ class EmbeddingModel(nn.Module):
             raise ValueError(f"backbone_norm must be None or 'layer', got {config.backbone_norm!r}")
         if config.colour_space is None and config.view_channels is None:
             input_size = patch_grid[0] if patch_grid else config.image_size  # a patch encoder sees patches
-            backbone = build_backbone(config.backbone, input_size, config.channels)
+            backbone = build_backbone(config.backbone, input_size, config.channels, config.register_tokens,
+                                      config.vit_pool)
             config.mean = list(config.mean or backbone.mean)
             config.std = list(config.std or backbone.std)
             self.backbone = backbone.module
             self.feature_dim = backbone.feature_dim
         else:
+            if config.register_tokens or config.vit_pool is not None:
+                raise ValueError("register_tokens and vit_pool apply to one ViT backbone, not to split-view encoders")
             groups = _check_views(config)
             if config.mean is None or config.std is None:  # the family's defaults for the RGB input
                 defaults = build_backbone(config.backbone, config.image_size, config.channels)

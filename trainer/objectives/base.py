@@ -41,6 +41,8 @@ class ObjectiveSpec:
     num_train_samples: int | None = None  # size of the training set (memory banks); None when unknown
     total_steps: int | None = None  # optimizer steps of the run (schedules)
     global_batch_size: int | None = None  # images per optimizer step over all processes (epoch-based schedules)
+    register_tokens: int = 0  # ViT backbones: register tokens (Darcet et al. 2024)
+    vit_pool: str | None = None  # ViT backbones: "token" | "avg" chosen by the user; None: the objective's choice
 
     def steps_per_epoch(self) -> int | None:
         """Optimizer steps in one pass over the training set, or None when either size is unknown."""
@@ -99,7 +101,11 @@ def parse_options(options_type: type, options: dict[str, Any], objective: str):
 
 def default_model_config(spec: ObjectiveSpec, **changes: Any) -> ModelConfig:
     """The exported model of ``spec``: its backbone at the run's image size and normalisation, with the
-    ``ModelConfig`` fields an objective's paper changes (a projection, a colour split, a patch grid) set."""
+    ``ModelConfig`` fields an objective's paper changes (a projection, a colour split, a patch grid, the ViT
+    pooling its paper evaluates with) set. The user's ``spec.vit_pool`` wins over the objective's ``vit_pool``."""
+    changes.setdefault("register_tokens", spec.register_tokens)
+    if spec.vit_pool is not None:
+        changes["vit_pool"] = spec.vit_pool
     return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std, **changes)
 
 
