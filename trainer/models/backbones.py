@@ -132,6 +132,11 @@ def list_backbones() -> list[str]:
 VIT_POOLS = ("token", "avg")
 
 
+def is_vit_name(name: str) -> bool:
+    """True for the names of ViT backbones (``vit-*-cifar``, ``timm:vit_*``): those with patch tokens."""
+    return name.startswith("vit-") or name.startswith("timm:vit")
+
+
 def _vit_options(name: str, register_tokens: int, vit_pool: str | None) -> dict:
     """timm ``VisionTransformer`` keyword arguments for the ViT options (only those that are set)."""
     if register_tokens < 0:
@@ -159,7 +164,7 @@ def build_backbone(name: str, image_size: int = 32, channels: int = 3, register_
     "token" (the class token) or "avg" (mean of the patch tokens, without class and registers); None keeps the
     backbone's default (the class token for ``vit-*-cifar``, timm's for ``timm:vit_*``)."""
     vit = _vit_options(name, register_tokens, vit_pool)
-    if vit and not (name.startswith("vit-") or name.startswith("timm:vit")):
+    if vit and not is_vit_name(name):
         raise ValueError(f"register_tokens and vit_pool apply to ViT backbones (vit-*-cifar, timm:vit_*), "
                          f"not {name!r}")
     if name in _NAMED:

@@ -27,6 +27,8 @@ from torch import nn
 
 from trainer.data.views import ManyViews, TwoViews, view_configs
 from trainer.models import EmbeddingModel, ModelConfig
+from trainer.models.backbones import is_vit_name
+from trainer.models.vit import VIT_BACKBONES
 
 
 @dataclass
@@ -119,6 +121,9 @@ class Objective(nn.Module):
 
     def __init__(self, spec: ObjectiveSpec, options: Any):
         super().__init__()
+        if self.requires_patch_tokens and not is_vit_name(spec.backbone):
+            # Before the encoder is built: a ViT-only model config (vit_pool, registers) would fail less clearly.
+            raise ValueError(f"{self.key} needs a ViT backbone ({VIT_BACKBONES}), got {spec.backbone}")
         self.spec = spec
         self.options = options
         self.encoder = EmbeddingModel(self.model_config(spec, options))
