@@ -90,7 +90,7 @@ def test_patchify_orders_pixels_row_column_channel_and_inverts():
 def test_normalise_patches_standardises_each_patch():
     patches = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [5.0, 5.0, 5.0, 5.0]]])
     out = normalise_patches(patches)
-    spread = (1.25 + 1e-6) ** 0.5  # population variance of 1..4 is 1.25
+    spread = (5 / 3 + 1e-6) ** 0.5  # the unbiased variance of 1..4 is 5/3 (MAE's torch.var)
     torch.testing.assert_close(out[0, 0], torch.tensor([-1.5, -0.5, 0.5, 1.5]) / spread)
     torch.testing.assert_close(out[0, 1], torch.zeros(4))  # a flat patch stays finite
 

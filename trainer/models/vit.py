@@ -174,7 +174,8 @@ def unpatchify(patches: torch.Tensor, patch: int, channels: int) -> torch.Tensor
 
 def normalise_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each patch's pixels [..., P] standardised by its own mean and variance (MAE's ``norm_pix_loss`` target,
-    AIM's target): (x - mean) / sqrt(var + eps), the unbiased=False variance as the authors' code has it."""
+    AIM's target): (x - mean) / sqrt(var + eps) with the unbiased variance (``torch.var``'s default), as the MAE
+    authors' code and lightly's ``normalize_mean_var`` compute it."""
     mean = patches.mean(dim=-1, keepdim=True)
-    variance = patches.var(dim=-1, keepdim=True, unbiased=False)
+    variance = patches.var(dim=-1, keepdim=True)
     return (patches - mean) / (variance + eps).sqrt()
