@@ -1,5 +1,7 @@
 """Losses: pure functions of tensors, one file per family."""
+from .aim import aim_loss, non_prefix_mask
 from .alignment import alignment, uniformity
+from .capi import capi_loss, capi_targets
 from .clustering import sinkhorn, swav_loss
 from .colorization import colorization_loss, rebalancing_weights, smoothed_prior
 from .contrastive import clip_loss, info_nce, nt_xent
@@ -7,7 +9,10 @@ from .counting import counting_loss
 from .cpc import cpc_logits, cpc_loss
 from .dense import patch_nce, pixel_contrast, pixpro_consistency
 from .dino import dino_loss, teacher_temperature_at
+from .ibot import dino_loss_from_probabilities, ibot_patch_loss, sinkhorn_teacher
+from .ijepa import ijepa_loss
 from .jigsaw_clustering import clustering_loss
+from .masked_pixels import masked_pixel_l1, masked_pixel_mse
 from .nce_family import (
     CONTRASTIVE_LOSSES,
     LOSS_OPTIONS,
@@ -26,11 +31,12 @@ from .pretext import cosine_logits, pretext_accuracy, pretext_classification_los
 from .supcon import supcon
 
 __all__ = [
-    "CONTRASTIVE_LOSSES", "LOSS_OPTIONS", "alignment", "barlow_twins", "byol_loss", "clip_loss", "clustering_loss",
-    "colorization_loss", "contrastive_loss", "cosine_logits", "counting_loss", "pretext_accuracy",
-    "pretext_classification_loss", "rebalancing_weights", "smoothed_prior",
-    "contrastive_loss_from_similarities", "cpc_logits", "cpc_loss", "debiased_nce", "dino_loss", "flat_nce",
-    "hard_negative_nce", "info_nce", "loss_options_for", "negative_cosine", "nce", "nt_xent", "patch_nce",
-    "pixel_contrast", "pixpro_consistency", "similarities", "sinkhorn", "supcon", "swav_loss",
+    "CONTRASTIVE_LOSSES", "LOSS_OPTIONS", "aim_loss", "alignment", "barlow_twins", "byol_loss", "capi_loss",
+    "capi_targets", "clip_loss", "clustering_loss", "colorization_loss", "contrastive_loss",
+    "contrastive_loss_from_similarities", "cosine_logits", "counting_loss", "cpc_logits", "cpc_loss", "debiased_nce",
+    "dino_loss", "dino_loss_from_probabilities", "flat_nce", "hard_negative_nce", "ibot_patch_loss", "ijepa_loss",
+    "info_nce", "loss_options_for", "masked_pixel_l1", "masked_pixel_mse", "nce", "negative_cosine", "non_prefix_mask",
+    "nt_xent", "patch_nce", "pixel_contrast", "pixpro_consistency", "pretext_accuracy", "pretext_classification_loss",
+    "rebalancing_weights", "similarities", "sinkhorn", "sinkhorn_teacher", "smoothed_prior", "supcon", "swav_loss",
     "teacher_temperature_at", "two_view_similarities", "uniformity",
 ]

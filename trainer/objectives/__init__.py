@@ -1,10 +1,10 @@
 """The objective registry. Importing this package registers every objective module listed here."""
 from . import (  # noqa: F401  (registration)
-    align_uniform, all4one, barlow_twins, byol, clip, cmc, co2, colorization, context, counting, cpc, cpc2, curl, dcl,
-    deepcluster_v2, densecl, detcon, dino, directclr, emp_ssl, exemplar, fastsiam, frossl, instdisc, invaspread,
-    jigsaw, jigsaw_clustering, lejepa, macl, mmcr, moco, moco2, moco3, msn, multitask, nnbyol, nnclr, nnsiam, paka,
-    patchnce, pixpro, ressl, rotation, simclr, simclr2, simsiam, smog, supcon, swav, tico, vibcreg, vicreg, vicregl,
-    visreg, wmse,
+    aim, align_uniform, all4one, barlow_twins, byol, capi, clip, cmc, co2, colorization, context, counting, cpc, cpc2,
+    curl, dcl, deepcluster_v2, densecl, detcon, dino, dinov2, directclr, emp_ssl, exemplar, fastsiam, frossl, ibot,
+    ijepa, instdisc, invaspread, jigsaw, jigsaw_clustering, lejepa, macl, mae, mmcr, moco, moco2, moco3, msn, multitask,
+    nnbyol, nnclr, nnsiam, paka, patchnce, pixpro, ressl, rotation, simclr, simclr2, simmim, simsiam, smog, supcon,
+    swav, tico, vibcreg, vicreg, vicregl, visreg, wmse,
 )
 from .base import Objective, ObjectiveSpec, get_objective, list_objectives, register
 
