@@ -1,11 +1,11 @@
-"""manyview vs lightly: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, NNCLR, TiCo, DCL, DCLW
-and MSN (on a ViT: ``--backbone vit-micro-cifar``) on CIFAR-10 for the same wall-clock budget, side by side in one
-run.
+"""manyview vs lightly: SimCLR, MoCo v2, BYOL, SimSiam, SwAV, DINO, Barlow Twins, VICReg, NNCLR, TiCo, DCL, DCLW,
+and on a ViT (``vit-micro-cifar`` unless --backbone is given) MSN, MAE, I-JEPA and iBOT on CIFAR-10 for the same
+wall-clock budget, side by side in one run.
 
 For each repeat and method, one manyview run (``trainer/pretrain.py``) and one lightly run
-(``tests/benchmarks/lightly_side.py``, in its own process with lightly from ``.bench-site``) train a
-resnet18-cifar at batch 256 with the recipe's hyper-parameters, the same LR schedule over the nominal
-``--max-steps`` and the same stopping rule (``--budget`` seconds of training). The two sides are interleaved
+(``tests/benchmarks/lightly_side.py``, in its own process with lightly from ``.bench-site``) train the same
+backbone (resnet18-cifar by default) at batch 256 with the recipe's hyper-parameters, the same LR schedule over
+the nominal ``--max-steps`` and the same stopping rule (``--budget`` seconds of training). The two sides are interleaved
 (their order alternates between repeats) because this machine's speed drifts between runs; the summary
 quotes medians and manyview/lightly ratios.
 
@@ -16,7 +16,12 @@ Measured identically on both sides:
 * kNN top-1 (k=200, tau=0.1): ``trainer.evaluate.evaluate`` on the saved backbone (bank: train shards 0-1,
   queries: test shard 0), in this process, the same code for both sides.
 
+Per-method manyview flags (``METHOD_ARGS``, replaced with ``--method-args METHOD=ARGS``) go to both sides: the
+lightly side applies them to the same recipe with manyview's own config code. The ViT methods run with AdamW at
+lr 4e-3, weight decay 0.05, 10 warm-up steps and heads / decoders / predictors sized for the 64-wide ViT.
+
     python tests/benchmarks/bench_vs_lightly.py --budget 600 --repeats 1 --output tests/benchmarks/RESULTS.md
+    python tests/benchmarks/bench_vs_lightly.py --methods mae,ijepa,ibot --budget 300 --max-steps 20 --repeats 3
 
 lightly is installed on first use into ``.bench-site`` (``pip install --no-deps --target``), never into the venv.
 """
@@ -43,8 +48,24 @@ LIGHTLY_PACKAGES = ["lightly", "hydra-core", "omegaconf", "antlr4-python3-runtim
                     "lightning-utilities", "torchmetrics"]
 DEFAULT_DATA = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10")
 METHODS = ("simclr", "moco2", "byol", "simsiam", "swav", "dino", "barlow_twins", "vicreg", "nnclr", "tico", "dcl", "dclw",
-           "msn")
+           "msn", "mae", "ijepa", "ibot")
 SIDES = ("manyview", "lightly")
+DEFAULT_BACKBONE = "resnet18-cifar"
+# The ViT methods' backbone when --backbone is not given (an explicit --backbone applies to every method).
+METHOD_BACKBONE = {"msn": "vit-micro-cifar", "mae": "vit-micro-cifar", "ijepa": "vit-micro-cifar",
+                   "ibot": "vit-micro-cifar"}
+# manyview flags given to BOTH sides of a method, after the common ones (--method-args METHOD=ARGS replaces a
+# method's entry). The lightly side applies them to the same recipe with manyview's own config code
+# (lightly_side.RECIPE_FLAGS lists the flags it takes), so the two sides train the same hyper-parameters. Sized for
+# the ViT methods on a 2-core CPU: the recipes' vit-small-cifar schedules (lr for 1000 warm-up steps, heads and
+# decoders for a 384-wide ViT) scaled to vit-micro-cifar (64 wide) and a run of tens of steps.
+VIT_CPU_ARGS = ["--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "0.05", "--warmup-steps", "10"]
+METHOD_ARGS: dict[str, list[str]] = {
+    "mae": [*VIT_CPU_ARGS, "--set", "decoder_width=64", "--set", "decoder_depth=2", "--set", "decoder_heads=2"],
+    "ijepa": [*VIT_CPU_ARGS, "--set", "predictor_dim=64", "--set", "predictor_depth=2", "--set", "predictor_heads=2"],
+    "ibot": [*VIT_CPU_ARGS, "--set", "out_dim=256", "--set", "patch_out_dim=256", "--set", "num_local_crops=2",
+             "--set", "warmup_teacher_temperature_steps=50", "--set", "freeze_last_layer_steps=0"],
+}
 
 
 def ensure_lightly(python: str = sys.executable) -> str:
@@ -95,15 +116,28 @@ def _subprocess_env(with_lightly: bool) -> dict:
     return env
 
 
+def backbone_for(method: str, args: argparse.Namespace) -> str:
+    """--backbone when given, else the method's (``METHOD_BACKBONE``: a ViT for the ViT-only methods), else
+    resnet18-cifar."""
+    return getattr(args, "backbone", None) or METHOD_BACKBONE.get(method, DEFAULT_BACKBONE)
+
+
+def method_args(method: str, args: argparse.Namespace) -> list[str]:
+    """The extra manyview flags both sides of ``method`` get: --method-args' entry, else ``METHOD_ARGS``'."""
+    given = getattr(args, "method_args", None) or {}
+    return list(given[method]) if method in given else list(METHOD_ARGS.get(method, []))
+
+
 def train_command(side: str, method: str, args: argparse.Namespace, train_data: str, run_dir: str, max_steps: int) -> list[str]:
     common = ["--train-data", train_data, "--output", run_dir, "--batch-size", str(args.batch_size),
               "--max-steps", str(max_steps), "--time-budget", str(args.budget), "--num-workers", str(args.num_workers),
               "--seed", str(args.seed)]
+    backbone, extra = backbone_for(method, args), method_args(method, args)
     if side == "manyview":
         return [sys.executable, os.path.join(REPO, "trainer", "pretrain.py"), "--objective", method,
-                "--backbone", args.backbone, "--checkpoint-every", "0", "--log-every", "1", *common]
+                "--backbone", backbone, "--checkpoint-every", "0", "--log-every", "1", *common, *extra]
     return [sys.executable, os.path.join(REPO, "tests", "benchmarks", "lightly_side.py"), "--method", method,
-            "--backbone", args.backbone, *common]
+            "--backbone", backbone, *common, *extra]
 
 
 def throughput(metrics_path: str, skip_steps: int) -> tuple[float, int]:
@@ -187,11 +221,13 @@ def report_markdown(rows: list[dict], summary: list[dict], machine: dict, args: 
         f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}, "
         f"Python {machine['python']}, lightly {lightly_version}",
         f"- Command: `{command}` ({total_s / 60:.0f} min in all)",
-        f"- Each run: {args.backbone}, batch {args.batch_size}, {args.num_workers} data workers, LR schedule over a "
-        f"nominal {max_steps} steps, stopped after {args.budget:.0f} s of training; images/s excludes the first "
+        f"- Each run: {_backbones_text(args)}, batch {args.batch_size}, {args.num_workers} data workers, LR schedule "
+        f"over a nominal {max_steps} steps, stopped after {args.budget:.0f} s of training; images/s excludes the first "
         f"{args.skip_steps} steps; kNN k=200 t=0.1, bank {rows[0]['bank']} train images (shards 0-1), "
         f"{rows[0]['queries']} queries (test shard 0)" + (" (--eval-limit)" if args.eval_limit else "")
         + f"; train shards used: {args.limit_train_shards}.",
+        *[f"- {method}, both sides: `{shlex.join(method_args(method, args))}`" for method in args.methods
+          if method_args(method, args)],
         "",
         "| repeat | method | side | steps | images/s | kNN top-1 |",
         "|---:|---|---|---:|---:|---:|",
@@ -208,6 +244,16 @@ def report_markdown(rows: list[dict], summary: list[dict], machine: dict, args: 
                      f"{100 * s['lightly']['knn_top1']:.2f} | {s['knn_diff_points']:+.2f} | {met} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def _backbones_text(args: argparse.Namespace) -> str:
+    """The backbone of every method of the run, e.g. "resnet18-cifar (simclr), vit-micro-cifar (mae, ibot)"."""
+    by_backbone: dict[str, list[str]] = {}
+    for method in args.methods:
+        by_backbone.setdefault(backbone_for(method, args), []).append(method)
+    if len(by_backbone) == 1:
+        return next(iter(by_backbone))
+    return ", ".join(f"{backbone} ({', '.join(methods)})" for backbone, methods in by_backbone.items())
 
 
 RESULTS_HEADER = """# manyview vs lightly: equal wall-clock training
@@ -249,8 +295,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--max-steps", type=int, help="nominal LR-schedule length (default: from the budget)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--backbone", default="resnet18-cifar", help="the same on both sides (cnn-small: many more "
-                        "steps per budget on a CPU, so kNN is past its floor)")
+    parser.add_argument("--backbone", help="the same on both sides and for every method (cnn-small: many more "
+                        "steps per budget on a CPU, so kNN is past its floor); default: resnet18-cifar, and "
+                        "vit-micro-cifar for " + ", ".join(METHOD_BACKBONE))
+    parser.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
+                        help="manyview flags for both sides of METHOD, replacing its defaults (METHOD_ARGS), e.g. "
+                        "'mae=--lr 1e-3 --set decoder_width=128'; '' gives none; repeatable")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-steps", type=int, default=3, help="start-up steps left out of images/s (>= 1)")
@@ -266,6 +316,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--methods: choose from {', '.join(METHODS)}, got {unknown or 'none'}")
     if not 1 <= args.limit_train_shards <= 10:
         parser.error("--limit-train-shards must be in 1..10")
+    given = {}
+    for item in args.method_args:
+        method, sep, text = item.partition("=")
+        if not sep or method.strip() not in METHODS:
+            parser.error(f"--method-args expects METHOD=ARGS with METHOD one of {', '.join(METHODS)}, got {item!r}")
+        given[method.strip()] = shlex.split(text)
+    args.method_args = given
     args.bank_data = os.path.join(args.data, "train-{000000..000001}.tar.gz")
     args.query_data = os.path.join(args.data, "test-000000.tar.gz")
     return args

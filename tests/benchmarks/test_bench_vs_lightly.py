@@ -1,7 +1,8 @@
-"""manyview vs lightly (``bench_vs_lightly.py``) as an on-demand test: ``make benchmark`` (never in the default run).
+"""manyview vs lightly (``bench_vs_lightly.py``) as an on-demand test: ``make benchmark`` (never in the default run),
+plus fast checks of the driver's method table and commands (in the default run).
 
-Small by default so that it finishes in about 45 minutes on 2 CPU cores (all seven methods); the environment scales it up:
-BENCH_BUDGET (seconds of training per run, 120), BENCH_REPEATS (1), BENCH_METHODS (all seven: simclr,moco2,byol,simsiam,swav,dino,barlow_twins),
+Small by default; the environment scales it up: BENCH_BUDGET (seconds of training per run, 120), BENCH_REPEATS
+(1), BENCH_METHODS (default: all of the driver's METHODS),
 BENCH_EVAL_LIMIT (bank and query images, 2000; 0 = all), BENCH_LIMIT_TRAIN_SHARDS (10), BENCH_SKIP_STEPS (3),
 BENCH_BATCH_SIZE (256; smaller only to smoke-test the harness),
 BENCH_OUTPUT (append the results section to this Markdown file; default: printed only),
@@ -11,6 +12,8 @@ The full benchmark: ``BENCH_BUDGET=600 BENCH_EVAL_LIMIT=0 BENCH_OUTPUT=tests/ben
 """
 from __future__ import annotations
 
+import argparse
+import ast
 import importlib.util
 import math
 import os
@@ -20,6 +23,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+VIT_METHODS = ("mae", "ijepa", "ibot")
 
 
 def _driver():
@@ -31,6 +35,71 @@ def _driver():
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(name, "").strip() or default
+
+
+def _lightly_side_constant(name: str):
+    """A literal module constant of lightly_side.py, read without importing it (it imports lightly)."""
+    with open(os.path.join(HERE, "lightly_side.py"), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"lightly_side.py defines no {name}")
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[len(command) - 1 - command[::-1].index(name) + 1]  # the last value given, as argparse reads it
+
+
+def test_both_sides_list_the_same_methods():
+    driver = _driver()
+    assert set(VIT_METHODS) <= set(driver.METHODS)
+    assert tuple(_lightly_side_constant("METHODS")) == driver.METHODS
+
+
+def test_method_args_reach_both_sides_and_manyview_reads_them(tmp_path):
+    """Each ViT method's extra flags end both sides' commands, use only flags the lightly side takes, and are
+    options manyview's objective accepts and sets (read through manyview's own command-line code)."""
+    from trainer.config import add_arguments, config_from_args
+    from trainer.objectives import get_objective
+    from trainer.objectives.base import parse_options
+
+    driver = _driver()
+    args = driver.parse_args(["--methods", ",".join([*VIT_METHODS, "simclr"]), "--workdir", str(tmp_path)])
+    taken = set(_lightly_side_constant("RECIPE_FLAGS"))
+    expected = {"mae": {"decoder_width": 64, "decoder_depth": 2, "decoder_heads": 2},
+                "ijepa": {"predictor_dim": 64, "predictor_depth": 2, "predictor_heads": 2},
+                "ibot": {"out_dim": 256, "patch_out_dim": 256, "num_local_crops": 2,
+                         "warmup_teacher_temperature_steps": 50, "freeze_last_layer_steps": 0}}
+    for method in VIT_METHODS:
+        manyview = driver.train_command("manyview", method, args, "DATA", "RUN", 20)
+        lightly = driver.train_command("lightly", method, args, "DATA", "RUN", 20)
+        extra = driver.method_args(method, args)
+        assert extra and manyview[-len(extra):] == extra and lightly[-len(extra):] == extra
+        assert _flag(manyview, "--backbone") == _flag(lightly, "--backbone") == "vit-micro-cifar"
+        assert {item for item in extra if item.startswith("--")} <= taken
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        config = config_from_args(parser.parse_args(manyview[2:]))  # without the interpreter and the script
+        assert (config.backbone, config.optim.optimizer, config.optim.lr, config.optim.weight_decay,
+                config.optim.warmup_steps) == ("vit-micro-cifar", "adamw", 4e-3, 0.05, 10)
+        options = parse_options(get_objective(method).Options, config.objective_options, method)
+        assert {name: getattr(options, name) for name in expected[method]} == expected[method]
+    simclr = driver.train_command("lightly", "simclr", args, "DATA", "RUN", 20)
+    assert driver.method_args("simclr", args) == [] and _flag(simclr, "--backbone") == "resnet18-cifar"
+
+
+def test_backbone_and_method_args_can_be_overridden(tmp_path):
+    driver = _driver()
+    args = driver.parse_args(["--methods", "mae,ijepa", "--backbone", "vit-tiny-cifar", "--workdir", str(tmp_path),
+                              "--method-args", "mae=--lr 1e-3 --set decoder_width=32"])
+    assert driver.method_args("mae", args) == ["--lr", "1e-3", "--set", "decoder_width=32"]
+    assert driver.method_args("ijepa", args) == driver.METHOD_ARGS["ijepa"]
+    for side in driver.SIDES:
+        command = driver.train_command(side, "mae", args, "DATA", "RUN", 20)
+        assert _flag(command, "--backbone") == "vit-tiny-cifar" and _flag(command, "--lr") == "1e-3"
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--method-args", "nope=--lr 1", "--workdir", str(tmp_path)])
 
 
 @pytest.mark.benchmark
