@@ -58,9 +58,9 @@ test: install-dev browser-deps
 	$(PY) -m pytest -q --timeout 900 --durations=15
 
 benchmark: install-dev
-	$(PY) -m pytest -q tests/benchmarks -m benchmark -s -p no:cacheprovider
+	$(PY) -m pytest -q tests -m benchmark -s -p no:cacheprovider
 
-# Every GPU-only test and benchmark with its correctness checks, in under 8 minutes on one H100; appends to
+# Every GPU-only test and benchmark with its correctness checks, in under 9 minutes on one H100; appends to
 # $(GPU_CHECK_OUTPUT). Without a CUDA GPU it says so and exits 0.
 GPU_CHECK_OUTPUT ?= tests/benchmarks/RESULTS_gpu.md
 gpu-check: install-dev

@@ -19,6 +19,10 @@ Measured identically on both sides:
 Per-method manyview flags (``METHOD_ARGS``, replaced with ``--method-args METHOD=ARGS``) go to both sides: the
 lightly side applies them to the same recipe with manyview's own config code. The ViT methods run with AdamW at
 lr 4e-3, weight decay 0.05, 10 warm-up steps and heads / decoders / predictors sized for the 64-wide ViT.
+``--image-size N`` and ``--mixed-precision no|bf16|fp16`` go to both sides too (manyview's own flags; the lightly
+side makes its views at that size with lightly's transforms and autocasts on the training device as manyview's
+loop does: fp16 with a gradient scaler, bf16 without). ``make gpu-check``'s ``vit-224px`` section runs mae, ibot
+and ijepa this way with ``--backbone timm:vit_small_patch16_224 --image-size 224 --mixed-precision bf16``.
 
     python tests/benchmarks/bench_vs_lightly.py --budget 600 --repeats 1 --output tests/benchmarks/RESULTS.md
     python tests/benchmarks/bench_vs_lightly.py --methods mae,ijepa,ibot --budget 300 --max-steps 20 --repeats 3
@@ -128,10 +132,19 @@ def method_args(method: str, args: argparse.Namespace) -> list[str]:
     return list(given[method]) if method in given else list(METHOD_ARGS.get(method, []))
 
 
+def precision_and_size(args: argparse.Namespace) -> list[str]:
+    """``--mixed-precision`` (always) and ``--image-size`` (when given; else each side reads the recipe's), the same
+    flags with the same values on both sides: manyview's ``trainer/pretrain.py`` and ``lightly_side.py`` take both."""
+    flags = ["--mixed-precision", getattr(args, "mixed_precision", None) or "no"]
+    if getattr(args, "image_size", None):
+        flags += ["--image-size", str(args.image_size)]
+    return flags
+
+
 def train_command(side: str, method: str, args: argparse.Namespace, train_data: str, run_dir: str, max_steps: int) -> list[str]:
     common = ["--train-data", train_data, "--output", run_dir, "--batch-size", str(args.batch_size),
               "--max-steps", str(max_steps), "--time-budget", str(args.budget), "--num-workers", str(args.num_workers),
-              "--seed", str(args.seed)]
+              "--seed", str(args.seed), *precision_and_size(args)]
     backbone, extra = backbone_for(method, args), method_args(method, args)
     if side == "manyview":
         return [sys.executable, os.path.join(REPO, "trainer", "pretrain.py"), "--objective", method,
@@ -215,13 +228,15 @@ def summarise(rows: list[dict], methods: list[str]) -> list[dict]:
 def report_markdown(rows: list[dict], summary: list[dict], machine: dict, args: argparse.Namespace, command: str,
                     lightly_version: str, max_steps: int, total_s: float) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    size = f"{args.image_size} px" if args.image_size else "the recipe's image size"
     lines = [
         f"## {now}: budget {args.budget:.0f} s per run, {args.repeats} repeat(s)",
         "",
         f"- Machine: {machine['cores']} cores, {machine['cpu']}, {machine['gpu']}; torch {machine['torch']}, "
         f"Python {machine['python']}, lightly {lightly_version}",
         f"- Command: `{command}` ({total_s / 60:.0f} min in all)",
-        f"- Each run: {_backbones_text(args)}, batch {args.batch_size}, {args.num_workers} data workers, LR schedule "
+        f"- Each run: {_backbones_text(args)} at {size}, mixed precision {args.mixed_precision}, batch "
+        f"{args.batch_size}, {args.num_workers} data workers, LR schedule "
         f"over a nominal {max_steps} steps, stopped after {args.budget:.0f} s of training; images/s excludes the first "
         f"{args.skip_steps} steps; kNN k=200 t=0.1, bank {rows[0]['bank']} train images (shards 0-1), "
         f"{rows[0]['queries']} queries (test shard 0)" + (" (--eval-limit)" if args.eval_limit else "")
@@ -301,6 +316,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method-args", action="append", default=[], metavar="METHOD=ARGS",
                         help="manyview flags for both sides of METHOD, replacing its defaults (METHOD_ARGS), e.g. "
                         "'mae=--lr 1e-3 --set decoder_width=128'; '' gives none; repeatable")
+    parser.add_argument("--image-size", type=int, help="training image size on both sides (default: the recipe's, "
+                        "32); the saved model, and so kNN, uses it too")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                        help="autocast on the training device on both sides (fp16 with a gradient scaler)")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-steps", type=int, default=3, help="start-up steps left out of images/s (>= 1)")
@@ -314,6 +333,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown or not args.methods:
         parser.error(f"--methods: choose from {', '.join(METHODS)}, got {unknown or 'none'}")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error("--image-size must be positive")
     if not 1 <= args.limit_train_shards <= 10:
         parser.error("--limit-train-shards must be in 1..10")
     given = {}

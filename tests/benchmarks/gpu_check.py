@@ -2,8 +2,10 @@
 
     python tests/benchmarks/gpu_check.py [--output tests/benchmarks/RESULTS_gpu.md] [--only faiss,onnx] [--dry-run]
 
-Sections, each in its own process with its own time budget (``SECTIONS``; the run stops starting sections
-once ``--total-budget``, 450 s, is spent, so it ends within 8 minutes on one H100):
+Sections, each in its own process with its own time budget (``SECTIONS``; a section gets at most
+what is left of ``--total-budget``, 540 s, and is not started with under half its budget left, so the run ends
+within 9 minutes on one H100, inside a 10-minute limit with start-up; each section's process is told its limit in
+``$GPU_CHECK_SECTION_TIMEOUT_S``):
 
 * ``faiss``: exact ``Flat`` search on the GPU (float32) returns the CPU's ids and scores (ties excepted), and
   through ``index.devices.to_gpu`` (float16 storage) recall@10 >= 0.97 with scores within 5e-3; an
@@ -20,11 +22,18 @@ once ``--total-budget``, 450 s, is spent, so it ends within 8 minutes on one H10
   the same seed, two-view batches that differ; images/s (and ``bench_augment.py``'s table with CIFAR-10).
 * ``tests``: the suite's GPU tests (``pytest -k 'cuda or gpu or provider'`` over the batched-augmentation,
   index and export tests), none of them skipped.
-* ``speed-32px`` / ``speed-224px``: ``bench_training_speed.py --bf16`` (simclr, resnet18-cifar at 32 px batch
-  256; resnet50 at 224 px batch 64 if the total budget allows): images/s of per-image and batched augmentation,
-  lightly and the ceiling, with every side's losses finite. lightly is used only when it is already installed
-  in ``.bench-site`` (``bench_vs_lightly.py`` installs it there, which needs the internet); otherwise that side
-  is skipped and the report says so. Both need the CIFAR-10 shards (``../shared/data/cifar10``).
+* ``speed-32px`` (and ``speed-224px``, last): ``bench_training_speed.py --bf16`` (simclr, resnet18-cifar at 32 px
+  batch 256; resnet50 at 224 px batch 64 if the total budget allows): images/s of per-image and batched
+  augmentation, lightly and the ceiling, with every side's losses finite. lightly is used only when it is
+  already installed in ``.bench-site`` (``bench_vs_lightly.py`` installs it there, which needs the internet);
+  otherwise that side is skipped and the report says so. Both need the CIFAR-10 shards (``../shared/data/cifar10``).
+* ``vit-224px``: ``bench_vs_lightly.py`` for mae, ibot and ijepa with ``--backbone timm:vit_small_patch16_224
+  --image-size 224 --mixed-precision bf16`` at batch 64 (``VIT_224``, flags ``VIT_224_METHOD_ARGS`` on both
+  sides), 1 repeat, kNN on 256 bank / 256 query images: per method images/s of both sides and their ratio, kNN
+  of both, every logged loss finite, every step logged, and both sides' runs recorded at that backbone, size and
+  precision. It fits its runs to the time it is given (``plan_vit_runs``: up to 20 s of training a run, as many
+  methods as fit at >= 8 s; the others are listed as not run); ``--only vit-224px`` gives it all 240 s. Skipped
+  when lightly is not in ``.bench-site`` or the CIFAR-10 shards are absent.
 
 A failed section is recorded and the others still run; the exit code is 1 if any section failed. Without a
 CUDA GPU (``torch.cuda.is_available()`` False and ``faiss.get_num_gpus() == 0``) nothing runs and the exit
@@ -60,8 +69,9 @@ for _path in (str(REPO), str(HERE)):
 
 DEFAULT_DATA = str(REPO.parent / "shared" / "data" / "cifar10")
 DEFAULT_OUTPUT = str(HERE / "RESULTS_gpu.md")
-TOTAL_BUDGET_S = 450.0
+TOTAL_BUDGET_S = 540.0
 RESULT_PREFIX = "GPU_CHECK_RESULT "
+TIMEOUT_ENV = "GPU_CHECK_SECTION_TIMEOUT_S"  # set for each section's process: the seconds it has before it is killed
 GPU_TESTS = ["tests/test_batched_augment.py", "tests/test_index.py", "tests/test_index_scale.py", "tests/test_export.py"]
 GPU_TESTS_SELECTION = "cuda or gpu or provider"
 
@@ -103,6 +113,9 @@ SECTIONS = [
     Section("speed-32px", 150, "training images/s, simclr resnet18-cifar 32 px batch 256 bf16: per-image, batched, "
             "lightly, ceiling", imports=("bench_training_speed", "bench_vs_lightly", "trainer.loop"),
             scripts=("tests/benchmarks/ceiling_side.py", "tests/benchmarks/lightly_side.py", "trainer/pretrain.py")),
+    Section("vit-224px", 240, "manyview vs lightly for mae, ibot, ijepa on timm:vit_small_patch16_224 at 224 px "
+            "in bf16, batch 64: images/s of both, ratio, kNN of both, finite losses (the methods its time allows)",
+            imports=("bench_vs_lightly",), scripts=("tests/benchmarks/lightly_side.py", "trainer/pretrain.py")),
     Section("speed-224px", 90, "training images/s, simclr resnet50 224 px batch 64 bf16: batched, lightly, ceiling "
             "(if the total budget allows)", imports=("bench_training_speed",),
             scripts=("tests/benchmarks/ceiling_side.py", "tests/benchmarks/lightly_side.py")),
@@ -197,7 +210,9 @@ def run_section(section: Section, command: list[str], timeout_s: float, log_path
     """Run one section's process within ``timeout_s`` (its whole process group is killed past it)."""
     started = time.perf_counter()
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        # The section's own process learns its time limit (TIMEOUT_ENV) so that it can fit its work to it.
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env=dict(os.environ, **{TIMEOUT_ENV: f"{timeout_s:.0f}"}))
         try:
             code = process.wait(timeout=timeout_s)
             timed_out = False
@@ -297,6 +312,11 @@ def dry_run(sections: list[Section], workdir: str, data: str, total_budget_s: fl
         print(f"    command: {shlex.join(section_command(section, workdir, data))}")
         if section.name == "tests":
             print(f"    runs: {shlex.join(tests_command())}")
+        if section.name == "vit-224px":
+            methods, budget = plan_vit_runs(min(section.budget_s, total_budget_s), VIT_224_METHODS)
+            for method in methods:  # with all of its budget (a full run gives it what is left, up to that)
+                argv = vit_224_argv(method, os.path.join(workdir, section.name), data, budget)
+                print(f"    runs: python tests/benchmarks/bench_vs_lightly.py {shlex.join(argv)}")
         for module in section.imports:
             try:
                 importlib.import_module(module)
@@ -371,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
 def section_main(name: str, workdir: str, data: str, device: str) -> int:
     """Run one section in this process and print its ``GPU_CHECK_RESULT`` line."""
     functions = {"faiss": section_faiss, "onnx": section_onnx, "bf16": section_bf16, "augment": section_augment,
-                 "tests": section_tests, "speed-32px": section_speed_32, "speed-224px": section_speed_224}
+                 "tests": section_tests, "speed-32px": section_speed_32, "speed-224px": section_speed_224,
+                 "vit-224px": section_vit_224}
     os.makedirs(workdir, exist_ok=True)
     try:
         result = {"status": "passed", "reason": "", **functions[name](workdir, data, device)}
@@ -726,6 +747,159 @@ def section_speed_32(workdir: str, data: str, device: str) -> dict:
 
 def section_speed_224(workdir: str, data: str, device: str) -> dict:
     return _speed(workdir, data, device, "simclr:resnet50:224:64", 12, ["batched", "lightly", "ceiling"])
+
+
+# vit-224px: bench_vs_lightly.py at 224 px on the GPU (issue 18: "the same at 224 px with timm:vit_small_patch16_224
+# in bf16"). The method flags replace bench_vs_lightly.METHOD_ARGS (sized for the 64-wide vit-micro-cifar on a CPU):
+# the recipes' heads, decoders and predictors are already ViT-S sized (384 wide, as vit_small_patch16_224) and their
+# lr is kept (linear scaling to batch 64), with a 20-step warm-up so that a short run reaches its peak lr; crops the
+# 32 px recipes give as 16 px (one 16 px patch here) are 96 px, the papers' size at 224 (6 x 6 patches). Checked
+# valid at the 14 x 14 grid: mae (49 visible patches), ijepa (5 x 6 / 6 x 5 target blocks, 49 context patches),
+# ibot (blocks of >= (14 // 3)^2 = 16 patches) and msn, on both sides.
+VIT_224 = {"backbone": "timm:vit_small_patch16_224", "image_size": 224, "precision": "bf16", "batch": 64,
+           "eval_limit": 256, "skip_steps": 3, "train_shards": 5}
+VIT_224_METHODS = ("mae", "ibot", "ijepa")
+VIT_224_METHOD_ARGS = {
+    "mae": ["--warmup-steps", "20"],
+    "ibot": ["--warmup-steps", "20", "--set", "local_crop_size=96", "--set", "num_local_crops=2",
+             "--set", "warmup_teacher_temperature_steps=50", "--set", "freeze_last_layer_steps=0"],
+    "ijepa": ["--warmup-steps", "20"],
+    "msn": ["--warmup-steps", "20", "--set", "focal_crop_size=96"],  # not run by the section; valid at 224 px
+}
+# ``--device cpu`` (a smoke test of this code, ``tests/test_gpu_check.py``): mae only, on vit-micro-cifar at 16 px
+# (a 4 x 4 grid), 2 steps, with bench_vs_lightly's own CPU flags.
+VIT_224_CPU = {"backbone": "vit-micro-cifar", "image_size": 16, "precision": "bf16", "batch": 8, "eval_limit": 64,
+               "skip_steps": 1, "train_shards": 5, "max_steps": 2}
+VIT_224_RUN_OVERHEAD_S = 25.0  # one run's start-up, saving and kNN (on the CPU) beyond its training budget
+VIT_224_RUN_S = (6.0, 20.0)    # each run's training budget: at least, at most
+VIT_224_MARGIN_S = 15.0        # of the section's time, kept for its own start-up and its report
+
+
+def plan_vit_runs(seconds: float, methods: tuple[str, ...], overhead_s: float = VIT_224_RUN_OVERHEAD_S,
+                  run_s: tuple[float, float] = VIT_224_RUN_S,
+                  margin_s: float = VIT_224_MARGIN_S) -> tuple[list[str], float]:
+    """(the first methods that fit in ``seconds``, each run's training budget): two runs per method (manyview and
+    lightly), each ``overhead_s`` + its budget, the budget as long as it fits up to ``run_s[1]`` but at least
+    ``run_s[0]``; ``([], 0)`` when not even one method fits."""
+    for count in range(len(methods), 0, -1):
+        budget = (seconds - margin_s) / (2 * count) - overhead_s
+        if budget >= run_s[0]:
+            return list(methods[:count]), float(min(run_s[1], math.floor(budget)))
+    return [], 0.0
+
+
+def vit_224_argv(method: str, workdir: str, data: str, budget_s: float, device: str = "cuda",
+                 num_workers: int | None = None) -> list[str]:
+    """``bench_vs_lightly.py``'s arguments for one method of the vit-224px section (CPU: the smoke version)."""
+    from bench_vs_lightly import METHOD_ARGS
+
+    setup = VIT_224 if device == "cuda" else VIT_224_CPU
+    extra = VIT_224_METHOD_ARGS[method] if device == "cuda" else METHOD_ARGS.get(method, [])
+    workers = num_workers if num_workers is not None else max(2, min(8, (os.cpu_count() or 4) - 2))
+    argv = ["--methods", method, "--backbone", setup["backbone"], "--image-size", str(setup["image_size"]),
+            "--mixed-precision", setup["precision"], "--batch-size", str(setup["batch"]), "--budget", f"{budget_s:g}",
+            "--repeats", "1", "--skip-steps", str(setup["skip_steps"]), "--eval-limit", str(setup["eval_limit"]),
+            "--limit-train-shards", str(setup["train_shards"]), "--num-workers", str(workers), "--data", data,
+            "--workdir", os.path.join(workdir, method), "--method-args", f"{method}={shlex.join(extra)}"]
+    if "max_steps" in setup:
+        argv += ["--max-steps", str(setup["max_steps"])]
+    return argv
+
+
+def _check_vit_run(run_dir: str, method: str, side: str, row: dict, setup: dict, skip_steps: int) -> None:
+    """One side's run of vit-224px: every step logged with a finite loss, trained past the start-up steps, and the
+    backbone, image size and precision asked for (from what the run itself recorded)."""
+    name = f"{method} {side}"
+    losses = _losses(os.path.join(run_dir, "metrics.jsonl"))
+    check([step for step, _ in losses] == list(range(1, row["steps"] + 1)),
+          f"{name}: logged steps {[s for s, _ in losses][:10]}..., expected 1..{row['steps']}")
+    bad = [(step, loss) for step, loss in losses if not math.isfinite(loss)]
+    check(not bad, f"{name}: non-finite losses at {bad[:5]}")
+    check(row["steps"] > skip_steps and math.isfinite(row["images_per_s"]) and row["images_per_s"] > 0,
+          f"{name}: {row['steps']} steps, {row['images_per_s']} images/s")
+    check(0.0 <= row["knn_top1"] <= 1.0, f"{name}: kNN top-1 {row['knn_top1']}")
+    with open(os.path.join(run_dir, "model", "config.json"), encoding="utf-8") as handle:
+        saved = json.load(handle)
+    got = (saved["model"]["backbone"], saved["model"]["image_size"])
+    check(got == (setup["backbone"], setup["image_size"]), f"{name}: trained {got}, expected "
+          f"{(setup['backbone'], setup['image_size'])}")
+    if side == "manyview":
+        with open(os.path.join(run_dir, "train_config.json"), encoding="utf-8") as handle:
+            precision = json.load(handle)["mixed_precision"]
+    else:
+        precision = saved.get("mixed_precision")
+    check(precision == setup["precision"], f"{name}: mixed precision {precision!r}, expected {setup['precision']!r}")
+
+
+def section_vit_224(workdir: str, data: str, device: str) -> dict:
+    from bench_vs_lightly import SIDES, _lightly_version
+    from bench_vs_lightly import run as bench_run
+
+    _require_cuda(device)
+    started = time.perf_counter()
+    for name in ("train-000004.tar.gz", "test-000000.tar.gz"):
+        if not os.path.exists(os.path.join(data, name)):
+            raise Skipped(f"CIFAR-10 shards not found at {data} (no {name})")
+    if _lightly_version() is None:
+        raise Skipped("lightly is not installed in .bench-site (bench_vs_lightly.py installs it there with pip, which "
+                      "needs the internet; install it once, then carry .bench-site)")
+    setup = VIT_224 if device == "cuda" else VIT_224_CPU
+    seconds = float(os.environ.get(TIMEOUT_ENV) or next(s.budget_s for s in SECTIONS if s.name == "vit-224px"))
+    methods, budget = plan_vit_runs(seconds - (time.perf_counter() - started), VIT_224_METHODS)
+    if not methods:
+        raise Skipped(f"{seconds:.0f} s are too few for one method (2 runs of >= {VIT_224_RUN_S[0]:.0f} s + "
+                      f"{VIT_224_RUN_OVERHEAD_S:.0f} s each)")
+    left_out = [m for m in VIT_224_METHODS if m not in methods]
+    if device != "cuda":  # the smoke version: mae, stopped by --max-steps 2 well before this budget
+        methods, budget, left_out = ["mae"], 120.0, []
+    print(f"vit-224px: {methods} at {budget:.0f} s per run in the {seconds:.0f} s of this section"
+          + (f"; not run for time: {left_out}" if left_out else ""), flush=True)
+    figures, rows, notes, argvs, costs = {}, [], [], [], {}
+    deadline, cost = started + seconds - VIT_224_MARGIN_S, 0.0
+    for number, method in enumerate(methods):
+        if cost and time.perf_counter() + 1.1 * cost > deadline:  # the last method's cost: the plan's estimate was low
+            left_out = [m for m in VIT_224_METHODS if m not in methods[:number]]
+            print(f"vit-224px: {method} would end past this section's time ({cost:.0f} s a method); stopping",
+                  flush=True)
+            break
+        tick = time.perf_counter()
+        argv = vit_224_argv(method, workdir, data, budget, device)
+        argvs.append(argv)
+        result = bench_run(argv)
+        by_side = {row["side"]: row for row in result["rows"]}
+        check(set(by_side) == set(SIDES), f"{method}: rows for {sorted(by_side)}, expected {list(SIDES)}")
+        for side in SIDES:
+            _check_vit_run(os.path.join(workdir, method, f"r0-{method}-{side}"), method, side, by_side[side], setup,
+                           setup["skip_steps"])
+        summary = result["summary"][0]
+        many, light = summary["manyview"], summary["lightly"]
+        figures[f"{method}_images_per_s"] = f"{many['images_per_s']:.0f} vs {light['images_per_s']:.0f}"
+        figures[f"{method}_ratio"] = round(summary["throughput_ratio"], 3)
+        figures[f"{method}_knn"] = f"{100 * many['knn_top1']:.2f} vs {100 * light['knn_top1']:.2f}"
+        met = (("met" if summary["throughput_target_met"] else "NOT met") + " / "
+               + ("met" if summary["knn_target_met"] else "NOT met"))
+        rows.append(f"| {method} | {many['images_per_s']:.0f} | {light['images_per_s']:.0f} | "
+                    f"{summary['throughput_ratio']:.3f} | {100 * many['knn_top1']:.2f} | "
+                    f"{100 * light['knn_top1']:.2f} | {by_side['manyview']['steps']} / {by_side['lightly']['steps']} "
+                    f"| {met} |")
+        # What is done so far, in case the section is killed before the end (run_section keeps the last result line)
+        print(RESULT_PREFIX + json.dumps({"status": "failed", "reason": f"stopped after {method}", "figures": figures}),
+              flush=True)
+        cost = time.perf_counter() - tick
+        costs[method] = cost
+    if left_out:
+        notes.append(f"not run for time: {', '.join(left_out)} (run `gpu_check.py --only vit-224px` for all three)")
+    flags = argvs[0][:argvs[0].index("--budget")]  # the flags every method shares, without --methods
+    markdown = "\n".join([
+        f"`bench_vs_lightly.py {shlex.join(flags[2:])} --budget {budget:g}` (1 repeat, images/s after "
+        f"{setup['skip_steps']} steps, kNN k=200 on {setup['eval_limit']} bank / {setup['eval_limit']} query images at "
+        f"{setup['image_size']} px); every logged loss finite, both sides at the backbone, size and precision asked; "
+        "wall time per method (2 runs and their kNN): " + ", ".join(f"{m} {c:.0f} s" for m, c in costs.items()) + ".",
+        *[f"- {m}, both sides: `{argv[argv.index('--method-args') + 1].partition('=')[2]}`"
+          for m, argv in zip(methods, argvs)], "",
+        "| method | images/s manyview | images/s lightly | ratio | kNN manyview | kNN lightly | steps | targets "
+        "(ratio >= 1, kNN diff >= -1; reported, not checked) |", "|---|---:|---:|---:|---:|---:|---|---|", *rows])
+    return {"figures": figures, "reason": "; ".join(notes), "markdown": markdown}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,10 @@ that only the libraries differ:
   on biases and norms (lightly's ``get_weight_decay_parameters``, as in lightly's own benchmarks), the recipe's
   global-norm gradient clipping (lightly's DINO benchmarks clip at 3.0 the same way); schedules counted in epochs
   by lightly (DINO's teacher-temperature warm-up and last-layer freezing) are given in steps;
+* ``--image-size`` and ``--mixed-precision`` are manyview's: the views are made at that size by lightly's
+  transforms (and ijepa's mask collator), the ViT is built for it, and the loss is computed under autocast on the
+  training device with that dtype, the backward outside it, fp16 with a ``GradScaler`` (unscaled before the
+  clip) and bf16 without, as manyview's loop (Accelerate) does;
 * the stopping rule is manyview's ``--time-budget``: the clock starts when the loop starts iterating the
   loader (worker start-up included) and training stops after the first step that ends past the budget;
 * one ``metrics.jsonl`` record per step (step, loss, lr, images_seen, time), like manyview with
@@ -65,6 +69,7 @@ imports lightly::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -773,6 +778,11 @@ def train(args: argparse.Namespace) -> dict:
     loader = loader_for(urls, transform, args.batch_size, args.num_workers, config.data.shuffle_buffer, args.seed,
                         collate_for(args.method, options, image_size, built.module))
     trained = [p for p in model.parameters() if p.requires_grad]
+    # Mixed precision as manyview's loop has it (Accelerate's): the forward and the loss under autocast on the
+    # training device, the backward outside it; fp16 with a gradient scaler (gradients unscaled before clipping,
+    # steps with inf/NaN gradients skipped), bf16 without one.
+    autocast_dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.mixed_precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.mixed_precision == "fp16")
 
     os.makedirs(args.output, exist_ok=True)
     metrics_path = os.path.join(args.output, "metrics.jsonl")
@@ -786,14 +796,16 @@ def train(args: argparse.Namespace) -> dict:
             lr = lr_at(step, base_lr, config.optim.warmup_steps, args.max_steps, config.optim.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16"):
+            with (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()):
                 loss = step_loss(views, step)
-            loss.backward()
+            scaler.scale(loss).backward()  # a no-op scale unless fp16
             if config.optim.grad_clip and config.optim.grad_clip > 0:  # the recipe's global-norm clip, as manyview's
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trained, config.optim.grad_clip)
             if hasattr(model, "after_backward"):
                 model.after_backward(step)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             images_seen += args.batch_size
@@ -811,7 +823,7 @@ def train(args: argparse.Namespace) -> dict:
     encoder.backbone.load_state_dict({k: v.cpu() for k, v in model.backbone.state_dict().items()})
     save_model(encoder, os.path.join(args.output, "model"),
                {"objective": f"lightly-{args.method}", "backbone": args.backbone, "steps": step,
-                "train_data": args.train_data})
+                "train_data": args.train_data, "mixed_precision": args.mixed_precision})
     return {"steps": step, "images_seen": images_seen, "seconds": time.perf_counter() - started}
 
 
@@ -826,8 +838,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backbone", default="resnet18-cifar")
-    parser.add_argument("--image-size", type=int, help="default: the recipe's")
-    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no")
+    parser.add_argument("--image-size", type=int, help="the views' size (lightly's transforms, ijepa's mask collator) "
+                        "and the ViT's; default: the recipe's")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no",
+                        help="autocast on the training device (fp16 with a gradient scaler), as manyview's loop")
     parser.epilog = ("Also takes manyview's " + ", ".join(RECIPE_FLAGS) + " (e.g. --lr 4e-3 --set decoder_width=64), "
                      "applied to the recipe by manyview's own code, as trainer/pretrain.py does.")
     args, extra = parser.parse_known_args(argv)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -132,3 +133,52 @@ def test_manyview_matches_lightly(tmp_path):
                   f"{s['knn_diff_points']:+.2f} points (target >= -1)"
                   for s in result["summary"] if not (s["throughput_target_met"] and s["knn_target_met"])]
         assert not misses, "targets missed:\n" + "\n".join(misses) + "\n\n" + result["markdown"]
+
+
+def test_image_size_and_mixed_precision_reach_both_sides(tmp_path):
+    """--image-size and --mixed-precision go to both sides with the same values, and manyview's own command-line
+    code reads them; without them both sides get --mixed-precision no and the recipe's image size."""
+    from trainer.config import add_arguments, config_from_args
+
+    driver = _driver()
+    args = driver.parse_args(["--methods", "mae,simclr", "--workdir", str(tmp_path), "--image-size", "24",
+                              "--mixed-precision", "fp16"])
+    for method in ("mae", "simclr"):
+        commands = {side: driver.train_command(side, method, args, "DATA", "RUN", 20) for side in driver.SIDES}
+        for command in commands.values():
+            assert _flag(command, "--image-size") == "24" and _flag(command, "--mixed-precision") == "fp16"
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        config = config_from_args(parser.parse_args(commands["manyview"][2:]))
+        assert (config.data.image_size, config.mixed_precision) == (24, "fp16")
+    plain = driver.parse_args(["--methods", "mae", "--workdir", str(tmp_path)])
+    for side in driver.SIDES:
+        command = driver.train_command(side, "mae", plain, "DATA", "RUN", 20)
+        assert _flag(command, "--mixed-precision") == "no" and "--image-size" not in command
+    for bad in (["--mixed-precision", "fp8"], ["--image-size", "0"]):
+        with pytest.raises(SystemExit):
+            driver.parse_args([*bad, "--workdir", str(tmp_path)])
+
+
+@pytest.mark.benchmark  # 15-45 s on 2 cores: `make benchmark`, to keep `make test` in budget
+def test_lightly_side_trains_in_fp16_with_a_gradient_scaler(tmp_path):
+    """The lightly side's fp16 path (autocast + GradScaler, unscaled before the recipe's clip) trains and logs finite
+    losses on this CPU; bf16 is run end to end in tests/test_gpu_check.py (the vit-224px section's CPU version)."""
+    driver = _driver()
+    shard = os.path.join(driver.DEFAULT_DATA, "train-000000.tar.gz")
+    if not os.path.exists(shard):
+        pytest.skip(f"CIFAR-10 shards not found at {driver.DEFAULT_DATA}")
+    if driver._lightly_version() is None:
+        pytest.skip(f"lightly is not installed in {driver.BENCH_SITE} (bench_vs_lightly.py installs it there)")
+    args = driver.parse_args(["--methods", "mae", "--workdir", str(tmp_path), "--image-size", "16",
+                              "--mixed-precision", "fp16", "--batch-size", "4", "--num-workers", "0", "--budget", "60",
+                              "--method-args", "mae=--grad-clip 1.0 --set decoder_width=32 --set decoder_depth=1"])
+    command = driver.train_command("lightly", "mae", args, shard, str(tmp_path / "run"), 2)
+    done = subprocess.run(command, env=driver._subprocess_env(True), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as handle:
+        losses = [json.loads(line)["loss"] for line in handle if line.strip()]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    with open(tmp_path / "run" / "model" / "config.json", encoding="utf-8") as handle:
+        saved = json.load(handle)
+    assert saved["mixed_precision"] == "fp16" and saved["model"]["image_size"] == 16
