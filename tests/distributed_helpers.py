@@ -36,8 +36,8 @@ def _worker(rank: int, build: Callable, make_batch: Callable, init_file: str, ou
 
     from trainer.distributed import convert_to_global_bn
 
+    torch.set_num_threads(1)  # first: a forked child must not enter a multi-threaded OpenMP region
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     objective = convert_to_global_bn(build())
     model = DistributedDataParallel(objective)
     losses = []
@@ -75,7 +75,9 @@ def assert_two_processes_match_one(build: Callable, make_batch: Callable, tmp_pa
     finally:
         torch.set_num_threads(threads)
     expected = gradients(reference)
-    mp.spawn(_worker, args=(build, make_batch, str(tmp_path / "init"), str(tmp_path), steps), nprocs=2, join=True)
+    # Forked, not spawned: a spawned child re-imports torch and the trainer (about 7 s on 2 cores) before it starts.
+    mp.start_processes(_worker, args=(build, make_batch, str(tmp_path / "init"), str(tmp_path), steps), nprocs=2,
+                       join=True, start_method="fork")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         for got, want in zip(result["losses"], losses):

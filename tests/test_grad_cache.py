@@ -20,14 +20,14 @@ ROWS = 8
 def _simclr():
     # A ViT (layer norm only) and a linear projection: no batch-dependent layer, so caching must be exact.
     torch.manual_seed(0)
-    spec = ObjectiveSpec(backbone="vit-tiny-cifar", image_size=SIZE,
+    spec = ObjectiveSpec(backbone="vit-micro-cifar", image_size=SIZE,
                          options={"projection_layers": 1, "projection_dim": 16, "temperature": 0.2})
     return get_objective("simclr").build(spec)
 
 
 def _clip():
     torch.manual_seed(0)
-    spec = ObjectiveSpec(backbone="vit-tiny-cifar", image_size=SIZE,
+    spec = ObjectiveSpec(backbone="vit-micro-cifar", image_size=SIZE,
                          options={"projection_dim": 16, "text": {"width": 32, "heads": 2, "layers": 1, "context_length": 8}})
     return get_objective("clip").build(spec)
 
@@ -117,8 +117,8 @@ def test_split_batch_and_support_checks():
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)  # first: a forked child must not enter a multi-threaded OpenMP region
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    torch.set_num_threads(1)
     model = _simclr()
     batch = {k: v[rank * ROWS:(rank + 1) * ROWS] for k, v in _simclr_batch(2 * ROWS).items()}
     outputs = grad_cache_backward(model, batch, 3)
@@ -130,7 +130,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.mark.slow
 def test_two_processes_with_micro_batches_match_one_big_batch(tmp_path):
     want_loss, want = _full_batch_gradients(_simclr, _simclr_batch(2 * ROWS))
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True, start_method="fork")
     for rank in range(2):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         assert torch.allclose(result["loss"], want_loss, atol=1e-6)

@@ -332,7 +332,9 @@ def test_tile_objectives_refuse_a_vit_backbone():
 
 
 # ---------------------------------------------------------------- learning
-@pytest.mark.slow
+# In the benchmark suite (`make benchmark`) with jigsaw's, context's and exemplar's longer checks: about 75 s on
+# 2 cores, which `make test`'s 20-minute budget no longer has room for.
+@pytest.mark.benchmark
 @pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)
 @pytest.mark.parametrize("name,steps,objective_args", [
     # kNN top-1 0.337 / 0.329 / 0.346 at --seed 0 / 1 / 2 (floor 0.285), 17 s of training each. jigsaw, context and

@@ -11,6 +11,7 @@ tests/benchmarks/)."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import pytest
@@ -40,9 +41,19 @@ def test_three_steps_through_the_loop(key: str, tiny_shards: Path, tmp_path: Pat
     from trainer.pretrain import main as pretrain
 
     run = tmp_path / key
+    # Views are drawn in the main process (no data worker: a worker's start-up costs about as much as the 3 steps);
+    # what a worker needs of the recipe, that it pickles, is checked here, and test_end_to_end runs real workers.
+    from trainer.config import TrainConfig, load_recipe, recipe_path
+    from trainer.objectives import ObjectiveSpec
+
+    config = load_recipe(recipe_path(key), TrainConfig(objective=key))
+    objective = get_objective(key).build(ObjectiveSpec(backbone=smoke_backbone(key), image_size=32,
+                                                       options=dict(config.objective_options),
+                                                       num_train_samples=96, total_steps=3, global_batch_size=16))
+    pickle.loads(pickle.dumps(objective.views()))
     status = pretrain(["--objective", key, "--train-data", f"{tiny_shards}/train-*.tar", "--output", str(run),
                        "--backbone", smoke_backbone(key), "--batch-size", "16", "--max-steps", "3", "--log-every", "1",
-                       "--checkpoint-every", "2", "--num-workers", "1"])
+                       "--checkpoint-every", "2", "--num-workers", "0"])
     assert status == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]
