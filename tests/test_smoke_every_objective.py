@@ -46,7 +46,9 @@ def test_three_steps_through_the_loop(key: str, tiny_shards: Path, tmp_path: Pat
     from trainer.config import TrainConfig, load_recipe, recipe_path
     from trainer.objectives import ObjectiveSpec
 
-    config = load_recipe(recipe_path(key), TrainConfig(objective=key))
+    config = TrainConfig(objective=key)
+    if Path(recipe_path(key)).exists():  # objectives registered by other tests have none
+        load_recipe(recipe_path(key), config)
     objective = get_objective(key).build(ObjectiveSpec(backbone=smoke_backbone(key), image_size=32,
                                                        options=dict(config.objective_options),
                                                        num_train_samples=96, total_steps=3, global_batch_size=16))
