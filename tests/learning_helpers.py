@@ -9,6 +9,13 @@ LEARNING_THREADS = 2
 def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: int = 64) -> float:
     """Train ``steps`` steps of cnn-small with ``args`` (must include --objective), return kNN top-1
     (bank: the 2,000 train images; queries: the first 1,000 test images). ``steps=0`` is the floor."""
+    return scores_after(shards, run, steps, args, batch_size)["knn_top1"]
+
+
+def scores_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: int = 64,
+                 linear: bool = False) -> dict:
+    """``knn_after``'s training, returning ``trainer.evaluate``'s scores: ``knn_top1``, and ``linear_top1`` (a
+    logistic-regression probe on the same bank) with ``linear``."""
     import torch
 
     from trainer.evaluate import evaluate
@@ -20,7 +27,8 @@ def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: 
     assert pretrain(["--train-data", f"{shards}/train-*.tar.gz", "--output", str(run), "--backbone", "cnn-small",
                      "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "25",
                      "--checkpoint-every", "0", *args]) == 0
-    return evaluate(str(run / "model"), f"{shards}/train-*.tar.gz", f"{shards}/test-000000.tar.gz", num_workers=2)["knn_top1"]
+    return evaluate(str(run / "model"), f"{shards}/train-*.tar.gz", f"{shards}/test-000000.tar.gz", linear=linear,
+                    num_workers=2)
 
 
 def assert_beats_floor(shards: Path, tmp_path: Path, name: str, steps: int, args: list[str], margin: float) -> None:

@@ -27,10 +27,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent.parent))
 
-from learning_helpers import knn_after  # noqa: E402
+from learning_helpers import scores_after  # noqa: E402
 
 ADAMW = ["--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "1e-4", "--warmup-steps", "10"]
 TEXT = "text={width: 64, heads: 2, layers: 1, context_length: 16}"
+VIT_MICRO = [*ADAMW, "--backbone", "vit-micro-cifar", "--weight-decay", "0.05"]
+# dino's short-run settings (below), for the DINO-family ViT objectives.
+DINO_SHORT = ["--set", "out_dim=256", "--set", "num_local_crops=2", "--set", "warmup_teacher_temperature_steps=50",
+              "--set", "freeze_last_layer_steps=0"]
 
 # objective -> (paper family, extra arguments). Learning rates are per 256 images (the loop scales by 64/256).
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -118,7 +122,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "frossl": ("non-contrastive", [*ADAMW, "--set", "projection_dim=512", "--set", "projection_hidden_dim=512"]),
     "emp_ssl": ("non-contrastive", [*ADAMW, "--lr", "1e-3", "--set", "num_patches=4", "--set", "projection_dim=256",
                                     "--set", "projection_hidden_dim=512"]),
-    # MSN/PMSN need a ViT: this --backbone comes after knn_after's cnn-small and wins (vit-micro-cifar, width 64,
+    # MSN/PMSN need a ViT: this --backbone comes after scores_after's cnn-small and wins (vit-micro-cifar, width 64,
     # depth 2, patch 4: about cnn-small's cost per step).
     "msn": ("clustering / masked ViT (vit-micro-cifar)", [*ADAMW, "--backbone", "vit-micro-cifar",
                                                           "--weight-decay", "0.04", "--grad-clip", "3.0",
@@ -129,6 +133,18 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
                                                            "--set", "num_prototypes=64",
                                                            "--set", "projection_hidden_dim=256",
                                                            "--set", "num_focal_views=4", "--set", "momentum=0.99"]),
+    # Issue 18's ViT objectives, on vit-micro-cifar as msn; smaller decoders / heads / prototypes for its width 64.
+    # The reconstruction objectives are judged by a linear probe as much as kNN: run them with --linear.
+    "mae": ("masked image modelling (vit-micro-cifar)", [*VIT_MICRO, "--set", "decoder_width=64",
+                                                         "--set", "decoder_depth=2", "--set", "decoder_heads=2"]),
+    "simmim": ("masked image modelling (vit-micro-cifar)", [*VIT_MICRO]),
+    "aim": ("autoregressive (vit-micro-cifar)", [*VIT_MICRO, "--set", "head_blocks=2", "--set", "head_hidden_dim=128"]),
+    "ibot": ("distillation / masked ViT (vit-micro-cifar)", [*VIT_MICRO, *DINO_SHORT, "--set", "patch_out_dim=256"]),
+    "dinov2": ("distillation / masked ViT (vit-micro-cifar)", [*VIT_MICRO, *DINO_SHORT, "--set", "patch_out_dim=256"]),
+    "ijepa": ("predictive / masked ViT (vit-micro-cifar)", [*VIT_MICRO, "--set", "predictor_dim=64",
+                                                            "--set", "predictor_depth=2", "--set", "predictor_heads=2"]),
+    "capi": ("clustering / masked ViT (vit-micro-cifar)", [*VIT_MICRO, "--set", "num_clusters=256",
+                                                           "--set", "predictor_depth=2"]),
 }
 
 
@@ -198,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep rows already measured in --workdir with the same arguments, steps and code (the "
                              "last commit of trainer/ and tests/learning_helpers.py); with uncommitted changes there "
                              "nothing is reused")
+    parser.add_argument("--linear", action="store_true",
+                        help="also a linear probe (trainer.evaluate --linear) of the floor and the trained model: what "
+                             "the reconstruction objectives (mae, simmim, aim) are judged by")
     args = parser.parse_args(argv)
     registered = set(registry.list_objectives())
     names = [n.strip() for n in args.only.split(",")] if args.only else [n for n in SETTINGS if n in registered]
@@ -219,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         objective_args = ["--objective", name, *extra, "--seed", str(args.seed)]
         run = workdir / name
         saved = run / "row.json"
-        key = reuse_key(objective_args, args.steps, trainer_commit)
+        key = reuse_key(objective_args + (["--linear"] if args.linear else []), args.steps, trainer_commit)
         if args.reuse and saved.exists():  # a row measured earlier with the same arguments, steps and code
             row = json.loads(saved.read_text())
             if reusable(row, key):
@@ -229,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
                 continue
         shutil.rmtree(run, ignore_errors=True)
         t0 = time.perf_counter()
-        floor = knn_after(shards, run / "floor", 0, objective_args)
-        trained = knn_after(shards, run / "trained", args.steps, objective_args)
+        floor = scores_after(shards, run / "floor", 0, objective_args, linear=args.linear)
+        trained = scores_after(shards, run / "trained", args.steps, objective_args, linear=args.linear)
         metrics = [json.loads(line) for line in (run / "trained" / "metrics.jsonl").read_text().splitlines()]
-        row = {"objective": name, "family": family, "floor": floor, "knn_top1": trained, "gain": trained - floor,
+        row = {"objective": name, "family": family, "floor": floor["knn_top1"], "knn_top1": trained["knn_top1"],
+               "gain": trained["knn_top1"] - floor["knn_top1"],
                "collapsed": any(m.get("collapsed") for m in metrics), "seconds": time.perf_counter() - t0,
                "args": objective_args, "steps": args.steps, "code": code, "reuse_key": key}
+        if args.linear:
+            row.update(linear_floor=floor["linear_top1"], linear_top1=trained["linear_top1"])
         saved.write_text(json.dumps(row))
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -248,12 +270,17 @@ def main(argv: list[str] | None = None) -> int:
              f"- Code: {', '.join(sorted({r['code'][:7] + ('+dirty' if r['code'].endswith('+dirty') else '') for r in rows}))}"
              + (f" ({sum(bool(r.get('reused')) for r in rows)} rows reused from an earlier run)" if any(r.get('reused') for r in rows) else ""),
              "",
-             "| objective | family | floor | kNN top-1 | gain (points) | beats floor + 2 | collapsed | train+eval s |",
-             "|---|---|---:|---:|---:|---|---|---:|"]
+             "| objective | family | floor | kNN top-1 | gain (points) | beats floor + 2 | collapsed | train+eval s |"
+             + (" linear floor | linear top-1 | linear gain |" if args.linear else ""),
+             "|---|---|---:|---:|---:|---|---|---:|" + ("---:|---:|---:|" if args.linear else "")]
     for r in sorted(rows, key=lambda r: -r["knn_top1"]):
-        lines.append(f"| `{r['objective']}` | {r['family']} | {100 * r['floor']:.1f} | {100 * r['knn_top1']:.1f} | "
-                     f"{100 * r['gain']:+.1f} | {'yes' if r['gain'] >= 0.02 else 'no'} | "
-                     f"{'yes' if r['collapsed'] else 'no'} | {r['seconds']:.0f} |")
+        line = (f"| `{r['objective']}` | {r['family']} | {100 * r['floor']:.1f} | {100 * r['knn_top1']:.1f} | "
+                f"{100 * r['gain']:+.1f} | {'yes' if r['gain'] >= 0.02 else 'no'} | "
+                f"{'yes' if r['collapsed'] else 'no'} | {r['seconds']:.0f} |")
+        if args.linear:
+            line += (f" {100 * r['linear_floor']:.1f} | {100 * r['linear_top1']:.1f} | "
+                     f"{100 * (r['linear_top1'] - r['linear_floor']):+.1f} |")
+        lines.append(line)
     lines.append("")
     markdown = "\n".join(lines)
     print("\n" + markdown)
