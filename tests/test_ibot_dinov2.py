@@ -278,6 +278,29 @@ def test_patch_temperature_warms_up_with_the_step_clock():
     assert objective.teacher_patch_temperature() == pytest.approx(0.06)
 
 
+def test_patch_centre_over_masked_patches_only():
+    """``patch_center: masked`` (lightly's IBOTPatchLoss): the same loss while the centre is zero, the teacher's
+    patch head on the masked patches only, the centre moved towards their mean; no masked patch: no move."""
+    batch = _batch()
+    every = _build("ibot")
+    masked = _build("ibot", patch_center="masked")
+    torch.testing.assert_close(masked(batch)["loss"], every(batch)["loss"])
+    mask = torch.cat([batch["mask/global0"], batch["mask/global1"]])
+    with torch.no_grad():
+        out = forward_vit(masked.teacher_encoder.backbone, torch.cat([batch["global0"], batch["global1"]]))
+        logits = masked.teacher_head(out.patches[mask])
+    torch.testing.assert_close(masked._batch_patch_center, logits.mean(dim=0), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(every._batch_patch_center, masked._batch_patch_center)  # all patches' mean differs
+    masked.after_step(0, 10)
+    torch.testing.assert_close(masked.patch_center, 0.1 * logits.mean(dim=0), rtol=1e-5, atol=1e-6)  # momentum 0.9
+    unmasked = _build("ibot", patch_center="masked")
+    unmasked(_batch(unmasked_rows=4))
+    unmasked.after_step(0, 10)
+    assert not unmasked.patch_center.any()
+    with pytest.raises(ValueError, match="patch_center must be 'all' or 'masked'"):
+        _build("ibot", patch_center="some")
+
+
 def test_dinov2_targets_are_sinkhorn_knopp_and_its_centres_stay_unused():
     objective = _build("dinov2")
     batch = _batch()
@@ -377,6 +400,10 @@ def _build_ibot_for_processes():
     return _build("ibot")
 
 
+def _build_ibot_masked_centre_for_processes():
+    return _build("ibot", patch_center="masked")
+
+
 def _build_dinov2_for_processes():
     return _build("dinov2", koleo_loss_weight=0.5)
 
@@ -387,7 +414,8 @@ def _batch_for_processes(step: int = 0) -> dict:
     return _batch(n=8, seed=31 + step, unmasked_rows=4 * step)
 
 
-@pytest.mark.parametrize("build", [_build_ibot_for_processes, _build_dinov2_for_processes])
+@pytest.mark.parametrize("build", [_build_ibot_for_processes, _build_ibot_masked_centre_for_processes,
+                                   _build_dinov2_for_processes])
 def test_two_processes_equal_one_process(build, tmp_path):
     """Centres from all-reduced sums, Sinkhorn's all-reduced sums and count, KoLeo over the gathered class tokens
     and global-batch means of both losses: 2 processes on halves give the loss and gradients of 1 process on the
