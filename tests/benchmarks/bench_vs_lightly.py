@@ -67,8 +67,11 @@ VIT_CPU_ARGS = ["--optimizer", "adamw", "--lr", "4e-3", "--weight-decay", "0.05"
 METHOD_ARGS: dict[str, list[str]] = {
     "mae": [*VIT_CPU_ARGS, "--set", "decoder_width=64", "--set", "decoder_depth=2", "--set", "decoder_heads=2"],
     "ijepa": [*VIT_CPU_ARGS, "--set", "predictor_dim=64", "--set", "predictor_depth=2", "--set", "predictor_heads=2"],
+    # patch_center=masked: lightly's IBOTPatchLoss centres over the masked patches and runs the teacher's patch head
+    # on those only; manyview's default (the authors' code) runs it on every patch.
     "ibot": [*VIT_CPU_ARGS, "--set", "out_dim=256", "--set", "patch_out_dim=256", "--set", "num_local_crops=2",
-             "--set", "warmup_teacher_temperature_steps=50", "--set", "freeze_last_layer_steps=0"],
+             "--set", "warmup_teacher_temperature_steps=50", "--set", "freeze_last_layer_steps=0",
+             "--set", "patch_center=masked"],
 }
 
 
