@@ -68,6 +68,16 @@ def gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of ``tensor`` over processes (equal local batches), with gradient to every process's part."""
+    return gather_with_grad(tensor.unsqueeze(0)).mean(dim=0)
+
+
+def max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The maximum of a scalar over processes (no gradient)."""
+    return gather_no_grad(tensor.reshape(1)).max()
+
+
 @torch.no_grad()
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over processes in place (Sinkhorn sums, centres); identity at world size 1."""

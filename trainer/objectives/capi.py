@@ -53,7 +53,11 @@ from torch import nn
 from trainer.data.masking import WithKeepIndices, inverse_block_keep
 from trainer.data.multicrop import MultiCropViews
 from trainer.data.views import AugmentConfig
-from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad
+from trainer.distributed import (
+    all_reduce_sum,
+    gather_no_grad,
+    mean_over_processes,
+)
 from trainer.losses.capi import capi_loss, capi_targets
 from trainer.models import ModelConfig
 from trainer.models.vit import forward_vit, patch_grid, vit_backbone
@@ -62,15 +66,15 @@ from .base import Objective, ObjectiveSpec, default_model_config, register
 from .diagnostics import embedding_std
 from .ijepa import sincos_positions
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import require_at_least, require_in_range, require_momentum_schedule, require_positive
+from .options import (
+    require_at_least,
+    require_in_range,
+    require_momentum_schedule,
+    require_positive,
+)
 
 MASKS = "masks/global0"  # the batch key of the packed masks: V visible indices, then P predicted indices
 MASKINGS = ("inverse_block", "random")
-
-
-def _global_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over processes (equal local batches), with gradient to every process's part."""
-    return gather_with_grad(tensor.unsqueeze(0)).mean(dim=0)
 
 
 def _max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
@@ -307,7 +311,7 @@ class CAPI(Objective):
         student = forward_vit(vit_backbone(self.encoder, self.key), images, keep=visible)
         predictions = self.predictor(student.tokens, student.num_prefix_tokens, visible, predicted)
         terms = capi_loss(self.head(predictions), targets, clustering_logits, assignments, o.student_temperature,
-                          o.clustering_temperature, _global_mean)
+                          o.clustering_temperature, mean_over_processes)
         return {"loss": terms.loss, "prediction": terms.prediction.detach(), "clustering": terms.clustering.detach(),
                 "embedding_std": embedding_std(student.patches.mean(dim=1)),
                 "clusters_used": assignments.new_tensor(float(assignments.argmax(dim=-1).unique().numel()))}

@@ -33,7 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, world_size
+from trainer.distributed import (
+    all_reduce_sum,
+    gather_with_grad,
+    max_over_processes,
+    world_size,
+)
 from trainer.losses.ibot import sinkhorn_teacher
 from trainer.losses.koleo import koleo
 
@@ -42,10 +47,6 @@ from .ibot import IBOT, IBOTOptions
 from .options import require_at_least, require_non_negative
 
 CENTERINGS = ("sinkhorn_knopp", "centering")
-
-
-def _max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    return gather_no_grad(tensor.reshape(1)).max()
 
 
 @dataclass
@@ -80,7 +81,7 @@ class DINOv2(IBOT):
         if self.options.centering == "centering":
             return super()._class_targets(logits)
         return sinkhorn_teacher(logits, self.teacher_temperature(), self.options.sinkhorn_iterations,
-                                all_reduce_sum, _max_over_processes, logits.shape[0] * world_size())
+                                all_reduce_sum, max_over_processes, logits.shape[0] * world_size())
 
     def _patch_targets(self, patches: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Sinkhorn-Knopp over the masked patches of the global batch; the teacher head runs on those only."""
@@ -91,7 +92,7 @@ class DINOv2(IBOT):
         if total == 0:  # the same on every process: no targets, no collectives
             return logits.float()
         return sinkhorn_teacher(logits, self.teacher_patch_temperature(), self.options.sinkhorn_iterations,
-                                all_reduce_sum, _max_over_processes, total)
+                                all_reduce_sum, max_over_processes, total)
 
     def _regularisers(self, class_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """KoLeo within each global crop's class tokens over the global batch (not between crops of one image)."""

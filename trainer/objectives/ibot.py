@@ -41,7 +41,11 @@ from torch import nn
 
 from trainer.data.masking import WithKeepIndices, blockwise_mask
 from trainer.data.multicrop import crops_in_order, encode_crops
-from trainer.distributed import all_reduce_sum, gather_with_grad, world_size
+from trainer.distributed import (
+    all_reduce_sum,
+    mean_over_processes,
+    world_size,
+)
 from trainer.losses.dino import teacher_temperature_at
 from trainer.losses.ibot import dino_loss_from_probabilities, ibot_patch_loss
 from trainer.models import DINOHead
@@ -51,8 +55,14 @@ from .base import ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .dino import DINO, DINOOptions
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least, require_in_range, require_momentum_schedule, require_non_negative, \
-    require_positive
+from .options import (
+    as_number,
+    require_at_least,
+    require_in_range,
+    require_momentum_schedule,
+    require_non_negative,
+    require_positive,
+)
 
 
 def _pair(value, name: str) -> tuple[float, float]:
@@ -61,11 +71,6 @@ def _pair(value, name: str) -> tuple[float, float]:
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a pair (low, high), got {value!r}") from None
     return low, high
-
-
-def _global_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of a per-process scalar over processes (equal local batches), with gradient to every part."""
-    return gather_with_grad(tensor.reshape(1)).mean()
 
 
 @dataclass
@@ -225,9 +230,9 @@ class IBOT(DINO):
             class_tokens.append(encode_crops(lambda crop: forward_vit(vit, crop).prefix[:, 0], crops[2:],
                                              o.encode_crops_jointly))
         class_logits = self.head(torch.cat(class_tokens)).view(len(crops), rows, -1)
-        dino = _global_mean(dino_loss_from_probabilities(class_logits, class_targets, o.student_temperature))
+        dino = mean_over_processes(dino_loss_from_probabilities(class_logits, class_targets, o.student_temperature))
         patch_logits = self._student_patch_head()(student.patches[mask])
-        ibot = _global_mean(ibot_patch_loss(patch_logits, patch_targets, mask, o.student_temperature))
+        ibot = mean_over_processes(ibot_patch_loss(patch_logits, patch_targets, mask, o.student_temperature))
         extras = self._regularisers(student.prefix[:, 0])
         loss = o.dino_loss_weight * dino + o.ibot_loss_weight * ibot + sum(extras.values())
         with torch.no_grad():

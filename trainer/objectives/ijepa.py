@@ -57,7 +57,7 @@ from trainer.data.masking import (
 )
 from trainer.data.multicrop import MultiCropViews
 from trainer.data.views import AugmentConfig
-from trainer.distributed import gather_with_grad
+from trainer.distributed import mean_over_processes
 from trainer.losses.ijepa import IJEPA_LOSSES, ijepa_loss
 from trainer.models import ModelConfig
 from trainer.models.vit import forward_vit, patch_grid, vit_backbone
@@ -68,11 +68,6 @@ from .momentum import ema_update_, momentum_copy
 from .options import require_at_least, require_in_range, require_momentum_schedule
 
 MASKS = "masks/global0"  # the batch key of the packed masks: C context indices, then M x T target indices
-
-
-def _global_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over processes (equal local batches), with gradient to every process's part."""
-    return gather_with_grad(tensor.unsqueeze(0)).mean(dim=0)
 
 
 def _range(value, name: str, upper: float = 1.0) -> tuple[float, float]:
@@ -256,7 +251,7 @@ class IJEPA(Objective):
             targets = patches[rows, target_index]  # [M, n, T, D]
         context = forward_vit(vit_backbone(self.encoder, self.key), images, keep=context_index).patches
         predictions = self.predictor(context, context_index, target_index)
-        loss = ijepa_loss(predictions, targets, self.options.loss, _global_mean)
+        loss = ijepa_loss(predictions, targets, self.options.loss, mean_over_processes)
         return {"loss": loss, "embedding_std": embedding_std(context.mean(dim=1)),
                 "target_std": targets.std(dim=(0, 1, 2)).mean()}
 

@@ -41,8 +41,8 @@ from trainer.data.multicrop import MultiCropViews
 from trainer.data.views import AugmentConfig, view_configs
 from trainer.distributed import (
     all_reduce_sum,
-    gather_no_grad,
-    gather_with_grad,
+    max_over_processes,
+    mean_over_processes,
     world_size,
 )
 from trainer.losses.msn import (
@@ -59,19 +59,16 @@ from trainer.models.vit import forward_vit, patch_grid, vit_backbone
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
 from .momentum import ema_update_, momentum_at, momentum_copy
-from .options import as_number, require_at_least, require_momentum_schedule, require_non_negative, require_positive
+from .options import (
+    as_number,
+    require_at_least,
+    require_momentum_schedule,
+    require_non_negative,
+    require_positive,
+)
 
 # The paper's colour distortion (strength 0.5), grayscale 0.2 and flips; no blur at 32 px.
 PAPER_AUGMENT = {"jitter_strength": 0.5, "jitter_prob": 0.8, "grayscale_prob": 0.2, "blur_prob": 0.0}
-
-
-def _global_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """The mean of ``tensor`` over processes (equal local batches), with gradient to every process's part."""
-    return gather_with_grad(tensor.unsqueeze(0)).mean(dim=0)
-
-
-def _max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    return gather_no_grad(tensor.reshape(1)).max()
 
 
 def _scale(value, name: str) -> tuple[float, float]:
@@ -169,7 +166,7 @@ class MSN(Objective):
 
     def _loss(self, anchor_log_probabilities: torch.Tensor, targets: torch.Tensor) -> MSNTerms:
         """MSN's loss with mean-entropy maximisation; PMSN overrides this with its prior."""
-        return msn(anchor_log_probabilities, targets, self.options.regularisation_weight, _global_mean)
+        return msn(anchor_log_probabilities, targets, self.options.regularisation_weight, mean_over_processes)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         o = self.options
@@ -179,7 +176,7 @@ class MSN(Objective):
             target_vit = vit_backbone(self.target_encoder, self.key)
             target_z = self.target_projector(forward_vit(target_vit, target_images).features)
             targets = msn_targets(target_z, self.prototypes, o.target_temperature, o.sinkhorn_iterations,
-                                  reduce_sum=all_reduce_sum, reduce_max=_max_over_processes,
+                                  reduce_sum=all_reduce_sum, reduce_max=max_over_processes,
                                   total_samples=rows * world_size())
         random_z = self._anchors(batch, [f"global{i}" for i in range(1, 1 + o.num_random_views)])
         focal_z = self._anchors(batch, [f"local{i}" for i in range(o.num_focal_views)])
@@ -219,4 +216,4 @@ class PMSN(MSN):
 
     def _loss(self, anchor_log_probabilities: torch.Tensor, targets: torch.Tensor) -> MSNTerms:
         prior = power_law_prior(anchor_log_probabilities.shape[-1], self.options.power_law_exponent)
-        return pmsn(anchor_log_probabilities, targets, prior, self.options.regularisation_weight, _global_mean)
+        return pmsn(anchor_log_probabilities, targets, prior, self.options.regularisation_weight, mean_over_processes)

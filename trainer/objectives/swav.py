@@ -27,18 +27,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.multicrop import MultiCropOptions, MultiCropViews, accepted_local_size, crops_in_order, encode_crops
+from trainer.data.multicrop import (
+    MultiCropOptions,
+    MultiCropViews,
+    accepted_local_size,
+    crops_in_order,
+    encode_crops,
+)
 from trainer.data.views import AugmentConfig
-from trainer.distributed import all_reduce_sum, gather_no_grad, gather_with_grad, rank, world_size
+from trainer.distributed import (
+    all_reduce_sum,
+    gather_no_grad,
+    gather_with_grad,
+    max_over_processes,
+    rank,
+    world_size,
+)
 from trainer.losses.clustering import sinkhorn, swav_loss
 from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
-
-
-def _max_over_processes(tensor: torch.Tensor) -> torch.Tensor:
-    return gather_no_grad(tensor.reshape(1)).max()
 
 
 @dataclass
@@ -120,7 +129,7 @@ class SwAV(Objective):
                     local = torch.cat([queued @ self.prototypes.weight.t(), local])
                 # Equipartition over the global batch: Sinkhorn's sums and maximum run across processes.
                 code = sinkhorn(local, self.options.epsilon, self.options.sinkhorn_iterations,
-                                reduce_sum=all_reduce_sum, reduce_max=_max_over_processes,
+                                reduce_sum=all_reduce_sum, reduce_max=max_over_processes,
                                 total_samples=local.shape[0] * world_size())
                 codes.append(gather_no_grad(code[-rows:]))
             if self.options.queue_length:
