@@ -44,3 +44,25 @@ def test_load_model_errors_name_the_problem(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_saved_weights_are_an_ordinary_file_that_carries_the_model_card(tmp_path):
+    import json
+    import os
+    import stat
+
+    from safetensors import safe_open
+
+    previous = os.umask(0o022)
+    try:
+        save_model(EmbeddingModel(ModelConfig(backbone="cnn-small")), str(tmp_path / "model"),
+                   {"objective": "simclr", "steps": 3})
+    finally:
+        os.umask(previous)
+    weights = tmp_path / "model" / "model.safetensors"
+    assert stat.S_IMODE(os.stat(weights).st_mode) == 0o644  # safetensors alone writes 0600
+    with safe_open(str(weights), "pt") as handle:
+        metadata = handle.metadata()
+    card = json.loads(metadata["model_card"])
+    assert card["objective"] == "simclr" and card["steps"] == 3 and card["model"]["backbone"] == "cnn-small"
+    assert card == json.loads((tmp_path / "model" / "config.json").read_text())

@@ -252,7 +252,6 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
     staging = tempfile.mkdtemp(prefix=".model-", dir=parent)
     os.chmod(staging, 0o755)  # mkdtemp makes it private; the result is an ordinary directory
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(staging, WEIGHTS_NAME))
     payload = {
         **card,
         "model": asdict(model.config),
@@ -260,6 +259,11 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
         "feature_dim": model.feature_dim,
         "has_text": model.text is not None,
     }
+    weights_path = os.path.join(staging, WEIGHTS_NAME)
+    # The card travels inside the weights too (safetensors metadata is str -> str), so a copied file still says
+    # what it is; "format": "pt" is what transformers-style loaders expect.
+    save_file(state, weights_path, metadata={"format": "pt", "model_card": json.dumps(payload, sort_keys=True)})
+    os.chmod(weights_path, 0o666 & ~_umask())  # safetensors writes 0600; the model is an ordinary, shareable file
     with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
     backup = directory + ".old"
@@ -268,6 +272,13 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
         os.replace(directory, backup)
     os.replace(staging, directory)
     shutil.rmtree(backup, ignore_errors=True)
+
+
+def _umask() -> int:
+    """This process's umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load_model(directory: str) -> tuple[EmbeddingModel, dict]:
