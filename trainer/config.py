@@ -49,6 +49,8 @@ class TrainConfig:
     backbone: str = "resnet18-cifar"
     register_tokens: int = 0  # ViT backbones: register tokens (Darcet et al. 2024)
     vit_pool: str | None = None  # ViT backbones: exported feature "token" | "avg"; None: the objective's paper's
+    init_from: str | None = None  # RUN/model, a checkpoint, or a local timm / torchvision / open_clip weights file
+    init_strict: bool = True  # refuse keys that do not fit (False: load what fits, warn about the rest)
     output: str = "runs/run"
     batch_size: int = 256  # per process
     max_steps: int | None = None
@@ -123,6 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--register-tokens", type=int, help="ViT backbones: learnable register tokens (Darcet et al. 2024)")
     add("--vit-pool", choices=["token", "avg"], help="ViT backbones: the exported feature, the class token or the "
         "mean of the patch tokens (default: the pooling the objective's paper evaluates with)")
+    add("--init-from", help="start from these weights: a manyview RUN/model, a checkpoint RUN/checkpoints/step_N, or a "
+        "local timm / torchvision / open_clip weights file for --backbone (nothing is downloaded)")
+    add("--init-strict", type=_strict_flag, help="true (default): refuse weights whose keys or shapes do not fit the "
+        "model, listing them; false: load what fits and warn about the rest")
     add("--batch-size", type=int, help="per-process batch size")
     add("--max-steps", type=int, help="optimizer steps (0 writes the randomly initialised model)")
     add("--epochs", type=float, help="passes over the training set (alternative to --max-steps)")
@@ -154,9 +160,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="objective option override, e.g. --set temperature=0.2 (YAML value syntax)")
 
 
+def _strict_flag(value: str) -> bool:
+    from trainer.init_from import parse_strict
+
+    try:
+        return parse_strict(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 _FLAG_TARGETS = {
     "objective": ("", "objective"), "backbone": ("", "backbone"), "output": ("", "output"),
     "register_tokens": ("", "register_tokens"), "vit_pool": ("", "vit_pool"),
+    "init_from": ("", "init_from"), "init_strict": ("", "init_strict"),
     "batch_size": ("", "batch_size"), "max_steps": ("", "max_steps"), "epochs": ("", "epochs"), "time_budget": ("", "time_budget"),
     "seed": ("", "seed"), "mixed_precision": ("", "mixed_precision"),
     "checkpoint_every": ("", "checkpoint_every"), "log_every": ("", "log_every"),

@@ -107,6 +107,7 @@ def model_card(config: TrainConfig, encoder, step: int) -> dict:
         "text_model": model.text.to_dict() if model.text else None,
         "steps": step,
         "train_data": config.data.train_data,
+        "init_from": config.init_from,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -156,6 +157,7 @@ def train(config: TrainConfig) -> dict:
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
         num_train_samples=num_samples, total_steps=total_steps, global_batch_size=global_batch,
         register_tokens=config.register_tokens, vit_pool=config.vit_pool,
+        init_from=config.init_from, init_strict=config.init_strict,
     ))
     if accelerator.num_processes > 1:
         # The papers' global batch includes global batch-norm statistics.

@@ -45,6 +45,10 @@ class ObjectiveSpec:
     global_batch_size: int | None = None  # images per optimizer step over all processes (epoch-based schedules)
     register_tokens: int = 0  # ViT backbones: register tokens (Darcet et al. 2024)
     vit_pool: str | None = None  # ViT backbones: "token" | "avg" chosen by the user; None: the objective's choice
+    # --init-from: weights loaded into the exported model right after it is built, before the objective's heads and
+    # momentum copies (trainer.init_from); init_strict refuses any key that does not fit.
+    init_from: str | None = None
+    init_strict: bool = True
 
     def steps_per_epoch(self) -> int | None:
         """Optimizer steps in one pass over the training set, or None when either size is unknown."""
@@ -127,6 +131,11 @@ class Objective(nn.Module):
         self.spec = spec
         self.options = options
         self.encoder = EmbeddingModel(self.model_config(spec, options))
+        self.init_report = None
+        if spec.init_from:
+            from trainer.init_from import load_initial_weights
+
+            self.init_report = load_initial_weights(self.encoder, spec.init_from, spec.init_strict)
 
     def model_config(self, spec: ObjectiveSpec, options: Any) -> ModelConfig:
         """The exported model: by default the run's backbone at its image size and normalisation, nothing after
