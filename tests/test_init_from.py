@@ -11,7 +11,7 @@ import torch
 import trainer.objectives  # noqa: F401  (registration)
 from onnx_fixtures import make_shard
 from trainer.init_from import InitFromError, load_initial_weights, parse_strict
-from trainer.models import EmbeddingModel, ModelConfig, TextConfig, save_model
+from trainer.models import EmbeddingModel, ModelConfig, TextConfig
 from trainer.objectives import ObjectiveSpec, get_objective
 
 
@@ -54,7 +54,8 @@ def test_a_torchvision_file_fits_resnet18_and_is_refused_by_the_cifar_stem(tmp_p
 
     cifar = EmbeddingModel(ModelConfig(backbone="resnet18-cifar"))
     before = cifar.backbone.conv1.weight.clone()
-    with pytest.raises(InitFromError, match=r"shape differs \(1\): backbone.conv1.weight: \(64, 3, 7, 7\) vs \(64, 3, 3, 3\)"):
+    refusal = r"shape differs \(1\): backbone.conv1.weight: \(64, 3, 7, 7\) vs \(64, 3, 3, 3\)"
+    with pytest.raises(InitFromError, match=refusal):
         load_initial_weights(cifar, str(tmp_path / "resnet18.pth"))
     assert torch.equal(cifar.backbone.conv1.weight, before)  # refused: nothing loaded
     report = load_initial_weights(cifar, str(tmp_path / "resnet18.pth"), strict=False)
@@ -67,9 +68,9 @@ def test_a_manyview_model_and_a_checkpoint_initialise_the_objective_and_its_mome
 
     make_shard(tmp_path / "train-000000.tar", count=16, start=0, seed=1)
     run = tmp_path / "run"
-    assert pretrain(["--objective", "byol", "--backbone", "cnn-small", "--train-data", str(tmp_path / "train-000000.tar"),
-                     "--output", str(run), "--batch-size", "8", "--max-steps", "2", "--num-workers", "0",
-                     "--log-every", "1"]) == 0
+    assert pretrain(["--objective", "byol", "--backbone", "cnn-small", "--output", str(run),
+                     "--train-data", str(tmp_path / "train-000000.tar"), "--batch-size", "8", "--max-steps", "2",
+                     "--num-workers", "0", "--log-every", "1"]) == 0
     from safetensors.torch import load_file
 
     saved = load_file(str(run / "model" / "model.safetensors"))

@@ -97,7 +97,8 @@ def _read_file(path: str) -> dict[str, torch.Tensor]:
         raise InitFromError(f"--init-from {path}: cannot read it as a torch weights file ({error})") from None
     # The usual wrappers around a state dict: training scripts' {"state_dict": ...} / {"model": ...}.
     while isinstance(loaded, dict) and not _is_state_dict(loaded):
-        inner = [loaded[k] for k in ("state_dict", "model", "module", "model_state_dict") if isinstance(loaded.get(k), dict)]
+        inner = [loaded[k] for k in ("state_dict", "model", "module", "model_state_dict")
+                 if isinstance(loaded.get(k), dict)]
         if not inner:
             break
         loaded = inner[0]
