@@ -18,13 +18,9 @@ import pytest
 import torch
 
 import trainer.objectives  # noqa: F401  (registration)
+from objective_fixtures import smoke_backbone, start_weights_args
 from onnx_fixtures import make_shard
 from trainer.objectives import get_objective, list_objectives
-
-
-def smoke_backbone(key: str) -> str:
-    """The small backbone a test runs ``key`` on: a ViT for objectives that need patch tokens, else cnn-small."""
-    return "vit-micro-cifar" if get_objective(key).requires_patch_tokens else "cnn-small"
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +45,16 @@ def test_three_steps_through_the_loop(key: str, tiny_shards: Path, tmp_path: Pat
     config = TrainConfig(objective=key)
     if Path(recipe_path(key)).exists():  # objectives registered by other tests have none
         load_recipe(recipe_path(key), config)
+    start = start_weights_args(key, tmp_path)
     objective = get_objective(key).build(ObjectiveSpec(backbone=smoke_backbone(key), image_size=32,
                                                        options=dict(config.objective_options),
-                                                       num_train_samples=96, total_steps=3, global_batch_size=16))
+                                                       num_train_samples=96, total_steps=3, global_batch_size=16,
+                                                       **start))
     pickle.loads(pickle.dumps(objective.views()))
+    extra = ["--init-from", start["init_from"]] if start else []
     status = pretrain(["--objective", key, "--train-data", f"{tiny_shards}/train-*.tar", "--output", str(run),
                        "--backbone", smoke_backbone(key), "--batch-size", "16", "--max-steps", "3", "--log-every", "1",
-                       "--checkpoint-every", "2", "--num-workers", "0"])
+                       "--checkpoint-every", "2", "--num-workers", "0", *extra])
     assert status == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2, 3]

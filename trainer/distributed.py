@@ -1,6 +1,8 @@
 """Collectives that are correct at world size 1 (no process group) and differentiable where needed."""
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.distributed as dist
 
@@ -192,3 +194,92 @@ def broadcast_from_first(tensor: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=0)
     return tensor
+
+
+# Neighbour exchange around the ring of processes (SigLIP's chunked negatives: Zhai et al. 2023, sec. 3.3; open_clip's
+# SigLipLoss): each process sees every other process's block one at a time instead of one gathered matrix.
+
+def _exchange(tensor: torch.Tensor, send_to: int, receive_from: int) -> torch.Tensor:
+    """Send ``tensor`` to rank ``send_to`` and return the tensor of the same shape received from ``receive_from``."""
+    received = torch.empty_like(tensor)
+    requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor.contiguous(), send_to),
+                                       dist.P2POp(dist.irecv, received, receive_from)])
+    for request in requests:
+        request.wait()
+    return received
+
+
+def _exchange_both_ways(to_left: torch.Tensor, to_right: torch.Tensor, left: int,
+                        right: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send ``to_left`` to rank ``left`` and ``to_right`` to rank ``right`` in one batch; returns (the tensor
+    received from the left, the one received from the right), the neighbours' ``to_right`` and ``to_left``."""
+    from_left, from_right = torch.empty_like(to_right), torch.empty_like(to_left)
+    requests = dist.batch_isend_irecv([
+        dist.P2POp(dist.isend, to_left.contiguous(), left), dist.P2POp(dist.isend, to_right.contiguous(), right),
+        dist.P2POp(dist.irecv, from_left, left), dist.P2POp(dist.irecv, from_right, right),
+    ])
+    for request in requests:
+        request.wait()
+    return from_left, from_right
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """``_exchange`` whose backward sends the gradient of the received tensor back to its sender and receives the
+    gradient of the sent tensor from its receiver, so gradients reach the process that computed the tensor."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, send_to: int, receive_from: int) -> torch.Tensor:
+        ctx.send_to, ctx.receive_from = send_to, receive_from
+        return _exchange(tensor, send_to, receive_from)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _exchange(grad, ctx.receive_from, ctx.send_to), None, None
+
+
+class _NeighbourExchangeBothWays(torch.autograd.Function):
+    """``_exchange_both_ways`` with gradients returned to the senders (the same exchange, directions swapped)."""
+
+    @staticmethod
+    def forward(ctx, to_left: torch.Tensor, to_right: torch.Tensor, left: int, right: int):
+        ctx.left, ctx.right = left, right
+        return _exchange_both_ways(to_left, to_right, left, right)
+
+    @staticmethod
+    def backward(ctx, grad_from_left: torch.Tensor, grad_from_right: torch.Tensor):
+        # What came from the left goes back left; the left neighbour, doing the same, sends back the gradient
+        # of the block we sent it (our to_left), and the right neighbour that of our to_right.
+        grad_to_left, grad_to_right = _exchange_both_ways(grad_from_left, grad_from_right, ctx.left, ctx.right)
+        return grad_to_left, grad_to_right, None, None
+
+
+def neighbour_exchange_with_grad(tensor: torch.Tensor, send_to: int, receive_from: int) -> torch.Tensor:
+    """Send ``tensor`` to rank ``send_to``, return what rank ``receive_from`` sent (same shape and dtype), keeping
+    the autograd graph across processes: the gradient of the returned tensor flows back to ``receive_from``'s
+    ``tensor``. Every process must call it at the same point (point-to-point, matched in order)."""
+    return _NeighbourExchange.apply(tensor, send_to, receive_from)
+
+
+def ring_exchange_with_grad(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Yield every other process's ``tensor`` once, one block at a time, with gradients flowing back to its sender.
+
+    The blocks travel round the ring of ranks in both directions (open_clip's "bidir" SigLipLoss exchange): step
+    k brings the blocks of ranks ``rank - k`` and ``rank + k``, each passed on by the neighbour that received it
+    the step before, so only neighbours ever talk and ceil((world - 1) / 2) steps see every block. A loss summed
+    over the yielded blocks, backpropagated on every process, gives each process the gradient of its own block
+    from every process's loss. All processes must exhaust the iterator (blocks of equal shape); at world size 1
+    it yields nothing.
+    """
+    if not is_distributed():
+        return
+    size, me = world_size(), rank()
+    left, right = (me - 1) % size, (me + 1) % size
+    to_left = to_right = tensor
+    pairs, odd = divmod(size - 1, 2)
+    for _ in range(pairs):
+        from_left, from_right = _NeighbourExchangeBothWays.apply(to_left, to_right, left, right)
+        yield from_left
+        yield from_right
+        to_left, to_right = from_right, from_left  # pass each block on in the direction it was travelling
+    if odd:  # an even world: the block halfway round the ring arrives from one side only
+        yield neighbour_exchange_with_grad(to_right, right, left)

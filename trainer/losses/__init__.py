@@ -28,6 +28,7 @@ from .nce_family import (
 )
 from .noncontrastive import barlow_twins, byol_loss, negative_cosine
 from .pretext import cosine_logits, pretext_accuracy, pretext_classification_loss
+from .siglip import siglip_loss, siglip_negatives_loss
 from .supcon import supcon
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "dino_loss", "dino_loss_from_probabilities", "flat_nce", "hard_negative_nce", "ibot_patch_loss", "ijepa_loss",
     "info_nce", "loss_options_for", "masked_pixel_l1", "masked_pixel_mse", "nce", "negative_cosine", "non_prefix_mask",
     "nt_xent", "patch_nce", "pixel_contrast", "pixpro_consistency", "pretext_accuracy", "pretext_classification_loss",
-    "rebalancing_weights", "similarities", "sinkhorn", "sinkhorn_teacher", "smoothed_prior", "supcon", "swav_loss",
+    "rebalancing_weights", "siglip_loss", "siglip_negatives_loss", "similarities", "sinkhorn",
+    "sinkhorn_teacher", "smoothed_prior", "supcon", "swav_loss",
     "teacher_temperature_at", "two_view_similarities", "uniformity",
 ]

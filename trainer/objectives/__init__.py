@@ -4,7 +4,7 @@ from . import (  # noqa: F401  (registration)
     curl, dcl, deepcluster_v2, densecl, detcon, dino, dinov2, directclr, emp_ssl, exemplar, fastsiam, frossl, ibot,
     ijepa, instdisc, invaspread, jigsaw, jigsaw_clustering, lejepa, macl, mae, mmcr, moco, moco2, moco3, msn, multitask,
     nnbyol, nnclr, nnsiam, paka, patchnce, pixpro, ressl, rotation, simclr, simclr2, simmim, simsiam, smog, supcon,
-    swav, tico, vibcreg, vicreg, vicregl, visreg, wmse,
+    siglip, swav, tico, vibcreg, vicreg, vicregl, visreg, wmse, lit,
 )
 from .base import Objective, ObjectiveSpec, get_objective, list_objectives, register
 

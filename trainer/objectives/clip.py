@@ -64,3 +64,7 @@ class CLIP(Objective):
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         return self.loss_from_embeddings(self.embed(batch), batch)
+
+    def model_card_extras(self) -> dict:
+        """The learned logit scale (the multiplier, as clamped in training): zero-shot scoring and open_clip need it."""
+        return {"logit_scale": float(self.logit_scale.detach().exp().clamp(max=self.options.max_logit_scale))}
