@@ -1,6 +1,9 @@
 """``python -m export --model RUN/model --output RUN/onnx [--uint8-input] [--fp16] [--int8 --calibration-data
 'SHARDS/*.tar.gz' [--calibration-size 512] [--min-cosine 0.99]]``: ONNX encoders + preprocess.json,
-parity-checked against eager PyTorch; the int8 encoder is checked against float32 on held-out images."""
+parity-checked against eager PyTorch; the int8 encoder is checked against float32 on held-out images.
+
+``python -m export --model RUN/model --format timm|torchvision|open_clip --output DIR``: a folder the plain
+library loads for fine-tuning (its README.md gives the loading lines; see ``export/fine_tune.py``)."""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     parser = argparse.ArgumentParser(prog="export", description=__doc__)
     parser.add_argument("--model", required=True, help="RUN/model directory written by pretrain")
-    parser.add_argument("--output", required=True, help="directory for the ONNX files (RUN/onnx)")
+    parser.add_argument("--output", required=True, help="directory for the ONNX files (RUN/onnx) or the export")
+    parser.add_argument("--format", default="onnx", choices=("onnx", "timm", "torchvision", "open_clip"),
+                        help="onnx (default): serving encoders; timm / torchvision / open_clip: a folder that "
+                             "library loads for fine-tuning, with the loading lines in its README.md")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's fixed opset)")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="fp32: max abs diff of normalised embeddings")
     parser.add_argument("--uint8-input", action="store_true",
@@ -33,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-cosine", type=float, default=0.99,
                         help="int8: min cosine to float32 on held-out images, else the export is refused (0.99)")
     args = parser.parse_args(argv)
+    if args.format != "onnx":
+        return _fine_tune(parser, args)
 
     from export.onnx import OPSET, ParityError, export_model
     from export.quantize import CalibrationError
@@ -63,6 +71,34 @@ def main(argv: list[str] | None = None) -> int:
               "serving on a CPU uses it by default (precision 'fp32' / --precision fp32 refuses it)")
         report["image_int8"] = int8
     print(json.dumps({"output": args.output, "parity": report}))
+    return 0
+
+
+def _fine_tune(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``--format timm|torchvision|open_clip``: the fine-tuning export (``export.fine_tune``)."""
+    onnx_only = [flag for flag, used in (("--uint8-input", args.uint8_input), ("--fp16", args.fp16),
+                                         ("--int8", args.int8), ("--calibration-data", args.calibration_data),
+                                         ("--opset", args.opset is not None)) if used]
+    if onnx_only:
+        parser.error(f"only --format onnx takes {', '.join(onnx_only)} (got --format {args.format})")
+    from export.fine_tune import ExportMismatch, UnsupportedExport, export_fine_tune
+
+    try:
+        report = export_fine_tune(args.model, args.output, args.format)
+    except UnsupportedExport as error:
+        print(f"export refused: {error}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        return 2
+    except ExportMismatch as error:
+        print(f"export failed parity: {error}", file=sys.stderr)
+        return 2
+    checks = ", ".join(f"{tower} min cosine {figures['min_cosine']:.6f}" for tower, figures in report.items()
+                       if isinstance(figures, dict))
+    print(f"{args.format} export in {report['output']} ({', '.join(report['files'])}); its README.md loading lines "
+          f"vs the model ({report['feature']} features): {checks}")
+    print(json.dumps(report))
     return 0
 
 
