@@ -388,8 +388,11 @@ def _open_clip_visual(model) -> tuple[dict, dict[str, torch.Tensor]]:
     if args.get("global_pool", default_pool) == default_pool:
         args.pop("global_pool", None)
     if not args:
-        # open_clip's TimmModel rebuilds the trunk from the name alone; an empty pool keeps the trunk's own.
-        vision_cfg = {"timm_model_name": architecture, "timm_model_pretrained": False, "timm_pool": "",
+        # open_clip's TimmModel rebuilds the trunk from the name alone. With a projection an empty pool keeps the
+        # trunk's own; without one (LiT's locked tower) TimmModel passes the pool to timm as it is, and "" would
+        # mean no pooling at all, so the trunk's default is named.
+        pool = "" if projection is not None else (default_pool or "avg")
+        vision_cfg = {"timm_model_name": architecture, "timm_model_pretrained": False, "timm_pool": pool,
                       "timm_proj": "linear" if projection is not None else "none", "timm_proj_bias": False,
                       "image_size": config.image_size}
         state = {f"visual.trunk.{k}": v for k, v in _state(module).items()}

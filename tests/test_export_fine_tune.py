@@ -40,6 +40,9 @@ CASES = {
                              SIGLIP_CARD, True),
     "clip_resnet10t_open_clip": ("open_clip", {"backbone": "timm:resnet10t", "image_projection": 32,
                                                "text": TINY_TEXT}, {"objective": "clip"}, True),
+    # LiT's locked tower has no projection: the text tower maps into the backbone's own pooled feature.
+    "lit_resnet10t_open_clip": ("open_clip", {"backbone": "timm:resnet10t", "text": TINY_TEXT},
+                                {"objective": "lit", "logit_scale": 10.0}, True),
     # CoCa's ONNX export belongs to the coca work; its reference here is the eager manyview model.
     "coca_open_clip": ("open_clip", {"backbone": "vit-micro-cifar", "coca": TINY_COCA}, {"objective": "coca"}, False),
 }
