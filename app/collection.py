@@ -79,6 +79,13 @@ class Collection:
                 self._cache[key] = make()
             return self._cache[key]
 
+    @property
+    def captioner(self) -> Any:
+        """The encoder export's caption generator (CoCa models), loaded once; None when it has none."""
+        from app.search import load_captioner
+
+        return self.cached("captioner", lambda: load_captioner(self.encoder))
+
     def sample(self) -> Sample:
         return self.cached("sample", self._draw_sample)
 

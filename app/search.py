@@ -218,6 +218,34 @@ def neighbours_for_image(encoder: EncoderLike, index: Any, image: Any, k: int,
     return search_vector(index, vectors[0], k, result_filter, thumbs)
 
 
+def load_captioner(encoder: Any) -> Any:
+    """The caption generator (``export.captions.Captioner``) of the encoder's export when it has caption graphs
+    (a CoCa model), else None."""
+    from export.captions import has_captioner
+
+    directory = getattr(encoder, "directory", None)
+    if directory is None or not has_captioner(getattr(encoder, "info", None) or {}):
+        return None
+    from export.captions import Captioner
+
+    return Captioner(directory)
+
+
+def caption_status(captioner: Any, image: Any) -> str:
+    """The status line's addition for a query image: its generated caption as Markdown ("" without a captioner,
+    for an unreadable image, or when generation fails, which is logged: the search answer stands)."""
+    if captioner is None or image is None:
+        return ""
+    try:
+        text = captioner.caption([load_query_image(image)])[0]
+    except SearchError:
+        return ""
+    except Exception:  # noqa: BLE001 - a caption is an extra; never lose the search answer over it
+        logger.exception("caption generation failed")
+        return ""
+    return f"  \nGenerated caption: *{md_escape(text) if text else '(empty)'}*"
+
+
 def sample_image(index: Any, sample_id: int, thumbs: ThumbnailStore | None = None) -> tuple[dict, Any]:
     """The metadata record and image of an indexed sample; ``SearchError`` when it cannot be read."""
     try:

@@ -2,7 +2,8 @@
 
 Every query goes through ``execute(entry, ...)`` where ``entry`` is a history entry
 (``{"kind": "text", "query": ...}``, ``{"kind": "id", "id": ...}`` or ``{"kind": "image", "image": ...}``),
-so re-running a history entry is the same code path as the original query.
+so re-running a history entry is the same code path as the original query. With a CoCa export the status of an
+image or sample query also shows the query image's generated caption (``export/captions.py``).
 """
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any
 import numpy as np
 
 from app.search import (
-    K_DEFAULT, K_MAX, K_MIN, ResultFilter, SearchError, find_history, history_label, load_query_image, md_escape,
-    neighbours_for_image, neighbours_for_text, push_history, run_search, sample_image, short,
+    K_DEFAULT, K_MAX, K_MIN, ResultFilter, SearchError, caption_status, find_history, history_label, load_query_image,
+    md_escape, neighbours_for_image, neighbours_for_text, push_history, run_search, sample_image, short,
 )
 from app.thumbnails import thumbnail
 
@@ -57,6 +58,9 @@ def execute(collection: Any, entry: dict, k: Any, labels: Any, words: str | None
         image = entry.get("image")
         gallery, ids, status = run_search(lambda: neighbours_for_image(encoder, index, image, wanted, result_filter, thumbs),
                                           (entry.get("what") or "the uploaded image") + where, wanted, result_filter)
+    if kind != "text" and not status.startswith("⚠️"):  # CoCa exports: the query image's generated caption
+        status += caption_status(getattr(collection, "captioner", None),
+                                 query_image if kind == "id" else entry.get("image"))
     return gallery, ids, status, query_image
 
 

@@ -4,7 +4,8 @@ Writes into the output directory the encoder directory of ``export/contract.py``
 describes it): ``image_encoder.onnx`` (``text_encoder.onnx`` for image-text models), with ``fp16`` the
 ``*.fp16.onnx`` variants for GPUs, with ``int8`` ``image_encoder.int8.onnx`` calibrated on images read from
 shards (``export/quantize.py``) plus ``int8_report.json`` (the export fails, leaving the output as it was,
-when int8 cannot meet ``min_cosine``), ``preprocess.json`` and the BPE vocabulary.
+when int8 cannot meet ``min_cosine``), ``preprocess.json`` and the BPE vocabulary; for a ``coca`` model also
+``caption_image.onnx`` and ``caption_decoder.onnx`` (``export/caption_export.py``, read by ``export/captions.py``).
 
 Every graph is traced at batch 2 with a dynamic batch axis, exported at a fixed opset, passed through
 ``onnx.checker`` and compared with eager PyTorch on fresh random inputs at another batch size
@@ -283,8 +284,18 @@ def export_model(
                 convert_fp16(text_path, fp16_path)
                 report["text_fp16"] = check_parity(text, fp16_path, tokens, min_cosine=fp16_min_cosine).to_dict()
             shutil.copyfile(bpe_vocab_path(), os.path.join(staging, VOCAB_NAME))
+        captioner = None
+        if getattr(model, "coca", None) is not None:  # CoCa: the graphs greedy captioning needs (export/captions.py)
+            from export.caption_export import export_captioner
+
+            captioner, caption_report = export_captioner(
+                model, staging, lambda batch: _image_inputs(batch, config, uint8_input, generator), opset, generator,
+                uint8_input=uint8_input)
+            report.update(caption_report)
         info = preprocess_info(saved, model, model.text is not None, uint8_input=uint8_input, fp16=fp16, int8=int8)
         info["opset"] = opset
+        if captioner is not None:
+            info["captioner"] = captioner
         if int8:
             from export.quantize import quantize_encoder
 

@@ -2,6 +2,7 @@
 from .aim import aim_loss, non_prefix_mask
 from .alignment import alignment, uniformity
 from .capi import capi_loss, capi_targets
+from .caption import caption_loss, caption_token_nll
 from .clustering import sinkhorn, swav_loss
 from .colorization import colorization_loss, rebalancing_weights, smoothed_prior
 from .contrastive import clip_loss, info_nce, nt_xent
@@ -33,12 +34,12 @@ from .supcon import supcon
 
 __all__ = [
     "CONTRASTIVE_LOSSES", "LOSS_OPTIONS", "aim_loss", "alignment", "barlow_twins", "byol_loss", "capi_loss",
-    "capi_targets", "clip_loss", "clustering_loss", "colorization_loss", "contrastive_loss",
-    "contrastive_loss_from_similarities", "cosine_logits", "counting_loss", "cpc_logits", "cpc_loss", "debiased_nce",
-    "dino_loss", "dino_loss_from_probabilities", "flat_nce", "hard_negative_nce", "ibot_patch_loss", "ijepa_loss",
-    "info_nce", "loss_options_for", "masked_pixel_l1", "masked_pixel_mse", "nce", "negative_cosine", "non_prefix_mask",
-    "nt_xent", "patch_nce", "pixel_contrast", "pixpro_consistency", "pretext_accuracy", "pretext_classification_loss",
-    "rebalancing_weights", "siglip_loss", "siglip_negatives_loss", "similarities", "sinkhorn",
-    "sinkhorn_teacher", "smoothed_prior", "supcon", "swav_loss",
-    "teacher_temperature_at", "two_view_similarities", "uniformity",
+    "capi_targets", "caption_loss", "caption_token_nll", "clip_loss", "clustering_loss", "colorization_loss",
+    "contrastive_loss", "contrastive_loss_from_similarities", "cosine_logits", "counting_loss", "cpc_logits",
+    "cpc_loss", "debiased_nce", "dino_loss", "dino_loss_from_probabilities", "flat_nce", "hard_negative_nce",
+    "ibot_patch_loss", "ijepa_loss", "info_nce", "loss_options_for", "masked_pixel_l1", "masked_pixel_mse", "nce",
+    "negative_cosine", "non_prefix_mask", "nt_xent", "patch_nce", "pixel_contrast", "pixpro_consistency",
+    "pretext_accuracy", "pretext_classification_loss", "rebalancing_weights", "siglip_loss",
+    "siglip_negatives_loss", "similarities", "sinkhorn", "sinkhorn_teacher", "smoothed_prior", "supcon",
+    "swav_loss", "teacher_temperature_at", "two_view_similarities", "uniformity",
 ]

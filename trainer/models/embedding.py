@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .backbones import build_backbone
+from .backbones import OPENAI_MEAN, OPENAI_STD, build_backbone
 from .colour import ColourSpace
 from .text import TextConfig, build_text_tower
 
@@ -59,6 +59,10 @@ class ModelConfig:
     # backbone's default.
     register_tokens: int = 0
     vit_pool: str | None = None
+    # CoCa (Yu et al. 2022): open_clip's model config ({"embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg"},
+    # as in its model-config JSON). Set, the whole model is ``open_clip.CoCa`` under ``coca.*`` (image tower, text
+    # tower, multimodal text decoder); ``backbone`` is then only the name the vision tower's sizes came from.
+    coca: dict | None = None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
@@ -182,6 +186,10 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        self.coca = None
+        if config.coca is not None:
+            self._build_coca(config)
+            return
         patch_grid = _check_patch_grid(config) if config.patch_grid is not None else None
         if config.backbone_norm not in (None, "layer"):
             raise ValueError(f"backbone_norm must be None or 'layer', got {config.backbone_norm!r}")
@@ -228,8 +236,29 @@ class EmbeddingModel(nn.Module):
         self.embed_dim = config.image_projection or width
         self.text = build_text_tower(config.text, self.embed_dim) if config.text else None
 
+    def _build_coca(self, config: ModelConfig) -> None:
+        """The whole model is one ``open_clip.CoCa`` built from ``config.coca``; ``self.text`` is a view of its text
+        tower, not a second module, so every parameter has one name (``coca.<open_clip's key>``)."""
+        from open_clip import CoCa
+
+        cfg = check_coca_config(config)
+        self.coca = CoCa(**cfg)
+        init_coca_decoder(self.coca.text_decoder)
+        self.backbone = self.image_head = self.image_projection = None
+        self.feature_dim = self.embed_dim = int(cfg["embed_dim"])  # the exported feature is the contrastive one
+        config.mean = list(config.mean or OPENAI_MEAN)  # open_clip's normalisation, as its own CoCa configs use
+        config.std = list(config.std or OPENAI_STD)
+        text = cfg["text_cfg"]
+        # Resolved from the CoCa's text tower (what the tokenizer, the text export and the model card read).
+        config.text = TextConfig(context_length=int(text["context_length"]), vocab_size=int(text["vocab_size"]),
+                                 width=int(text["width"]), heads=int(text["heads"]), layers=int(text["layers"]))
+        self.config = config
+        self.text = CoCaTextView(self.coca)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """[N, C, H, W] normalised images -> [N, embed_dim] (not L2-normalised)."""
+        if self.coca is not None:
+            return self.coca.encode_image(images, normalize=False)
         features = self.backbone(images)
         if self.image_head is not None:
             features = self.image_head(features)
@@ -240,6 +269,72 @@ class EmbeddingModel(nn.Module):
         if self.text is None:
             raise RuntimeError("this model has no text encoder")
         return self.text(tokens)
+
+
+class CoCaTextView:
+    """``model.text`` of a CoCa model: tokens [N, L] -> the text tower's contrastive embedding [N, embed_dim].
+
+    Deliberately not an ``nn.Module``: the tower's parameters are registered once, under ``coca.text``; a module
+    here would list them twice in the state dict (safetensors refuses shared tensors)."""
+
+    def __init__(self, coca: nn.Module):
+        self.coca = coca
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.coca.encode_text(tokens, normalize=False)
+
+
+def init_coca_decoder(decoder: nn.Module) -> None:
+    """open_clip's ``MultimodalTransformer`` never runs its ``init_parameters`` (which would fail: it reads
+    ``self.transformer``), leaving ``text_projection`` as uninitialised ``torch.empty`` memory; this is that
+    method's intended initialisation (CLIP's text-tower scheme) on the decoder's own blocks."""
+    width, layers = decoder.width, decoder.layers
+    proj_std, attn_std, fc_std = width ** -0.5 * (2 * layers) ** -0.5, width ** -0.5, (2 * width) ** -0.5
+    with torch.no_grad():
+        for block in [*decoder.resblocks, *decoder.cross_attn]:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+        nn.init.normal_(decoder.text_projection, std=width ** -0.5)
+
+
+COCA_KEYS = ("embed_dim", "vision_cfg", "text_cfg", "multimodal_cfg")
+
+
+def check_coca_config(config: ModelConfig) -> dict:
+    """``config.coca`` validated against the model's image size and channels and the ties open_clip's CoCa needs
+    (text width = decoder width = embed_dim: the decoder reads the text tower's tokens and the image tokens)."""
+    cfg = dict(config.coca)
+    missing = [key for key in COCA_KEYS if key not in cfg]
+    unknown = sorted(set(cfg) - set(COCA_KEYS) - {"quick_gelu", "pad_id", "custom_text"})
+    if missing or unknown:
+        raise ValueError(f"coca config: missing {missing}, unknown {unknown}; it takes open_clip's CoCa model "
+                         f"config {list(COCA_KEYS)}")
+    cfg.pop("custom_text", None)  # open_clip's JSON flag for its factory, not a CoCa argument
+    vision, text, decoder = cfg["vision_cfg"], cfg["text_cfg"], cfg["multimodal_cfg"]
+    size = vision.get("image_size", 224)
+    if size != config.image_size:
+        raise ValueError(f"coca config: vision_cfg.image_size {size} differs from the model's image_size "
+                         f"{config.image_size}")
+    if config.channels != 3:
+        raise ValueError(f"coca takes 3-channel RGB images, not {config.channels} channels")
+    if config.colour_space or config.view_channels or config.patch_grid or config.image_head or \
+            config.image_projection or config.backbone_norm or config.register_tokens or config.vit_pool:
+        raise ValueError("coca's image tower is open_clip's ViT: colour_space, view_channels, patch_grid, image_head, "
+                         "image_projection, backbone_norm, register_tokens and vit_pool do not apply")
+    widths = {"embed_dim": cfg["embed_dim"], "text_cfg.width": text.get("width", 512),
+              "multimodal_cfg.width": decoder.get("width", 512)}
+    if len(set(widths.values())) != 1:
+        raise ValueError(f"coca config: open_clip's CoCa needs embed_dim = text_cfg.width = multimodal_cfg.width, "
+                         f"got {widths}")
+    if not (vision.get("attentional_pool") and vision.get("output_tokens") and text.get("embed_cls")
+            and text.get("output_tokens")):
+        raise ValueError("coca config: vision_cfg needs attentional_pool and output_tokens, text_cfg embed_cls and "
+                         "output_tokens (the image tokens and text tokens the decoder reads)")
+    if decoder.get("context_length", 77) < text.get("context_length", 77):
+        raise ValueError("coca config: multimodal_cfg.context_length must be >= text_cfg.context_length")
+    return cfg
 
 
 def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
