@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     int8 = report.pop("image_int8", None)
     for tower, parity in report.items():
-        print(f"{tower} encoder parity vs eager (batch {parity['batch']}): max abs diff {parity['max_abs_diff']:.2e}, "
+        what = f"{tower} graph" if tower.startswith("caption_") else f"{tower} encoder"  # CoCa's captioning graphs
+        print(f"{what} parity vs eager (batch {parity['batch']}): max abs diff {parity['max_abs_diff']:.2e}, "
               f"min cosine {parity['min_cosine']:.7f}")
     if int8 is not None:
         held = int8["held_out"]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
-SERVING_MODULES = ["export.contract", "export.runtime", "export.tokenizer", "export.embeddings", "export.extract", "index.build",
+SERVING_MODULES = ["export.contract", "export.runtime", "export.tokenizer", "export.captions", "export.embeddings",
+                   "export.extract", "index.build",
                    "index.search", "index.select", "index.store", "index.devices", "index.tune", "index.sources",
                    "index.add", "index.evaluate", "index.merge", "trainer.data.shards", "trainer.data.preprocess"]
 HEAVY = ["torch", "torchvision", "open_clip", "timm", "accelerate", "webdataset"]
