@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.contract import IMAGE_INPUT, UINT8_INPUT
-from export.onnx import ParityError
+from export.contract import IMAGE_INPUT, UINT8_INPUT, ParityError
 from export.captions import (
     CAPTION_DECODER_MODEL, CAPTION_IMAGE_MODEL, IMAGE_TOKENS, LOGITS, POSITIONS, TOKENS, captioner_info,
 )

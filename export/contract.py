@@ -228,3 +228,7 @@ def input_shape(spec: Preprocess, input_format: str) -> tuple[str, Sequence[int]
     if input_format == UINT8_NHWC:
         return "[N, H, W, C]", (spec.image_size, spec.image_size, spec.channels)
     return "[N, C, H, W]", (spec.channels, spec.image_size, spec.image_size)
+
+
+class ParityError(RuntimeError):
+    """An exported graph disagrees with eager PyTorch beyond tolerance (the ONNX encoders, CoCa's caption graphs)."""

@@ -28,7 +28,7 @@ from torch import nn
 
 from export.contract import (
     FLOAT_NCHW, IMAGE_INPUT, IMAGE_MODEL, IMAGE_MODEL_FP16, INT8_REPORT, OUTPUT, TEXT_INPUT, TEXT_MODEL, TEXT_MODEL_FP16,
-    UINT8_INPUT, UINT8_NHWC, VOCAB_NAME, Preprocess, l2_normalize, make_preprocess_info,
+    UINT8_INPUT, UINT8_NHWC, VOCAB_NAME, ParityError, Preprocess, l2_normalize, make_preprocess_info,
     write_preprocess,
 )
 
@@ -38,10 +38,6 @@ OPSET = 17
 FP32_TOLERANCE = 1e-4
 FP16_MIN_COSINE = 0.999
 TRACE_BATCH, CHECK_BATCH = 2, 5
-
-
-class ParityError(RuntimeError):
-    """The exported graph disagrees with eager PyTorch beyond tolerance."""
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import trainer.objectives as registry
-from objective_fixtures import start_weights_args
+from objective_fixtures import start_args
 from trainer.config import TrainConfig, load_recipe, recipe_path
 from trainer.data.pipeline import BuildViews, collate
 from trainer.objectives import ObjectiveSpec, get_objective
@@ -79,9 +79,10 @@ def test_recipe_views_feed_forward_to_a_finite_loss(key, tmp_path):
     config = _config(key)
     torch.manual_seed(0)
     backbone = "vit-micro-cifar" if get_objective(key).requires_patch_tokens else "cnn-small"  # ViT objectives
+    start = start_args(key, tmp_path)
     spec = ObjectiveSpec(backbone=backbone, image_size=config.data.image_size, num_train_samples=1000,
-                         total_steps=100, global_batch_size=BATCH, options=config.objective_options,
-                         **start_weights_args(key, tmp_path))
+                         total_steps=100, global_batch_size=BATCH, options={**config.objective_options, **start.options},
+                         **start.spec)
     objective = get_objective(key).build(spec)
     size = objective.encoder.config.image_size
     batch = _batch(objective.views(), size)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import trainer.objectives  # noqa: F401  (registration)
-from objective_fixtures import smoke_backbone, start_weights_args
+from objective_fixtures import smoke_backbone, start_args
 from onnx_fixtures import make_shard
 from trainer.objectives import get_objective, list_objectives
 
@@ -45,13 +45,13 @@ def test_three_steps_through_the_loop(key: str, tiny_shards: Path, tmp_path: Pat
     config = TrainConfig(objective=key)
     if Path(recipe_path(key)).exists():  # objectives registered by other tests have none
         load_recipe(recipe_path(key), config)
-    start = start_weights_args(key, tmp_path)
+    start = start_args(key, tmp_path)
     objective = get_objective(key).build(ObjectiveSpec(backbone=smoke_backbone(key), image_size=32,
-                                                       options=dict(config.objective_options),
+                                                       options={**config.objective_options, **start.options},
                                                        num_train_samples=96, total_steps=3, global_batch_size=16,
-                                                       **start))
+                                                       **start.spec))
     pickle.loads(pickle.dumps(objective.views()))
-    extra = ["--init-from", start["init_from"]] if start else []
+    extra = start.cli
     status = pretrain(["--objective", key, "--train-data", f"{tiny_shards}/train-*.tar", "--output", str(run),
                        "--backbone", smoke_backbone(key), "--batch-size", "16", "--max-steps", "3", "--log-every", "1",
                        "--checkpoint-every", "2", "--num-workers", "0", *extra])

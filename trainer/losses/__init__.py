@@ -10,6 +10,7 @@ from .counting import counting_loss
 from .cpc import cpc_logits, cpc_loss
 from .dense import patch_nce, pixel_contrast, pixpro_consistency
 from .dino import dino_loss, teacher_temperature_at
+from .distill import queue_distillation_loss
 from .ibot import dino_loss_from_probabilities, ibot_patch_loss, sinkhorn_teacher
 from .ijepa import ijepa_loss
 from .jigsaw_clustering import clustering_loss
@@ -39,7 +40,7 @@ __all__ = [
     "cpc_loss", "debiased_nce", "dino_loss", "dino_loss_from_probabilities", "flat_nce", "hard_negative_nce",
     "ibot_patch_loss", "ijepa_loss", "info_nce", "loss_options_for", "masked_pixel_l1", "masked_pixel_mse", "nce",
     "negative_cosine", "non_prefix_mask", "nt_xent", "patch_nce", "pixel_contrast", "pixpro_consistency",
-    "pretext_accuracy", "pretext_classification_loss", "rebalancing_weights", "siglip_loss",
-    "siglip_negatives_loss", "similarities", "sinkhorn", "sinkhorn_teacher", "smoothed_prior", "supcon",
-    "swav_loss", "teacher_temperature_at", "two_view_similarities", "uniformity",
+    "pretext_accuracy", "pretext_classification_loss", "queue_distillation_loss", "rebalancing_weights",
+    "siglip_loss", "siglip_negatives_loss", "similarities", "sinkhorn", "sinkhorn_teacher", "smoothed_prior",
+    "supcon", "swav_loss", "teacher_temperature_at", "two_view_similarities", "uniformity",
 ]
