@@ -13,9 +13,10 @@ def knn_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: 
 
 
 def scores_after(shards: Path, run: Path, steps: int, args: list[str], batch_size: int = 64,
-                 linear: bool = False) -> dict:
-    """``knn_after``'s training, returning ``trainer.evaluate``'s scores: ``knn_top1``, and ``linear_top1`` (a
-    logistic-regression probe on the same bank) with ``linear``."""
+                 linear: bool = False, zero_shot: bool = False) -> dict:
+    """``knn_after``'s training, returning ``trainer.evaluate``'s scores: ``knn_top1``, ``linear_top1`` (a
+    logistic-regression probe on the same bank) with ``linear``, ``zero_shot_top1`` (class-name prompts; image-text
+    models) with ``zero_shot``."""
     import torch
 
     from trainer.evaluate import evaluate
@@ -28,7 +29,7 @@ def scores_after(shards: Path, run: Path, steps: int, args: list[str], batch_siz
                      "--batch-size", str(batch_size), "--max-steps", str(steps), "--log-every", "25",
                      "--checkpoint-every", "0", *args]) == 0
     return evaluate(str(run / "model"), f"{shards}/train-*.tar.gz", f"{shards}/test-000000.tar.gz", linear=linear,
-                    num_workers=2)
+                    zero_shot=zero_shot, num_workers=2)
 
 
 def assert_beats_floor(shards: Path, tmp_path: Path, name: str, steps: int, args: list[str], margin: float) -> None:

@@ -50,6 +50,11 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "supcon": ("supervised contrastive", [*ADAMW, "--set", "projection_hidden_dim=128"]),
     "align_uniform": ("contrastive", [*ADAMW, "--set", "projection_hidden_dim=128"]),
     "clip": ("image-text", ["--lr", "4e-3", "--set", TEXT]),
+    "siglip": ("image-text", ["--lr", "4e-3", "--set", TEXT]),
+    # CoCa's towers are sized from the ViT name (vit-micro-cifar: width 64); text and decoder one layer each.
+    "coca": ("image-text", [*VIT_MICRO, "--lr", "2e-3", "--set", "embed_dim=64", "--set", "context_length=16",
+                            "--set", "text_layers=1", "--set", "decoder_layers=1", "--set", "text_heads=2",
+                            "--set", "image_queries=16", "--set", "pooler_heads=2"]),
     "cpc": ("predictive", [*ADAMW, "--lr", "8e-3", "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2",
                            "--set", "context_layers=1", "--set", "context_hidden_dim=64", "--set", "target_dim=64"]),
     "cpc2": ("predictive", [*ADAMW, "--lr", "8e-3", "--set", "patch=16", "--set", "stride=8", "--set", "prediction_steps=2",
