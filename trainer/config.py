@@ -150,7 +150,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--seed", type=int)
     add("--resume", action="store_true", help="continue from the latest checkpoint in --output")
     add("--micro-batch-size", type=int, help="train each step's batch in micro-batches of this size with cached "
-        "gradients, keeping every negative of the full batch (contrastive objectives: simclr, supcon, align_uniform, clip)")
+        "gradients, keeping every negative of the full batch (the objectives with embed()/loss_from_embeddings(): "
+        "simclr, supcon, align_uniform, dcl, dclw, macl, clip, siglip, lit, coca)")
     add("--channels-last", action="store_true", default=None, help="NHWC memory format for CNN backbones")
     add("--compile", action="store_true", default=None, help="torch.compile the encoder")
     add("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=None,
