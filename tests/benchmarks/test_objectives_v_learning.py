@@ -13,8 +13,10 @@ Measured on the 2-core AMD EPYC (no GPU), `pytest -m benchmark -s tests/benchmar
 - aim: 300 steps 0.314 vs 0.310 (+0.4); 1200 steps 0.381 (+7.1).
 - ijepa does NOT clear its floor: 300 steps 0.298 vs 0.310 (-1.2), 1200 steps 0.304 (-0.6); a strict expected
   failure (a fix that makes it pass fails the suite until this file is updated). kNN at 300 steps: 0.248 vs 0.263.
-- ibot and dinov2 (kNN at 300 steps: 0.262 and 0.279 vs 0.274) have no longer run yet: their 2048-wide DINO head
-  makes a step about 6x a mae step here, so 1200 steps is about 40 minutes each on this machine.
+- dinov2 does NOT clear its kNN floor by 2 points either: 300 steps 0.279 vs 0.274 (+0.5), 1200 steps 0.287 (+1.3),
+  not collapsed (measured alone with this file's settings, 22 minutes for 1200 steps); a strict expected failure.
+- ibot (kNN at 300 steps 0.262 vs 0.274) has no longer run yet: its teacher runs the 2048-wide DINO head on every
+  patch token, so 1200 steps is about 30 minutes on this machine.
 """
 import json
 
@@ -28,8 +30,11 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), 
 
 IJEPA_BELOW_FLOOR = pytest.mark.xfail(strict=True, reason="ijepa on vit-micro-cifar stays below its linear floor "
                                       "at 300 and 1200 steps (module docstring)")
+DINOV2_BELOW_FLOOR = pytest.mark.xfail(strict=True, reason="dinov2 on vit-micro-cifar gains +0.5 kNN points at 300 "
+                                       "steps and +1.3 at 1200 (module docstring)")
 CASES = [("capi", 300, "linear_top1"), ("mae", 1200, "linear_top1"), ("simmim", 1200, "linear_top1"),
-         ("aim", 1200, "linear_top1"), pytest.param("ijepa", 1200, "linear_top1", marks=IJEPA_BELOW_FLOOR)]
+         ("aim", 1200, "linear_top1"), pytest.param("ijepa", 1200, "linear_top1", marks=IJEPA_BELOW_FLOOR),
+         pytest.param("dinov2", 1200, "knn_top1", marks=DINOV2_BELOW_FLOOR)]
 
 
 @pytest.mark.parametrize("name,steps,metric", CASES)
