@@ -15,8 +15,8 @@ Measured on the 2-core AMD EPYC (no GPU), `pytest -m benchmark -s tests/benchmar
   failure (a fix that makes it pass fails the suite until this file is updated). kNN at 300 steps: 0.248 vs 0.263.
 - dinov2 does NOT clear its kNN floor by 2 points either: 300 steps 0.279 vs 0.274 (+0.5), 1200 steps 0.287 (+1.3),
   not collapsed (measured alone with this file's settings, 22 minutes for 1200 steps); a strict expected failure.
-- ibot (kNN at 300 steps 0.262 vs 0.274) has no longer run yet: its teacher runs the 2048-wide DINO head on every
-  patch token, so 1200 steps is about 30 minutes on this machine.
+- ibot does NOT clear it either: kNN 300 steps 0.262 vs 0.274 (-1.2), 1200 steps 0.268 (-0.6), not collapsed
+  (32 minutes alone: its teacher runs the 2048-wide DINO head on every patch token); a strict expected failure.
 """
 import json
 
@@ -34,7 +34,9 @@ DINOV2_BELOW_FLOOR = pytest.mark.xfail(strict=True, reason="dinov2 on vit-micro-
                                        "steps and +1.3 at 1200 (module docstring)")
 CASES = [("capi", 300, "linear_top1"), ("mae", 1200, "linear_top1"), ("simmim", 1200, "linear_top1"),
          ("aim", 1200, "linear_top1"), pytest.param("ijepa", 1200, "linear_top1", marks=IJEPA_BELOW_FLOOR),
-         pytest.param("dinov2", 1200, "knn_top1", marks=DINOV2_BELOW_FLOOR)]
+         pytest.param("dinov2", 1200, "knn_top1", marks=DINOV2_BELOW_FLOOR),
+         pytest.param("ibot", 1200, "knn_top1", marks=pytest.mark.xfail(strict=True, reason="ibot on vit-micro-cifar "
+                                                                         "stays below its kNN floor at 1200 steps"))]
 
 
 @pytest.mark.parametrize("name,steps,metric", CASES)
