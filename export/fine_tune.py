@@ -88,6 +88,7 @@ def export_fine_tune(model_dir: str, output_dir: str, fmt: str, seed: int = 0) -
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {FORMATS} (or onnx)")
     from trainer.models import load_model
+    from trainer.models.embedding import replace_directory
 
     model, saved = load_model(model_dir)
     plan = {"timm": _timm_plan, "torchvision": _torchvision_plan, "open_clip": _open_clip_plan}[fmt](model, saved)
@@ -104,12 +105,7 @@ def export_fine_tune(model_dir: str, output_dir: str, fmt: str, seed: int = 0) -
         report = _check(plan, model, staging, seed)
         with open(os.path.join(staging, README_NAME), "w", encoding="utf-8") as handle:
             handle.write(_readme(fmt, plan, saved, output_dir, report))
-        backup = output_dir + ".old"  # as save_model: a crash between the two renames leaves the old folder whole
-        if os.path.exists(output_dir):
-            shutil.rmtree(backup, ignore_errors=True)
-            os.replace(output_dir, backup)
-        os.replace(staging, output_dir)
-        shutil.rmtree(backup, ignore_errors=True)
+        replace_directory(staging, output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"format": fmt, "output": output_dir, "files": sorted(os.listdir(output_dir)), "feature": plan.feature,
@@ -479,11 +475,11 @@ def _vit_to_open_clip(vit, projection: nn.Linear | None, image_size: int) -> tup
 def _write_weights(path: str, state: dict[str, torch.Tensor], saved: dict) -> None:
     from safetensors.torch import save_file
 
+    from trainer.models.embedding import make_ordinary_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, path,
               metadata={"format": "pt", "model_card": json.dumps(saved, sort_keys=True)})
-    mask = os.umask(0o022)  # reading the umask means setting it; set straight back
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)  # safetensors writes 0600; the export is an ordinary, shareable file
+    make_ordinary_file(path)
 
 
 def _random_tokens(batch: int, length: int, vocab: int, generator: torch.Generator) -> torch.Tensor:

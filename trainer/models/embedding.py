@@ -358,9 +358,15 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
     # The card travels inside the weights too (safetensors metadata is str -> str), so a copied file still says
     # what it is; "format": "pt" is what transformers-style loaders expect.
     save_file(state, weights_path, metadata={"format": "pt", "model_card": json.dumps(payload, sort_keys=True)})
-    os.chmod(weights_path, 0o666 & ~_umask())  # safetensors writes 0600; the model is an ordinary, shareable file
+    make_ordinary_file(weights_path)
     with open(os.path.join(staging, CONFIG_NAME), "w", encoding="utf-8") as handle:
         json.dump(payload, handle, indent=2)
+    replace_directory(staging, directory)
+
+
+def replace_directory(staging: str, directory: str) -> None:
+    """Put the finished ``staging`` directory at ``directory``: the old one is renamed aside first and removed only
+    after, so a crash between the two renames leaves the old directory whole."""
     backup = directory + ".old"
     if os.path.exists(directory):
         shutil.rmtree(backup, ignore_errors=True)
@@ -369,11 +375,12 @@ def save_model(model: EmbeddingModel, directory: str, card: dict) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-def _umask() -> int:
-    """This process's umask (reading it means setting it, so it is set straight back)."""
+def make_ordinary_file(path: str) -> None:
+    """Give ``path`` the mode of an ordinary new file under this process's umask (0644 under 022): safetensors
+    writes 0600, and a model is a file to share. Reading the umask means setting it, so it is set straight back."""
     mask = os.umask(0o022)
     os.umask(mask)
-    return mask
+    os.chmod(path, 0o666 & ~mask)
 
 
 def load_model(directory: str) -> tuple[EmbeddingModel, dict]:
