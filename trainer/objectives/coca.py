@@ -33,13 +33,13 @@ from typing import ClassVar
 
 import torch
 
-from trainer.data.views import ImageText
 from trainer.distributed import all_reduce_sum, gather_with_grad
 from trainer.losses import caption_token_nll, clip_loss
 from trainer.models import ModelConfig
 from trainer.models.text import CLIP_VOCAB_SIZE
 
 from .base import Objective, ObjectiveSpec, register
+from .clip import CLIP
 from .options import require_at_least, require_non_negative, require_positive
 
 # The --backbone names CoCa's ViT image tower takes its size from: (width, layers, heads), the sizes of the
@@ -134,10 +134,7 @@ class CoCa(Objective):
         return ModelConfig(backbone=spec.backbone, image_size=spec.image_size, mean=spec.mean, std=spec.std,
                            coca=coca_model_config(spec, options))
 
-    def views(self) -> ImageText:
-        config = self.encoder.config
-        return ImageText(config.image_size, config.mean, config.std, config.text.context_length,
-                         self.options.crop_scale)
+    views = CLIP.views  # CLIP's image-text views
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
         """This process's image and text embeddings [n, embed_dim] and each caption's summed next-token NLL [n]

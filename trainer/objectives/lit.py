@@ -36,12 +36,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from trainer.data.views import ImageText
 from trainer.distributed import gather_with_grad
 from trainer.losses import clip_loss
 from trainer.models import ModelConfig, TextConfig
 
 from .base import Objective, ObjectiveSpec, default_model_config, register
+from .clip import CLIP
 from .siglip import SigmoidLogits, check_crop_scale, check_logit_init, sigmoid_loss_over_processes
 
 LOSSES = ("clip", "siglip")
@@ -119,10 +119,7 @@ class LiT(Objective):
             module.eval()
         return self
 
-    def views(self) -> ImageText:
-        config = self.encoder.config
-        return ImageText(config.image_size, config.mean, config.std, config.text.context_length,
-                         self.options.crop_scale)
+    views = CLIP.views  # CLIP's image-text views
 
     def embed(self, batch: dict) -> dict[str, torch.Tensor]:
         """This process's image and text embeddings [n, embed_dim]; the image side without autograd (locked)."""

@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.views import ImageText
 from trainer.distributed import mean_over_processes, ring_exchange_with_grad
 from trainer.losses import siglip_loss, siglip_negatives_loss
-from trainer.models import ModelConfig, TextConfig
 
-from .base import Objective, ObjectiveSpec, default_model_config, register
+from .base import Objective, ObjectiveSpec, register
+from .clip import CLIP
 from .options import as_number, require_at_least, require_positive
 
 
@@ -116,19 +115,10 @@ class SigLIP(Objective):
         super().__init__(spec, options)
         self.logits = SigmoidLogits(options.init_logit_scale, options.init_logit_bias, options.max_logit_scale)
 
-    def model_config(self, spec: ObjectiveSpec, options: SigLIPOptions) -> ModelConfig:
-        """CLIP's towers: image tower + linear projection (open_clip visual towers project themselves) and text."""
-        projection = None if spec.backbone.startswith("open_clip:") else options.projection_dim
-        return default_model_config(spec, image_projection=projection, text=TextConfig(**options.text))
-
-    def views(self) -> ImageText:
-        config = self.encoder.config
-        return ImageText(config.image_size, config.mean, config.std, config.text.context_length,
-                         self.options.crop_scale)
-
-    def embed(self, batch: dict) -> dict[str, torch.Tensor]:
-        """This process's image and text embeddings [n, embed_dim] (the split ``trainer.grad_cache`` uses)."""
-        return {"image": self.encoder.encode_image(batch["image"]), "text": self.encoder.encode_text(batch["tokens"])}
+    # CLIP's towers, image-text views and per-process embeddings; SigLIP changes only the loss.
+    model_config = CLIP.model_config
+    views = CLIP.views
+    embed = CLIP.embed
 
     def loss_from_embeddings(self, embeddings: dict[str, torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         scale = self.logits.scale()
