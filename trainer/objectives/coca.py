@@ -40,7 +40,7 @@ from trainer.models.text import CLIP_VOCAB_SIZE
 
 from .base import Objective, ObjectiveSpec, register
 from .clip import CLIP
-from .options import require_at_least, require_non_negative, require_positive
+from .options import check_crop_scale, require_at_least, require_non_negative, require_positive
 
 # The --backbone names CoCa's ViT image tower takes its size from: (width, layers, heads), the sizes of the
 # vit-*-cifar backbones of trainer/models/backbones.py.
@@ -81,9 +81,7 @@ class CoCaOptions:
         if self.caption_weight == 0 and self.contrastive_weight == 0:
             raise ValueError("caption_weight and contrastive_weight are both 0: nothing to train")
         require_positive(self, "init_temperature", "max_logit_scale")
-        self.crop_scale = tuple(float(x) for x in self.crop_scale)
-        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {self.crop_scale}")
+        self.crop_scale = check_crop_scale(self.crop_scale)
 
 
 def coca_model_config(spec: ObjectiveSpec, options: CoCaOptions) -> dict:

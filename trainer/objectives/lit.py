@@ -42,7 +42,8 @@ from trainer.models import ModelConfig, TextConfig
 
 from .base import Objective, ObjectiveSpec, default_model_config, register
 from .clip import CLIP
-from .siglip import SigmoidLogits, check_crop_scale, check_logit_init, sigmoid_loss_over_processes
+from .options import check_crop_scale
+from .siglip import SigmoidLogits, check_logit_init, sigmoid_loss_over_processes
 
 LOSSES = ("clip", "siglip")
 # The image side of a saved manyview model: what must be rebuilt for its weights to load, all of it locked.

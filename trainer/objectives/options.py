@@ -100,3 +100,12 @@ class InfoNCEOptions:
         if self.loss not in CONTRASTIVE_LOSSES:
             return {}
         return loss_options_for(self.loss, vars(self))
+
+
+def check_crop_scale(crop_scale) -> tuple[float, float]:
+    """(low, high) with 0 < low <= high <= 1: the random-resized-crop area range of an image-text view (clip-like
+    objectives' ``crop_scale``)."""
+    values = tuple(float(v) for v in crop_scale)
+    if len(values) != 2 or not 0 < values[0] <= values[1] <= 1:
+        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {list(crop_scale)}")
+    return values

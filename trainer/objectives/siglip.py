@@ -31,15 +31,7 @@ from trainer.losses import siglip_loss, siglip_negatives_loss
 
 from .base import Objective, ObjectiveSpec, register
 from .clip import CLIP
-from .options import as_number, require_at_least, require_positive
-
-
-def check_crop_scale(crop_scale) -> tuple[float, float]:
-    """(low, high) with 0 < low <= high <= 1, the random-resized-crop area range of the image view."""
-    low, high = (float(v) for v in crop_scale)
-    if not 0 < low <= high <= 1:
-        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high <= 1, got {list(crop_scale)}")
-    return low, high
+from .options import as_number, check_crop_scale, require_at_least, require_positive
 
 
 def check_logit_init(options) -> None:
