@@ -356,9 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"unknown section(s) {unknown}; choose from {[s.name for s in SECTIONS]}")
         sections = [s for s in SECTIONS if s.name in wanted]
-    workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")
     if args.dry_run:
-        return dry_run(sections, workdir, args.data, args.total_budget)
+        # Only prints the commands: name the workdir a real run would make without making it.
+        return dry_run(sections, args.workdir or os.path.join(tempfile.gettempdir(), "gpu-check-XXXXXXXX"), args.data,
+                       args.total_budget)
     seen = gpu_presence()
     if not seen["torch_cuda"] and seen["faiss_gpus"] == 0:
         if seen["nvidia_smi"]:
@@ -368,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(no_gpu_message(seen), flush=True)
         return 0
+    workdir = args.workdir or tempfile.mkdtemp(prefix="gpu-check-")  # made only when there is a GPU to run on
     info = versions()
     print(f"gpu-check: {info.get('gpu')} ({'; '.join(seen['nvidia_smi'])}); torch {info['torch']}, onnxruntime "
           f"{info['onnxruntime']}, faiss {info['faiss']}; workdir {workdir}", flush=True)
