@@ -1,7 +1,8 @@
 """What the app serves: one encoder with its index (plus an optional caption index), and a cached sample.
 
-The sample (ids, metadata, images, embeddings of up to ``map_points`` random indexed images) feeds
-the map and the diagnostics. It is drawn once, lazily, with a fixed seed; embeddings are read back
+The sample (ids, metadata, images, embeddings of up to ``max(map_points, diagnostics_count)`` random
+indexed images) feeds the diagnostics. The map draws every indexed point up to ``map_limit``
+(``app.projection``), not this sample. The sample is drawn once, lazily, with a fixed seed; embeddings are read back
 from the FAISS index when it stores them (Flat, HNSW, IVF-Flat via the id map) and re-encoded from
 the shard images otherwise (compressed indexes).
 """
@@ -17,6 +18,7 @@ import numpy as np
 from app.thumbnails import ThumbnailStore
 
 MAP_POINTS = 2000
+MAP_LIMIT = 1_000_000  # the map draws every indexed point up to this many (a fixed random subset beyond)
 DIAGNOSTICS_COUNT = 1000
 
 
@@ -53,6 +55,7 @@ class Collection:
     encoder_dir: str | None = None
     metrics_path: Path | None = None
     map_points: int = MAP_POINTS
+    map_limit: int = MAP_LIMIT
     diagnostics_count: int = DIAGNOSTICS_COUNT
     seed: int = 0
     _cache: dict = field(default_factory=dict, repr=False)
