@@ -5,8 +5,9 @@
     [--auth user:pass] (or MANYVIEW_AUTH)  [--max-upload 25mb]  [--map-points 2000]  [--metrics RUN/metrics.jsonl]
     [--precision auto|fp32|fp16|int8]   encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported)
 
-Serves the app (``app.ui``) on ONNX + FAISS only. Binds 127.0.0.1 unless told otherwise and never
-creates a public share link. Problems a user can fix (a missing directory, an encoder/index pair of
+Serves the app (``app.ui``) and its search API (``app.api``: Gradio endpoints ``/search_text``,
+``/search_image``, ``/search_id`` and JSON under ``/api/v1``, behind the same ``--auth``) on ONNX + FAISS
+only. Binds 127.0.0.1 unless told otherwise and never creates a public share link. Problems a user can fix (a missing directory, an encoder/index pair of
 different dimensions) are reported as one ``error: ...`` line and exit status 2, not as a traceback.
 The startup lines name the variant and execution provider each encoder runs; the page shows them too.
 """
@@ -173,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if note:
                 print(note, file=sys.stderr)
     login = " (login required)" if auth else ""
+    print(f"manyview: search API: gradio_client endpoints /search_text, /search_image, /search_id; JSON at "
+          f"{url.rstrip('/')}/api/v1/search (docs: {url.rstrip('/')}/api/v1/docs){login}", flush=True)
     print(f"manyview: searching {collection.index.count} images at {url}{login} (Ctrl-C stops)", flush=True)
     demo.block_thread()  # returns after Ctrl-C, having closed the server
     return 0

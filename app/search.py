@@ -16,8 +16,9 @@ import logging
 import os
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -25,8 +26,10 @@ from app.thumbnails import ThumbnailStore, thumbnail
 
 logger = logging.getLogger(__name__)
 
-K_MIN, K_MAX, K_DEFAULT = 1, 50, 8
-MAX_CANDIDATES = 2048  # filtered searches look this deep at most (FAISS's GPU limit on k)
+K_MIN, K_MAX, K_DEFAULT = 1, 50, 8  # the UI's slider
+API_K_MAX = 1000  # the search API (app.api and the Gradio endpoints) answers up to this many results
+MAX_CANDIDATES = 2048  # filtered searches look at least this deep before giving up (FAISS's GPU limit on k) ...
+CANDIDATES_PER_RESULT = 64  # ... and up to this many candidates per wanted result (k = 1000 -> 64,000)
 MAX_QUERY_PIXELS = 40_000_000  # larger uploads are refused before decoding (decompression bombs)
 HISTORY_LIMIT = 20
 UPLOAD_HINT = "Upload a JPEG, PNG or WebP picture."
@@ -52,6 +55,10 @@ def encoder_execution(encoder: Any) -> str:
 
 class SearchError(ValueError):
     """A search that cannot run because of the user's input; the message is shown in the UI."""
+
+
+class UnknownSample(SearchError):
+    """A sample id that is not in the index (the JSON API answers 404)."""
 
 
 @dataclass
@@ -123,13 +130,45 @@ class ResultFilter:
 # ----------------------------------------------------------------------------------------------------
 
 
-def clamp_k(k: Any, count: int) -> int:
-    """``k`` as an int in ``[1, min(K_MAX, count)]`` (at least 1 even for an empty collection)."""
+def clamp_k(k: Any, count: int, k_max: int = K_MAX) -> int:
+    """``k`` as an int in ``[1, min(k_max, count)]`` (at least 1 even for an empty collection)."""
     try:
         value = int(round(float(k)))
     except (TypeError, ValueError):
         value = K_DEFAULT
-    return max(K_MIN, min(value, K_MAX, max(int(count), 1)))
+    return max(K_MIN, min(value, int(k_max), max(int(count), 1)))
+
+
+def candidate_limit(k: int, count: int) -> int:
+    """How deep a filtered search may look for ``k`` results: ``MAX_CANDIDATES`` or ``CANDIDATES_PER_RESULT``
+    per result, whichever is more, so that k = 1000 results of a label holding a tenth of the collection
+    are still found; never more than the collection."""
+    return max(1, min(int(count), max(MAX_CANDIDATES, CANDIDATES_PER_RESULT * int(k))))
+
+
+def _filter_mask(index: Any, ids: list[int], result_filter: ResultFilter) -> list[bool]:
+    """Which of ``ids`` pass ``result_filter``, reading only the filtered metadata columns.
+
+    A deep filtered search looks at tens of thousands of candidates: turning each into a full record
+    (``Index.records``) costs far more than the search, so the label test runs in pyarrow over one column
+    and captions are read only when there are caption words to match."""
+    metadata, rows_of = getattr(index, "metadata", None), getattr(index, "rows", None)
+    if metadata is None or rows_of is None:  # an index-like object without a metadata table
+        return [result_filter.matches(record) for record in index.records(ids)]
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = pa.array(rows_of(ids))
+    keep = np.ones(len(ids), dtype=bool)
+    if result_filter.labels:
+        names = pc.fill_null(pc.cast(metadata.column("label_name").take(rows), pa.string()), "")
+        wanted = pa.array(list(result_filter.labels), pa.string())
+        keep &= pc.is_in(names, value_set=wanted).to_numpy(zero_copy_only=False)
+    if result_filter.words and keep.any():
+        captions = metadata.column("caption").take(rows).to_pylist()
+        keep &= np.array([bool(kept) and result_filter.matches({"caption": caption})
+                          for kept, caption in zip(keep, captions)], dtype=bool)
+    return keep.tolist()
 
 
 def _images_for(index: Any, records: list[dict], thumbs: ThumbnailStore | None) -> list[Any]:
@@ -138,32 +177,61 @@ def _images_for(index: Any, records: list[dict], thumbs: ThumbnailStore | None) 
     return [index.image(int(record["id"])) for record in records]
 
 
+@contextmanager
+def one_search_thread() -> Iterator[None]:
+    """Run the FAISS calls inside with one OpenMP thread, in this thread only.
+
+    A single query gains nothing from OpenMP, and on a busy machine waking the second OpenMP thread is what
+    costs: on the 2 shared cores, HNSW search of one query took 0.2 ms at the median but 15-36 ms at the
+    90th percentile with faiss's 2 threads, and 0.2-0.4 ms at the 90th with 1 (tests/benchmarks/RESULTS_app.md).
+    ``omp_set_num_threads`` sets the calling thread's value only, so bulk work in other threads (the map's
+    projection, k-means) keeps every core; the previous value is restored on the way out."""
+    try:
+        import faiss
+    except ImportError:  # pragma: no cover - faiss is a dependency of the app
+        yield
+        return
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
 def search_vector(index: Any, vector: np.ndarray, k: int, result_filter: ResultFilter | None = None,
-                  thumbs: ThumbnailStore | None = None, with_images: bool = True) -> list[Hit]:
+                  thumbs: ThumbnailStore | None = None, with_images: bool = True, k_max: int = K_MAX) -> list[Hit]:
     """The ``k`` best hits for one embedding (FAISS's ``-1`` padding dropped), with records and images.
 
-    With an active filter the search looks deeper (4k, doubling, up to ``MAX_CANDIDATES``) until ``k``
-    results pass it, so a rare label still fills the page when it is among the nearest few thousand.
+    ``k`` is clamped to ``[1, k_max]`` and to the collection. With an active filter the search looks deeper
+    (4k, doubling, up to ``candidate_limit(k)``) until ``k`` results pass it, so a rare label still fills
+    the page when it is among the nearest candidates. ``with_images=False`` reads no shard (the API
+    hands out thumbnail URLs instead).
     """
     if index.count <= 0:
         return []
     query = np.ascontiguousarray(np.asarray(vector, dtype=np.float32).reshape(1, -1))
     if query.shape[1] != index.dim:
         raise SearchError(f"the query embedding is {query.shape[1]}-d but the index holds {index.dim}-d vectors")
-    k = clamp_k(k, index.count)
-    depth = k if result_filter is None or not result_filter.active else min(index.count, max(4 * k, 64))
+    k = clamp_k(k, index.count, k_max)
+    filtering = result_filter is not None and result_filter.active
+    limit = candidate_limit(k, index.count)
+    depth = k if not filtering else min(limit, max(4 * k, 64))
     while True:
-        scores, ids = index.search(query, depth)
+        with one_search_thread():
+            scores, ids = index.search(query, depth)
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if int(i) >= 0]
-        records = index.records([i for i, _ in pairs]) if pairs else []
-        kept = [(pair, record) for pair, record in zip(pairs, records)
-                if result_filter is None or result_filter.matches(record)]
-        if len(kept) >= k or depth >= min(index.count, MAX_CANDIDATES):
+        if filtering and pairs:
+            mask = _filter_mask(index, [i for i, _ in pairs], result_filter)  # type: ignore[arg-type]
+            pairs = [pair for pair, keep in zip(pairs, mask) if keep]
+        if len(pairs) >= k or depth >= limit:
             break
-        depth = min(index.count, MAX_CANDIDATES, depth * 2)
-    kept = kept[:k]
-    images = _images_for(index, [record for _, record in kept], thumbs) if with_images and kept else [None] * len(kept)
-    return [Hit(id=i, score=s, record=dict(record), image=image) for ((i, s), record), image in zip(kept, images)]
+        depth = min(limit, depth * 2)
+    pairs = pairs[:k]
+    records = index.records([i for i, _ in pairs]) if pairs else []
+    images = _images_for(index, records, thumbs) if with_images and records else [None] * len(records)
+    return [Hit(id=i, score=s, record=dict(record), image=image)
+            for (i, s), record, image in zip(pairs, records, images)]
 
 
 def load_query_image(image: Any) -> Any:
@@ -206,16 +274,18 @@ def text_vector(encoder: EncoderLike, query: str) -> np.ndarray:
 
 
 def neighbours_for_text(encoder: EncoderLike, index: Any, query: str, k: int,
-                        result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
+                        result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None,
+                        with_images: bool = True, k_max: int = K_MAX) -> list[Hit]:
     """The ``k`` indexed samples closest to a text query."""
-    return search_vector(index, text_vector(encoder, query), k, result_filter, thumbs)
+    return search_vector(index, text_vector(encoder, query), k, result_filter, thumbs, with_images, k_max)
 
 
 def neighbours_for_image(encoder: EncoderLike, index: Any, image: Any, k: int,
-                         result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
+                         result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None,
+                         with_images: bool = True, k_max: int = K_MAX) -> list[Hit]:
     """The ``k`` indexed samples closest to an image (PIL, array, path or bytes)."""
     vectors = encoder.encode_images([load_query_image(image)])
-    return search_vector(index, vectors[0], k, result_filter, thumbs)
+    return search_vector(index, vectors[0], k, result_filter, thumbs, with_images, k_max)
 
 
 def load_captioner(encoder: Any) -> Any:
@@ -246,10 +316,28 @@ def caption_status(captioner: Any, image: Any) -> str:
     return f"  \nGenerated caption: *{md_escape(text) if text else '(empty)'}*"
 
 
-def sample_image(index: Any, sample_id: int, thumbs: ThumbnailStore | None = None) -> tuple[dict, Any]:
-    """The metadata record and image of an indexed sample; ``SearchError`` when it cannot be read."""
+def sample_record(index: Any, sample_id: Any) -> dict:
+    """The metadata record of an indexed sample; ``UnknownSample`` for an id that is not in the index."""
     try:
-        record = index.records([int(sample_id)])[0]
+        number = int(sample_id)
+    except (TypeError, ValueError) as error:
+        raise SearchError(f"A sample id is a whole number, not {sample_id!r}.") from error
+    try:
+        records = index.records([number]) if number >= 0 else []
+    except KeyError:
+        records = []
+    if not records:
+        ids = np.asarray(index.ids)
+        span = f" (its ids lie between {int(ids.min())} and {int(ids.max())})" if ids.size else " (it is empty)"
+        raise UnknownSample(f"Sample #{number} is not in the index{span}.")
+    return records[0]
+
+
+def sample_image(index: Any, sample_id: int, thumbs: ThumbnailStore | None = None) -> tuple[dict, Any]:
+    """The metadata record and image of an indexed sample; ``UnknownSample`` for an id that is not in the
+    index, ``SearchError`` when its image cannot be read."""
+    record = sample_record(index, sample_id)
+    try:
         picture = thumbs.image(record) if thumbs is not None else index.image(int(sample_id))
     except (KeyError, IndexError, ValueError, OSError) as error:
         raise SearchError(f"Sample #{sample_id} cannot be read from its shard ({error}).") from error
@@ -257,10 +345,12 @@ def sample_image(index: Any, sample_id: int, thumbs: ThumbnailStore | None = Non
 
 
 def neighbours_for_id(encoder: EncoderLike, index: Any, sample_id: int, k: int,
-                      result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None) -> list[Hit]:
-    """"More like this": the ``k`` samples closest to an indexed sample, re-encoded from its shard image."""
-    _, picture = sample_image(index, sample_id, thumbs)
-    return neighbours_for_image(encoder, index, picture, k, result_filter, thumbs)
+                      result_filter: ResultFilter | None = None, thumbs: ThumbnailStore | None = None,
+                      with_images: bool = True, k_max: int = K_MAX, source: Any = None) -> list[Hit]:
+    """"More like this": the ``k`` samples closest to an indexed sample, re-encoded from its shard image.
+    ``source``: the index holding the sample when it differs from the searched one (the caption index)."""
+    _, picture = sample_image(index if source is None else source, sample_id, thumbs)
+    return neighbours_for_image(encoder, index, picture, k, result_filter, thumbs, with_images, k_max)
 
 
 def search_text(encoder: EncoderLike, index: Any, query: str, k: int) -> list[tuple[Any, str]]:
@@ -281,7 +371,7 @@ def status_line(count: int, what: str, elapsed_s: float, wanted: int | None = No
     if result_filter is not None and result_filter.active:
         line += f" (filter: {result_filter.describe()}"
         if wanted is not None and count < wanted:
-            line += f"; no more among the nearest {MAX_CANDIDATES}"
+            line += f"; no more among the nearest {candidate_limit(wanted, 1 << 62):,}"
         line += ")"
     return line
 

@@ -7,6 +7,7 @@ image or sample query also shows the query image's generated caption (``export/c
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -17,6 +18,8 @@ from app.search import (
     md_escape, neighbours_for_image, neighbours_for_text, push_history, run_search, sample_image, short,
 )
 from app.thumbnails import thumbnail
+
+logger = logging.getLogger(__name__)
 
 HISTORY_IMAGE_SIDE = 128  # uploaded query images kept in the (per-browser-session) history are this small
 
@@ -43,8 +46,9 @@ def execute(collection: Any, entry: dict, k: Any, labels: Any, words: str | None
     query_image = None
     if kind == "text":
         query = str(entry.get("query") or "")
-        gallery, ids, status = run_search(lambda: neighbours_for_text(encoder, index, query, wanted, result_filter, thumbs),
-                                          f"'{short(query.strip())}'{where}", wanted, result_filter)
+        gallery, ids, status = run_search(
+            lambda: neighbours_for_text(encoder, index, query, wanted, result_filter, thumbs),
+            f"'{short(query.strip())}'{where}", wanted, result_filter)
     elif kind == "id":
         try:
             record, query_image = sample_image(collection.index, int(entry["id"]), thumbs)
@@ -52,12 +56,14 @@ def execute(collection: Any, entry: dict, k: Any, labels: Any, words: str | None
             return [], [], f"⚠️ {md_escape(str(error))}", None
         entry.setdefault("name", record.get("label_name") or record.get("key"))
         what = (entry.get("what") or f"sample #{entry['id']} ({entry['name']})") + where
-        gallery, ids, status = run_search(lambda: neighbours_for_image(encoder, index, query_image, wanted, result_filter, thumbs),
-                                          what, wanted, result_filter)
+        gallery, ids, status = run_search(
+            lambda: neighbours_for_image(encoder, index, query_image, wanted, result_filter, thumbs),
+            what, wanted, result_filter)
     else:
         image = entry.get("image")
-        gallery, ids, status = run_search(lambda: neighbours_for_image(encoder, index, image, wanted, result_filter, thumbs),
-                                          (entry.get("what") or "the uploaded image") + where, wanted, result_filter)
+        gallery, ids, status = run_search(
+            lambda: neighbours_for_image(encoder, index, image, wanted, result_filter, thumbs),
+            (entry.get("what") or "the uploaded image") + where, wanted, result_filter)
     if kind != "text" and not status.startswith("⚠️"):  # CoCa exports: the query image's generated caption
         status += caption_status(getattr(collection, "captioner", None),
                                  query_image if kind == "id" else entry.get("image"))
@@ -75,7 +81,8 @@ def build_search_tab(collection: Any, safe_image: Any) -> None:
             with gr.Group(visible=has_text):
                 query = gr.Textbox(label="Text query", placeholder="a photo of a ship", elem_id="mv-query",
                                    interactive=has_text)
-                text_button = gr.Button("Search text", variant="primary", elem_id="mv-text-search", interactive=has_text)
+                text_button = gr.Button("Search text", variant="primary", elem_id="mv-text-search",
+                                        interactive=has_text)
             if not has_text:
                 gr.Markdown("*This encoder has no text tower: search by image.*", elem_id="mv-no-text")
             upload = safe_image(label="Query image (upload or paste)", type="pil", sources=["upload", "clipboard"],
@@ -142,7 +149,8 @@ def build_search_tab(collection: Any, safe_image: Any) -> None:
         try:
             sample_id = int(str(text).strip().lstrip("#"))
         except ValueError:
-            return gr.skip(), gr.skip(), f"⚠️ {md_escape(repr(text))} is not a sample id (a whole number).", None, gr.skip()
+            message = f"⚠️ {md_escape(repr(text))} is not a sample id (a whole number)."
+            return gr.skip(), gr.skip(), message, None, gr.skip()
         return finish({"kind": "id", "id": sample_id}, k, labels, words, index_name)
 
     def on_history(label: str, k, labels, words, index_name, history):
@@ -169,14 +177,84 @@ def build_search_tab(collection: Any, safe_image: Any) -> None:
 
     inputs = [*filters, history_state]
     events = []
+    private = {"api_visibility": "private"}  # the page's own events; programs use build_api_endpoints' ones
     if has_text:
-        events.append(text_button.click(on_text, [query, *inputs], outputs, api_name="search_text"))
-        events.append(query.submit(on_text, [query, *inputs], outputs, api_visibility="private"))
-    events.append(image_button.click(on_image, [upload, *inputs], outputs, api_name="search_image"))
-    events.append(upload.upload(on_image, [upload, *inputs], outputs, api_visibility="private"))
-    events.append(random_button.click(on_random, inputs, outputs, api_name="search_random"))
-    events.append(sample_box.submit(on_sample_id, [sample_box, *inputs], outputs, api_name="search_id"))
+        events.append(text_button.click(on_text, [query, *inputs], outputs, **private))
+        events.append(query.submit(on_text, [query, *inputs], outputs, **private))
+    events.append(image_button.click(on_image, [upload, *inputs], outputs, **private))
+    events.append(upload.upload(on_image, [upload, *inputs], outputs, **private))
+    events.append(random_button.click(on_random, inputs, outputs, **private))
+    events.append(sample_box.submit(on_sample_id, [sample_box, *inputs], outputs, **private))
     events.append(history_box.input(on_history, [history_box, *inputs], outputs, api_visibility="private"))
     events.append(gallery.select(on_select, [ids_state, *inputs], outputs, api_visibility="private"))
     for event in events:
         event.then(record, [entry_state, history_state], [history_box, history_state], api_visibility="private")
+
+
+API_ENDPOINTS = ("search_text", "search_image", "search_id")
+
+
+def api_root_url(request: Any) -> str:
+    """The app's root URL as the caller reached it (for thumbnail URLs); "" when the request is unknown."""
+    inner = getattr(request, "request", None)
+    base = getattr(inner, "base_url", None)
+    return str(base).rstrip("/") if base is not None else ""
+
+
+def build_api_endpoints(collection: Any, safe_image: Any) -> None:
+    """The Gradio endpoints for programs (``gradio_client``), on hidden components so that only the query is
+    required: ``/search_text``, ``/search_image``, ``/search_id``. Each answers ``app.api.run_query``'s
+    ``{"results": [{"id", "key", "shard", "score", "label", "label_id", "caption", "thumbnail"}], ...}``
+    and raises ``gr.Error`` (an exception with the message in the client) for bad input."""
+    import gradio as gr
+
+    from app.api import ApiQuery, run_query
+
+    index_names = list(collection.indexes)
+    with gr.Group(visible=False, elem_id="mv-api"):
+        text_in = gr.Textbox(label="query", visible=False)
+        image_in = safe_image(label="image", type="pil", visible=False)
+        id_in = gr.Number(label="id", precision=0, visible=False)
+        k_in = gr.Number(value=K_DEFAULT, label="k", precision=0, visible=False)
+        labels_in = gr.Dropdown(label_choices(collection.index), value=[], multiselect=True, allow_custom_value=True,
+                                label="labels", visible=False)
+        words_in = gr.Textbox(value="", label="words", visible=False)
+        index_in = gr.Textbox(value=index_names[0], label="index", visible=False)
+        answer = gr.JSON(label="results", visible=False)
+
+    def respond(kind: str, value: Any, k: Any, labels: Any, words: Any, index_name: Any, request: Any) -> dict:
+        try:
+            return run_query(collection, ApiQuery(kind, value, k, labels, words, index_name), api_root_url(request))
+        except SearchError as error:
+            raise gr.Error(str(error), print_exception=False) from error
+        except Exception as error:  # noqa: BLE001 - the client gets the reason, the log the traceback
+            logger.exception("API %s search failed", kind)
+            raise gr.Error(f"Search failed ({type(error).__name__}): {error}", print_exception=False) from error
+
+    def search_text(query: str, k: int = K_DEFAULT, labels: list | None = None, words: str = "",
+                    index: str = index_names[0], request: gr.Request = None) -> dict:
+        """The k samples nearest to a text query (image-text encoders). Answers {"results": [{"id", "key",
+        "shard", "score", "label", "label_id", "caption", "thumbnail"}, ...], "count", "elapsed_ms"}."""
+        if query is None or not str(query).strip():
+            raise gr.Error("Type a text query first.", print_exception=False)
+        return respond("text", str(query), k, labels, words, index, request)
+
+    def search_image(image: Any, k: int = K_DEFAULT, labels: list | None = None, words: str = "",
+                     index: str = index_names[0], request: gr.Request = None) -> dict:
+        """The k samples nearest to an image (``gradio_client.handle_file(path or URL)``). Same answer as
+        /search_text."""
+        return respond("image", image, k, labels, words, index, request)
+
+    def search_id(id: int, k: int = K_DEFAULT, labels: list | None = None, words: str = "",  # noqa: A002
+                  index: str = index_names[0], request: gr.Request = None) -> dict:
+        """"More like this": the k samples nearest to an indexed sample (its id). Same answer as /search_text."""
+        if id is None:
+            raise gr.Error("Give a sample id (a whole number, e.g. a result's id).", print_exception=False)
+        return respond("id", id, k, labels, words, index, request)
+
+    for function in (search_text, search_image, search_id):  # resolved here: this module's annotations are strings
+        function.__annotations__["request"] = gr.Request
+    shared = [k_in, labels_in, words_in, index_in]
+    gr.on([], search_text, [text_in, *shared], answer, api_name="search_text", show_progress="hidden")
+    gr.on([], search_image, [image_in, *shared], answer, api_name="search_image", show_progress="hidden")
+    gr.on([], search_id, [id_in, *shared], answer, api_name="search_id", show_progress="hidden")

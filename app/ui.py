@@ -30,6 +30,8 @@ from app.thumbnails import THUMB_MIN_SIDE, ThumbnailStore, thumbnail  # noqa: F4
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import gradio as gr
 
+PUBLIC_ENDPOINTS = ("search_text", "search_image", "search_id")  # everything else is the page's own business
+
 CSS = """
 #mv-gallery img, #mv-map-gallery img, #mv-cmp-gallery-a img, #mv-cmp-gallery-b img, #mv-upload img, #mv-cmp-upload img {
   image-rendering: pixelated; }
@@ -114,7 +116,7 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
     from app.compare_tab import build_compare_tab
     from app.diagnostics_tab import build_diagnostics_tab
     from app.map_tab import build_map_tab
-    from app.search_tab import build_search_tab
+    from app.search_tab import build_api_endpoints, build_search_tab
 
     if collection is None:
         indexes = {"images": index}
@@ -140,7 +142,22 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
                 build_diagnostics_tab(collection, diagnostics_tab)
             with gr.Tab("Compare", id="compare", elem_id="mv-tab-compare"):
                 build_compare_tab(collection, compare, safe_image)
+        build_api_endpoints(collection, safe_image)
+    hide_internal_endpoints(demo)
+    demo.manyview_collection = collection  # launch_app serves the JSON API (app.api) of it
     return demo
+
+
+def hide_internal_endpoints(demo: "gr.Blocks", public: Sequence[str] = PUBLIC_ENDPOINTS) -> list[str]:
+    """Make every event but the ``public`` API endpoints private: the page still runs them, while
+    ``gradio_client`` neither lists nor calls them (the tabs' handlers take UI state, not a query).
+    Returns the names hidden."""
+    hidden = []
+    for function in demo.fns.values():
+        if function.api_name not in public and function.api_visibility != "private":
+            function.api_visibility = "private"
+            hidden.append(str(function.api_name))
+    return hidden
 
 
 def launch_app(demo: "gr.Blocks", host: str = "127.0.0.1", port: int = 7860, block: bool = True,
@@ -158,6 +175,26 @@ def launch_app(demo: "gr.Blocks", host: str = "127.0.0.1", port: int = 7860, blo
                             prevent_thread_lock=True, show_error=False, footer_links=["settings"], quiet=True,
                             max_file_size=max_upload, auth=list(auth) if auth else None, allowed_paths=[],
                             blocked_paths=list(blocked) or None, ssr_mode=False)
+    collection = getattr(demo, "manyview_collection", None)
+    if collection is not None:
+        from app.api import build_api, mount_api
+        from app.safety import parse_size
+
+        api = build_api(collection, auth=auth, max_upload=parse_size(max_upload),
+                        session_user=lambda request: _session_user(demo, request))
+        mount_api(demo.app, api)
     if block:
         demo.block_thread()
     return str(url)
+
+
+def _session_user(demo: "gr.Blocks", request: Any) -> str | None:
+    """The user logged in on the page (Gradio's login cookie), so the page's own session may use the JSON
+    API too (thumbnail URLs in a logged-in browser)."""
+    app = getattr(demo, "app", None)
+    cookie_id, tokens = getattr(app, "cookie_id", None), getattr(app, "tokens", None)
+    if cookie_id is None or not tokens:
+        return None
+    cookies = request.cookies
+    token = cookies.get(f"access-token-{cookie_id}") or cookies.get(f"access-token-unsecure-{cookie_id}")
+    return tokens.get(token) if token else None

@@ -301,7 +301,7 @@ def test_serving_does_not_import_torch(collection: tuple[Path, Path]) -> None:
         "from app.collection import Collection\n"
         "from app import diagnostics, map_tab\n"
         "c = Collection(encoder=e, indexes={'images': i}, map_points=40, diagnostics_count=40)\n"
-        "assert '<circle' in map_tab.map_html(c)\n"
+        "assert map_tab.MapModel(c).state('PCA', 'label', 10)['count'] == i.count\n"
         "r = diagnostics.compute(c); diagnostics.norm_histogram(r['norms'])\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'open_clip', 'timm'))\n"
         "assert not bad, bad\n"
@@ -458,33 +458,6 @@ def test_weighted_knn_vote_and_zero_shot_by_hand() -> None:
     assert zero_shot_predict(np.eye(2), np.array([[0.0, 1.0], [1.0, 0.0]]), [7, 3]).tolist() == [3, 7]
     assert accuracy(np.array([1, 2, 3, 4]), np.array([1, 0, 3, -1])) == pytest.approx(2 / 3)
     assert recall(np.array([[1, 2, 3], [5, 6, -1]]), np.array([[1, 2, 4], [5, 6, 7]])) == pytest.approx((2 / 3 + 2 / 3) / 2)
-
-
-def test_pca_kmeans_and_view_scaling_by_hand() -> None:
-    from app.map_tab import VIEW, kmeans, pca_2d, to_view
-
-    points = np.array([[2.0, 0.0], [-2.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
-    assert np.allclose(pca_2d(points), points)  # already centred, axes = x then y, signs positive
-    assert np.allclose(pca_2d(points @ np.array([[0.0, 1.0], [1.0, 0.0]])), points)  # swapped columns: same picture
-    rng = np.random.default_rng(0)
-    blobs = np.concatenate([rng.normal(0, 0.1, (20, 4)), rng.normal(5, 0.1, (20, 4))])
-    labels = kmeans(blobs, 2)
-    assert len(set(labels[:20])) == 1 and len(set(labels[20:])) == 1 and labels[0] != labels[-1]
-    scaled = to_view(np.array([[0.0, 0.0], [1.0, 2.0]]), margin=20)
-    assert scaled.tolist() == [[20.0, VIEW - 20.0], [VIEW - 20.0, 20.0]]  # y points up
-
-
-def test_scatter_html_has_one_point_per_sample_and_escapes_labels() -> None:
-    from app.map_tab import colour_groups, scatter_html
-
-    records = [{"label_name": "<b>cat</b>"}, {"label_name": "dog"}, {"label_name": "dog"}]
-    groups, names = colour_groups(records, np.array([1, 0, 1]), "label")
-    assert groups == [0, 1, 1] and names == ["<b>cat</b>", "dog"]
-    assert colour_groups(records, np.array([1, 0, 1]), "cluster") == ([1, 0, 1], ["cluster 0", "cluster 1"])
-    page = scatter_html(np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]]), [10, 2**62, 12], records, groups, names,
-                        b"jpeg", 2, "caption")
-    assert page.count("<circle") == 3 and f'data-id="{2**62}"' in page
-    assert "<b>cat</b>" not in page and "&lt;b&gt;cat&lt;/b&gt;" in page
 
 
 def test_metrics_curve_and_lookup(tmp_path: Path) -> None:
@@ -656,16 +629,16 @@ def test_caption_index_and_full_app(encoder: Any, index: Any, collection: tuple[
     assert {"mv-gallery", "mv-index", "mv-map", "mv-diag-run", "mv-cmp-gallery-a", "mv-cmp-gallery-b"} <= elem_ids
 
 
-def test_map_draws_at_most_map_points(encoder: Any, index: Any) -> None:
+def test_map_draws_every_point_up_to_map_limit(encoder: Any, index: Any) -> None:
     from app.collection import Collection
-    from app.map_tab import map_html
+    from app.map_tab import MapModel
 
-    collection = Collection(encoder=encoder, indexes={"images": index}, map_points=30, diagnostics_count=50)
-    page = map_html(collection, "PCA", "label")
-    assert page.count("<circle") == 30 and "PCA of 30 of 200 indexed images" in page
-    assert "data:image/jpeg;base64," in page  # the hover sprite
-    clustered = map_html(collection, "UMAP", "k-means cluster", 3)  # UMAP falls back to PCA when not installed
-    assert "cluster 2" in clustered and "cluster 3" not in clustered
+    collection = Collection(encoder=encoder, indexes={"images": index}, map_limit=30, diagnostics_count=50)
+    state = MapModel(collection).state("PCA", "label", 10)
+    assert state["count"] == 30 and "PCA of a random 30 of the 200 indexed points" in state["caption"]
+    assert MapModel(Collection(encoder=encoder, indexes={"images": index})).state("PCA", "label", 10)["count"] == 200
+    clustered = MapModel(collection).state("UMAP", "k-means cluster", 3)  # UMAP falls back to PCA when not installed
+    assert {name for name, _, _ in clustered["legend"]} <= {"cluster 0", "cluster 1", "cluster 2"}
 
 
 def test_cached_values_may_use_other_cached_values(encoder: Any, index: Any) -> None:

@@ -243,23 +243,25 @@ def test_history_and_caption_index(page: Any) -> None:
 
 def test_map_renders_and_a_click_opens_neighbours(page: Any) -> None:
     _open_tab(page, "Map")
-    page.wait_for_function("() => document.querySelectorAll('#mv-map circle').length === 150")
-    legend = page.inner_text("#mv-map .mv-legend")
+    page.wait_for_function("() => document.querySelector('#mv-map .mvm-wrap')?.dataset.painted === '200'")  # all
+    legend = page.inner_text("#mv-map .mvm-legend")
     assert "airplane" in legend or "red" in legend, legend  # CIFAR classes, or the generated shard's
-    dot = page.locator("#mv-map circle").nth(3)
-    dot.hover(force=True)
-    page.wait_for_selector("#mv-map .mv-tip", state="visible")
-    assert page.inner_text("#mv-map .mv-tip-text").startswith("#" + dot.get_attribute("data-id"))
-    dot.click(force=True)
+    x, y = page.evaluate("() => document.querySelector('#mv-map .mvm-wrap').mvMap.screenOf(3)")
+    page.mouse.move(x, y)
+    page.wait_for_function("() => document.querySelector('#mv-map .mvm-tip-text').innerText.startsWith('#')")
+    sample_id = page.inner_text("#mv-map .mvm-tip-text").split(" · ")[0]
+    page.mouse.click(x, y)
     page.wait_for_function("() => document.querySelector('#mv-map-status').innerText.includes('8 results for the map point')")
     status = page.inner_text("#mv-map-status")
-    assert f"#{dot.get_attribute('data-id')}" in status, status
+    assert sample_id in status, (sample_id, status)
     page.wait_for_function("() => document.querySelectorAll('#mv-map-gallery .thumbnail-item').length === 8")
     first = page.locator("#mv-map-gallery .thumbnail-item .caption-label").first.inner_text()
     assert first.endswith("score 1.000") or first.endswith("score 0.999"), first
+    page.wait_for_function("() => document.querySelector('#mv-map .mvm-wrap').dataset.highlighted === '8'")
     # Colour by k-means cluster: the legend switches to clusters.
-    page.get_by_label("k-means cluster").check()
-    page.wait_for_function("() => document.querySelector('#mv-map .mv-legend').innerText.includes('cluster 0')")
+    page.locator("#mv-map-colour input").click()
+    page.get_by_role("option", name="k-means cluster").click()
+    page.wait_for_function("() => document.querySelector('#mv-map .mvm-legend').innerText.includes('cluster 0')")
 
 
 def test_diagnostics_and_compare(page: Any, server: dict, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """App latency: p50/p95 of text -> image and image -> image queries through ``gradio_client``, end to end.
 
-    python tests/benchmarks/bench_app_latency.py [--workdir DIR] [--queries 100] [--output tests/benchmarks/RESULTS_app.md]
+    python tests/benchmarks/bench_app_latency.py [--workdir DIR] [--queries 100] [--output FILE.md]
     pytest tests/benchmarks/bench_app_latency.py -m benchmark -s     # the same, as an on-demand test
 
 The collection is all 60,000 CIFAR-10 images (``../shared/data/cifar10``, train + test shards) indexed
@@ -9,13 +9,14 @@ model's quality does not change the latency) and cached in ``--workdir`` (defaul
 ``$TMPDIR/manyview-bench-app``): ``run/`` (model, ONNX), ``index/``. The app runs as ``python -m app``
 in a subprocess on 127.0.0.1, exactly as a user starts it; the client sits in this process.
 
-A query is one ``Client.predict`` call of the Search tab's button endpoint (``/search_text`` with a
-prompt, ``/search_image`` with an uploaded CIFAR test image, k = 8), timed from the call to the
-returned result. Two client modes: ``download`` (gradio_client's default: the 8 result thumbnails are
-fetched too) and ``api`` (``download_files=False``: the result URLs only). The server-side share is the
-"in N ms" figure of the status line (encode + search + read thumbnails). Queries run one at a time,
-after 5 warm-up queries per kind; the shards are read ahead by the app at start (its warm-up thread),
-and the benchmark waits for that before measuring.
+A query is one call of the search API (``app.api``): ``/search_text`` with a prompt or ``/search_image``
+with a CIFAR test image, k = 8, only the query and k given, timed from the call to the parsed answer
+(``{"results": [...]}`` with thumbnail URLs, no image data). Three client modes: ``api``
+(``gradio_client`` ``Client.predict``), ``rest`` (Gradio's REST API with httpx: upload, ``POST
+/gradio_api/call/<api>``, read the event stream) and ``json`` (the plain JSON API, ``POST /api/v1/search``
+with ``text`` or ``image_base64``). The server-side share is the answer's ``elapsed_ms`` (encode + search
++ metadata). Queries run one at a time, after 5 warm-up queries per kind. For many clients at once see
+``bench_api_load.py``.
 
 Every timed answer is also checked (``check_answers``): it must hold the k results with the same labels
 and scores (to 2e-3) as ``app.search.search_vector`` gives in this process for the same query on the same
@@ -29,7 +30,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -43,6 +43,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 TARGET_P50_MS = 100.0
+MODES = ("api", "rest", "json")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TEMPLATES = ["a photo of a {}.", "a blurry photo of a {}", "a {} in the wild", "a small {}", "my {}"]
 
@@ -72,7 +73,8 @@ def prepare(workdir: Path, data: Path) -> tuple[Path, Path]:
         subprocess.run([python, "trainer/pretrain.py", "--objective", "clip", "--train-data",
                         f"{data}/train-{{000000..000009}}.tar.gz", "--output", str(run), "--backbone", "cnn-small",
                         "--batch-size", "64", "--max-steps", "150", "--lr", "2e-3",
-                        "--set", "text={width: 128, heads: 4, layers: 2, context_length: 16}"], cwd=ROOT, env=env, check=True)
+                        "--set", "text={width: 128, heads: 4, layers: 2, context_length: 16}"],
+                       cwd=ROOT, env=env, check=True)
     if not (run / "onnx" / "preprocess.json").exists():
         subprocess.run([python, "-m", "export", "--model", str(run / "model"), "--output", str(run / "onnx")],
                        cwd=ROOT, env=env, check=True)
@@ -117,7 +119,8 @@ class RestClient:
 
     def upload(self, path: str) -> dict:
         with open(path, "rb") as handle:
-            response = self.http.post(f"{self.url}/gradio_api/upload", files=[("files", (Path(path).name, handle, "image/png"))])
+            files = [("files", (Path(path).name, handle, "image/png"))]
+            response = self.http.post(f"{self.url}/gradio_api/upload", files=files)
         response.raise_for_status()
         return {"path": response.json()[0], "meta": {"_type": "gradio.FileData"}}
 
@@ -158,6 +161,36 @@ def gallery_captions(gallery: list) -> list[str]:
         else:
             raise RuntimeError(f"unexpected gallery item {item!r}")
     return captions
+
+
+def result_captions(results: list[dict]) -> list[str]:
+    """The search API's results as ``Hit.caption`` strings (``"ship · score 0.873"``), for ``check_answers``."""
+    return [f"{r.get('label') or r.get('caption') or '#' + str(r['id'])} · score {float(r['score']):.3f}"
+            for r in results]
+
+
+class JsonClient:
+    """The plain JSON API: ``POST /api/v1/search`` with ``text`` or ``image_base64`` (httpx, one connection)."""
+
+    def __init__(self, url: str) -> None:
+        import httpx
+
+        self.url = url.rstrip("/")
+        self.http = httpx.Client(timeout=60)
+
+    def predict(self, query: object, k: int, *_: object, api_name: str) -> dict:
+        if isinstance(query, LocalFile):
+            import base64
+
+            body = {"image_base64": base64.b64encode(Path(query.path).read_bytes()).decode(), "k": k}
+        else:
+            body = {"text": query, "k": k}
+        response = self.http.post(f"{self.url}/api/v1/search", json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def close(self) -> None:
+        self.http.close()
 
 
 def parse_caption(caption: str) -> tuple[str, float]:
@@ -218,42 +251,43 @@ def expected_answers(encoder_dir: Path, index_dir: Path, answers: dict, images: 
 
 
 def measure(url: str, images: list[str], queries: int, mode: str, scratch: Path, answers: dict | None = None) -> dict:
-    """``mode``: ``download`` / ``api`` (gradio_client with / without fetching the result files) or ``rest``.
+    """``mode``: ``api`` (gradio_client), ``rest`` (Gradio's REST API) or ``json`` (``/api/v1/search``).
     ``answers`` collects each timed answer's captions by (kind, query) for ``check_answers``."""
     if mode == "rest":
         client, handle_file = RestClient(url), LocalFile
+    elif mode == "json":
+        client, handle_file = JsonClient(url), LocalFile
     else:
         from gradio_client import Client, handle_file
 
-        client = Client(url, verbose=False, download_files=str(scratch / "downloads") if mode == "download" else False)
-    server_ms = re.compile(r" in (\d+) ms")
+        client = Client(url, verbose=False, download_files=False)
     results = {}
     for kind in ("text", "image"):
         latencies, server = [], []
         for number in range(queries + 5):
             if kind == "text":
                 query = TEMPLATES[number % len(TEMPLATES)].format(CLASSES[number % len(CLASSES)])
-                args, api = (query, 8, [], "", "images"), "/search_text"
+                args, api = (query, 8), "/search_text"
             else:
                 query = images[number % len(images)]
-                args, api = (handle_file(query), 8, [], "", "images"), "/search_image"
+                args, api = (handle_file(query), 8), "/search_image"
+            if mode == "rest":  # Gradio's REST API fills in no defaults: every input is sent
+                args = (*args, [], "", "images")
             start = time.perf_counter()
             output = client.predict(*args, api_name=api)
             elapsed = (time.perf_counter() - start) * 1000
-            gallery = output[0]  # the REST answer also lists the (empty) state outputs
-            status = next((item for item in output[1:] if isinstance(item, str)), "")
-            gallery = gallery.get("value", []) if isinstance(gallery, dict) else gallery
-            if len(gallery) != 8 or "8 results" not in status:
-                raise RuntimeError(f"unexpected answer to {api}: {status!r}, {len(gallery)} results")
+            answer = output[0] if isinstance(output, list) else output  # the REST answer is the list of outputs
+            found = answer.get("results") if isinstance(answer, dict) else None
+            if not isinstance(found, list) or len(found) != 8:
+                raise RuntimeError(f"unexpected answer to {api}: {str(answer)[:300]}")
             if answers is not None:
-                answers.setdefault((kind, query), []).append(gallery_captions(gallery))
+                answers.setdefault((kind, query), []).append(result_captions(found))
             if number >= 5:  # warm-up excluded
                 latencies.append(elapsed)
-                found = server_ms.search(status)
-                if found:
-                    server.append(float(found.group(1)))
+                server.append(float(answer["elapsed_ms"]))
         results[kind] = {"p50_ms": percentile(latencies, 0.5), "p95_ms": percentile(latencies, 0.95),
-                         "mean_ms": statistics.fmean(latencies), "server_p50_ms": percentile(server, 0.5) if server else None,
+                         "mean_ms": statistics.fmean(latencies),
+                         "server_p50_ms": percentile(server, 0.5) if server else None,
                          "queries": len(latencies)}
     if hasattr(client, "close"):
         client.close()
@@ -285,7 +319,7 @@ def run(argv: list[str] | None = None) -> dict:
             info = Index.load(index).info
             time.sleep(float(os.environ.get("BENCH_APP_SETTLE_S", "15")))  # the app's shard warm-up
             answers: dict = {}
-            figures = {mode: measure(url, images, args.queries, mode, scratch, answers) for mode in ("api", "download", "rest")}
+            figures = {mode: measure(url, images, args.queries, mode, scratch, answers) for mode in MODES}
         finally:
             stop(process)
         problems = check_answers(answers, expected_answers(encoder, index, answers, images))
@@ -293,9 +327,11 @@ def run(argv: list[str] | None = None) -> dict:
     import onnxruntime
 
     result = {
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load": os.getloadavg(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load": os.getloadavg(),
+                    "python": platform.python_version(),
                     "gradio": gradio.__version__, "onnxruntime": onnxruntime.__version__},
-        "index": {"factory": info.get("factory"), "count": info.get("count"), "search_params": info.get("search_params"),
+        "index": {"factory": info.get("factory"), "count": info.get("count"),
+                  "search_params": info.get("search_params"),
                   "dim": info.get("dim")},
         "figures": figures,
         "checked": {"queries": len(answers), "answers": sum(len(v) for v in answers.values()), "problems": problems},
@@ -323,13 +359,11 @@ def markdown(result: dict) -> str:
         f"`{index['factory']}` {index['search_params'] or ''} chosen by `index.build`.",
         "",
         "One query at a time against `python -m app` on 127.0.0.1, k = 8, after 5 warm-up queries per kind, "
-        "timed from the call to the parsed answer. *api*: `gradio_client` `Client.predict(..., api_name=...)` "
-        "returning the result list (thumbnail URLs), `download_files=False`; *download*: the same with "
-        "gradio_client's default of also fetching the 8 thumbnail files, one after another; *rest*: Gradio's "
-        "REST API with httpx (upload, `POST /gradio_api/call/<api>`, read the event stream), which is what "
-        "`curl` or a JavaScript client does. gradio_client polls for the answer every 50 ms (`time.sleep(0.05)` "
-        "in `gradio_client.utils.get_pred_from_sse_v1plus`), so its figures come in steps of about 50 ms. "
-        "*server* is the app's own time from the status line (encode + search + reading the thumbnails).",
+        "timed from the call to the parsed answer (`{\"results\": [...]}` with thumbnail URLs). *api*: "
+        "`gradio_client` `Client.predict(query, 8, api_name=...)`; *rest*: Gradio's REST API with httpx "
+        "(upload, `POST /gradio_api/call/<api>`, read the event stream); *json*: the JSON API, "
+        "`POST /api/v1/search` with `text` or `image_base64`. *server* is the answer's `elapsed_ms` "
+        "(encode + search + metadata).",
         "",
         *([f"Answers checked against `app.search.search_vector` in the benchmark process (same encoder and "
            f"index; labels and scores of all 8 results): {result['checked']['answers']} answers to "
@@ -366,7 +400,7 @@ if pytest is not None:
         result = run(argv)
         checked = result["checked"]
         # Every timed answer (3 client modes x 2 kinds x queries + warm-ups) is the in-process search's answer.
-        assert checked["answers"] == 3 * 2 * (int(argv[1]) + 5), checked
+        assert checked["answers"] == len(MODES) * 2 * (int(argv[1]) + 5), checked
         assert not checked["problems"], "\n".join(checked["problems"][:20])
 
 
