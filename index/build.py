@@ -2,17 +2,24 @@
 
     python -m index.build --encoder RUN/onnx --data 'SHARDS/test-*.tar.gz' --output RUN/index
     python -m index.build --embeddings RUN/emb --output RUN/index [--max-memory 8G] [--index FACTORY]
-        [--target-recall 0.95] [--recall-k 10] [--train-size N] [--cpu] [--precision auto|fp32|fp16|int8]
+        [--target-recall 0.95] [--confidence 0.95] [--recall-k 10] [--query-batch 1] [--train-size N] [--cpu]
+        [--precision auto|fp32|fp16|int8]
 
 The index type comes from ``index.select.choose_index`` (Flat -> HNSW32 -> IVF<n>,Flat ->
-OPQ<m>,IVF<n>,PQ<m> as the collection outgrows ``--max-memory``) unless ``--index`` names a faiss
-factory string. IVF indexes are trained on a random sample; then ``nprobe`` / ``efSearch`` are raised
-until recall@k against exact search on held-out queries
-reaches ``--target-recall``; the held-out queries are up to 1000 stored vectors (a tenth of a small
-collection) that join the index only after tuning. With GPUs, training, adding and tuning run there (``index.devices``).
+OPQ<m>,IVF<n>,PQ<m> as the collection outgrows ``--max-memory``; for searches of many queries per call,
+``--query-batch`` >= 64, fast-scan IVF-PQ with exact re-ranking, ``PCA<p>,IVF<n>,PQ<p>x4fs,RFlat``) unless
+``--index`` names a faiss factory string. IVF indexes are trained on a random sample; then ``nprobe`` /
+``efSearch`` (and ``k_factor_rf``, the re-ranking depth of ``,RFlat`` indexes) are raised until a one-sided
+``--confidence`` lower bound on recall@k against exact search on held-out queries reaches
+``--target-recall`` (``index.tune.recall_lower_bound``: the recorded recall then holds on new queries, not
+only on the tuning sample; ``--confidence 0`` compares the sample mean instead). The held-out queries are
+up to 1000 stored vectors (a tenth of a small collection) that join the index only after tuning. Speeds
+are timed ``--query-batch`` queries per call. With GPUs, training, adding and tuning run there
+(``index.devices``).
 
 Writes, into ``--output`` (``index.store``): ``index.json`` (factory, metric, dim, count, choice reason,
-training sample size, tuned search parameters, achieved recall and latency, build times, encoder
+query batch, training sample size, tuned search parameters, achieved recall with its lower bound, method
+and confidence under ``recall``, latency, build times, encoder
 identity: directory, fingerprint, ``encoder_variant`` and ``encoder_provider``) naming ``index-<gen>.faiss`` and ``metadata-<gen>.parquet`` (id, key, shard, label,
 label_name, caption). Embeddings are L2-normalised: inner product is cosine similarity. No torch.
 """
@@ -34,7 +41,7 @@ from index import devices
 from index.select import IndexChoice, choose_index, default_max_memory, describe_factory, parse_memory, train_size_for
 from index.sources import ArraySource, EmbeddingsSource, ShardSource
 from index.store import commit, writer_lock
-from index.tune import exact_neighbours, tune
+from index.tune import DEFAULT_CONFIDENCE, exact_neighbours, tune
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +52,13 @@ TUNE_QUERIES = 1000
 MIN_TUNE_COUNT = 20  # smaller collections are exact anyway; nothing to tune
 
 
-def resolve_choice(count: int, dim: int, factory: str | None, max_memory: int | None) -> IndexChoice:
+def resolve_choice(count: int, dim: int, factory: str | None, max_memory: int | None,
+                   query_batch: int = 1) -> IndexChoice:
     """``choose_index`` unless ``factory`` is given, in which case it is checked and described."""
     import faiss
 
     if factory is None:
-        return choose_index(count, dim, max_memory)
+        return choose_index(count, dim, max_memory, query_batch=query_batch)
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as error:
@@ -86,6 +94,42 @@ def new_index(dim: int, factory: str) -> Any:
     return index
 
 
+def uncentre_projections(index: Any, sample: np.ndarray) -> int:
+    """Train the ``PCA<d>`` transforms of an inner-product ``index`` (inside IDMap / re-ranking wrappers)
+    as projections that keep inner products; returns how many were trained so.
+
+    Why: PCA keeps the top directions of the covariance and subtracts the training mean, and for inner
+    products neither is right. <P(x - m), P(q - m)> ranks the stored x for a query shifted by -m; and
+    embeddings sit in a cone around their mean, so the mean direction carries a large share of every
+    inner product while varying little between vectors: PCA drops it, and <x, q> loses x's component
+    along it times q's (large) one, which differs from x to x. The projection that best keeps <x, q>
+    for queries like the data is onto the top eigenvectors of the second moment E[x x^T] (not the
+    covariance): PCA of the sample together with its mirror image -x (whose mean is zero), with the bias
+    dropped, so the transform is the linear map Px. Must run before the rest of the index is trained,
+    so that its centroids and codebooks see the same transform.
+    """
+    import faiss
+
+    inner = faiss.downcast_index(index)
+    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexRefine)):
+        inner = faiss.downcast_index(inner.base_index if isinstance(inner, faiss.IndexRefine) else inner.index)
+    if not isinstance(inner, faiss.IndexPreTransform) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
+        return 0
+    changed, current = 0, np.ascontiguousarray(sample, dtype=np.float32)
+    for position in range(inner.chain.size()):
+        transform = faiss.downcast_VectorTransform(inner.chain.at(position))
+        if not transform.is_trained:
+            if isinstance(transform, faiss.PCAMatrix):
+                transform.train(np.ascontiguousarray(np.concatenate([current, -current])))
+                transform.b.resize(0)
+                transform.have_bias = False
+                changed += 1
+            else:
+                transform.train(current)
+        current = transform.apply(current)
+    return changed
+
+
 def gather_rows(source: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(vectors, ids)`` of the given global row numbers (sorted), in one pass over the source."""
     rows = np.sort(np.asarray(rows, dtype=np.int64))
@@ -117,8 +161,14 @@ def build_from_source(
     train_size: int | None = None,
     use_gpu: bool | None = None,
     seed: int = 0,
+    confidence: float | None = DEFAULT_CONFIDENCE,
+    query_batch: int = 1,
 ) -> tuple[dict, Any]:
-    """Choose, train, fill, tune and (unless ``output_dir`` is None) write an index; ``(info, cpu_index)``."""
+    """Choose, train, fill, tune and (unless ``output_dir`` is None) write an index; ``(info, cpu_index)``.
+
+    ``confidence``: the tuned recall must hold as a one-sided lower bound at this level (None: the sample
+    mean); ``query_batch``: queries per search call the index is meant for (choice and timing).
+    """
     import pyarrow as pa
 
     started = time.perf_counter()
@@ -127,8 +177,10 @@ def build_from_source(
         raise ValueError("empty collection: there is nothing to index")
     if recall_k is not None and recall_k >= count:
         raise ValueError(f"--recall-k {recall_k} must be smaller than the collection ({count} vectors)")
+    if query_batch < 1:
+        raise ValueError(f"--query-batch must be at least 1, got {query_batch}")
     budget = default_max_memory() if max_memory is None else int(max_memory)
-    choice = resolve_choice(count, dim, factory, budget)
+    choice = resolve_choice(count, dim, factory, budget, query_batch)
     cpu_index = new_index(dim, choice.factory)
     rng = np.random.default_rng(seed)
     order = rng.permutation(count)
@@ -146,6 +198,7 @@ def build_from_source(
     if not cpu_index.is_trained:
         logger.info("training %s on %d vectors", choice.factory, train_count)
         try:
+            uncentre_projections(cpu_index, train_vectors)
             cpu_index = devices.train(cpu_index, train_vectors, use_gpu)
         except RuntimeError as error:
             raise ValueError(f"training {choice.factory!r} on {train_count} vectors failed: {str(error).strip()}") from error
@@ -173,12 +226,15 @@ def build_from_source(
         blocks = ((vectors[keep], ids[keep]) for vectors, ids in _id_blocks(source) for keep in [~np.isin(ids, query_ids)])
         truth = exact_neighbours(queries, blocks, k)
         limit = min(choice.nlist, devices.GPU_MAX_NPROBE) if keep_alive is not None else choice.nlist
-        tuning = tune(index, choice.family, queries, truth.ids, k, target_recall, nlist=limit)
+        tuning = tune(index, choice.family, queries, truth.ids, k, target_recall, nlist=limit, confidence=confidence,
+                      batch_size=query_batch)
         index.add_with_ids(queries, query_ids)
     else:
-        tuning = {"params": {}, "recall": None, "k": 0, "queries": 0, "target": target_recall, "reached": False}
+        tuning = {"params": {}, "recall": None, "lower_bound": None, "k": 0, "queries": 0, "target": target_recall,
+                  "reached": False}
     if not tuning.get("reached", True) and query_count:
-        logger.warning("recall@%d %.3f is below the target %.3f at %s", k, tuning["recall"], target_recall, tuning["params"])
+        logger.warning("recall@%d %.3f (lower bound %s) is below the target %.3f at %s", k, tuning["recall"],
+                       tuning.get("lower_bound"), target_recall, tuning["params"])
     timings["tune_seconds"] = round(time.perf_counter() - tick, 3)
     cpu_index = devices.to_cpu(index, keep_alive)
     info = {
@@ -189,6 +245,7 @@ def build_from_source(
         "count": int(cpu_index.ntotal),
         "count_at_build": int(cpu_index.ntotal),
         "choice": {"reason": choice.reason, "estimated_bytes": choice.estimated_bytes, "max_memory": budget},
+        "query_batch": int(query_batch),
         "train_size": train_count,
         "search_params": tuning["params"],
         "recall": tuning,
@@ -221,6 +278,8 @@ def build_index(
     recall_k: int | None = None,
     train_size: int | None = None,
     precision: str = "auto",
+    confidence: float | None = DEFAULT_CONFIDENCE,
+    query_batch: int = 1,
 ) -> dict:
     """Embed ``data_spec`` through ``encoder_dir`` (or read ``embeddings``) and write a tuned index.
 
@@ -244,7 +303,8 @@ def build_index(
     if isinstance(max_memory, str):
         max_memory = parse_memory(max_memory)
     info, _ = build_from_source(source, output_dir, factory=factory, max_memory=max_memory, target_recall=target_recall,
-                                recall_k=recall_k, train_size=train_size, use_gpu=use_gpu)
+                                recall_k=recall_k, train_size=train_size, use_gpu=use_gpu, confidence=confidence,
+                                query_batch=query_batch)
     return info
 
 
@@ -265,7 +325,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--index", dest="factory", help="faiss factory string, e.g. 'IVF4096,Flat' (default: chosen)")
     parser.add_argument("--max-memory", help="memory budget for the index, e.g. 8G (default: half the RAM)")
     parser.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL, help="recall@k to tune for (0.95)")
+    parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                        help="the target must hold as a one-sided lower bound at this level (0.95; 0: sample mean)")
     parser.add_argument("--recall-k", type=int, default=None, help="k of the tuned recall (default 10)")
+    parser.add_argument("--query-batch", type=int, default=1,
+                        help="queries per search call the index serves (1: the app; >= 64 favours fast-scan PQ)")
     parser.add_argument("--train-size", type=int, default=None, help="training sample size (default: from the index)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per encoder call (default 256)")
     parser.add_argument("--limit", type=int, default=None, help="index at most this many images")
@@ -289,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress, use_gpu=False if args.cpu else None, embeddings=args.embeddings,
             factory=args.factory, max_memory=args.max_memory, target_recall=args.target_recall,
             recall_k=args.recall_k, train_size=args.train_size, precision=args.precision,
+            confidence=args.confidence or None, query_batch=args.query_batch,
         )
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -198,13 +198,16 @@ def stored_ids(index: Any) -> np.ndarray | None:
 
 def stored_vectors(index: Any, chunk: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
     """``(float32 [n, D], ids [n])`` blocks of the exact stored vectors, for indexes that keep them
-    (Flat, HNSW over Flat storage, IVF-Flat); None for compressed ones (PQ), whose exact vectors
+    (Flat, HNSW over Flat storage, IVF-Flat, any index with exact re-ranking ``,RFlat``, whose refine stage
+    holds them in id-map order); None for compressed ones (PQ), whose exact vectors
     must come from the embeddings they were built from."""
     import faiss
 
     outer = faiss.downcast_index(index)
     if hasattr(outer, "id_map"):
         inner = faiss.downcast_index(outer.index)
+        if isinstance(inner, faiss.IndexRefine):  # ",RFlat": the re-ranking stage keeps the exact vectors
+            inner = faiss.downcast_index(inner.refine_index)
         if not isinstance(inner, (faiss.IndexFlat, faiss.IndexHNSWFlat)):
             return None
         ids = faiss.vector_to_array(outer.id_map).astype(np.int64)

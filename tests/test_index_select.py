@@ -4,16 +4,29 @@ from __future__ import annotations
 import pytest
 
 from index.select import (
+    BATCH_MIN,
     EXACT_MAX,
     choose_index,
     describe_factory,
     estimate_bytes,
     nlist_for,
     parse_memory,
+    projection_dim,
     train_size_for,
 )
 
 GiB, MiB = 1 << 30, 1 << 20
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_faiss_thread():
+    """faiss's OpenMP threads spin when the shared 2-core machine is oversubscribed (PQ training on 2,000
+    vectors took 44 s instead of 1); the indexes here are tiny, so one thread is faster and steadier."""
+    faiss = pytest.importorskip("faiss")
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)
 
 
 def test_parse_memory() -> None:
@@ -106,7 +119,7 @@ def test_refined_ivf_pq_keeps_sample_ids():
     vectors = rng.standard_normal((2000, 16)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.arange(2000, dtype=np.int64) * 7 + 1000
-    index = new_index(16, "IVF16,PQ4,RFlat")
+    index = new_index(16, "IVF16,PQ4x4fs,RFlat")  # 4-bit fast-scan: trains in 0.2 s (8-bit PQ4: 7-17 s in CI)
     index.train(vectors)
     index.add_with_ids(vectors, ids)
     _, found = index.search(vectors[:5], 1)
@@ -126,3 +139,34 @@ def test_nprobe_widens_an_hnsw_coarse_quantizer():
     set_search_params(index, {"nprobe": 48})
     quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
     assert faiss.extract_index_ivf(index).nprobe == 48 and quantizer.hnsw.efSearch >= 48
+
+
+def test_batches_choose_fast_scan_with_re_ranking() -> None:
+    """Many queries per call: fast-scan IVF-PQ over a dim/4 projection with exact re-ranking (HNSW's graph walk
+    does not batch; see RESULTS_index.md); one query per call keeps HNSW. Small collections stay exact."""
+    count, dim = 1_000_000, 128
+    assert choose_index(count, dim, 8 * GiB).factory == "HNSW32"
+    assert choose_index(count, dim, 8 * GiB, query_batch=BATCH_MIN - 1).factory == "HNSW32"
+    batched = choose_index(count, dim, 8 * GiB, query_batch=1000)
+    assert batched.factory == "PCA32,IVF1024,PQ32x4fs,RFlat" and batched.family == "ivfpq"
+    assert batched.nlist == 1024 and batched.pq_bytes == 16 and "1000 queries per call" in batched.reason
+    # full vectors (for re-ranking) + ids + 16-byte codes + centroids + projection
+    assert batched.estimated_bytes == count * (512 + 8 + 16) + 1024 * 4 * 32 + 4 * 128 * 32
+    assert describe_factory(batched.factory) == "ivfpq"
+    assert choose_index(60_000, 256, GiB, query_batch=1000).factory == "PCA64,IVF256,PQ64x4fs,RFlat"
+    assert choose_index(EXACT_MAX, 128, GiB, query_batch=1000).factory == "Flat"
+    # when the full vectors do not fit, batches fall back to the compressed choices
+    assert choose_index(count, dim, 200 * MiB, query_batch=1000).factory == "OPQ64,IVF4096,PQ64"
+    assert projection_dim(128) == 32 and projection_dim(512) == 128
+    assert projection_dim(40) == 16 and projection_dim(9) == 8
+    with pytest.raises(ValueError, match="query batch must be at least 1"):
+        choose_index(count, dim, GiB, query_batch=0)
+
+
+def test_batched_choice_is_a_valid_factory() -> None:
+    faiss = pytest.importorskip("faiss")
+    for count, dim in ((10**6, 128), (60_000, 256), (100_000, 96)):
+        choice = choose_index(count, dim, 64 * GiB, query_batch=256)
+        index = faiss.index_factory(dim, choice.factory, faiss.METRIC_INNER_PRODUCT)  # owns the C++ object
+        assert isinstance(faiss.downcast_index(index), faiss.IndexRefineFlat)
+        assert faiss.extract_index_ivf(index).nlist == choice.nlist

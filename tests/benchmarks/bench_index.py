@@ -2,6 +2,7 @@
 
     python tests/benchmarks/bench_index.py --dataset mixture [--count 1000000] [--types 'IVF4096,Flat;HNSW32']
     python tests/benchmarks/bench_index.py --dataset cifar [--data ../shared/data/cifar10] --output RESULTS.md
+    python tests/benchmarks/bench_index.py --dataset cifar-heldout [--count 20000] [--queries 1000] [--seeds 5]
 
 Datasets:
 * ``mixture``: ``--count`` x 128 float32 unit vectors, a hard mixture (``hard_mixture``): 4000 overlapping
@@ -12,15 +13,18 @@ Datasets:
 * ``cifar``: the 60,000 CIFAR-10 images embedded by a randomly initialised cnn-small exported here
   (``trainer/pretrain.py --max-steps 0`` + ``python -m export``); queries: 1000 of those images, held out
   of the index (59,000 indexed). ``--workdir`` caches the embeddings (``cifar_embeddings.npy``).
+* ``cifar-heldout`` (``heldout_target``): does a target recall tuned at build time hold for new images?
+  ``--count`` train images and ``--queries`` test images through a trained model (the app benchmark's).
 
-Each index is built with ``index.build.build_arrays`` (training on ``--train-size`` sampled vectors),
-except IVF-PQ with exact re-ranking (factory strings ending in ``,RFlat``: ``IndexRefineFlat`` over
-``IVF<n>,PQ<m>``, which ``index.build`` cannot fill with explicit ids), built here with faiss directly;
-its re-ranking depth is ``--refine-factor`` x k PQ candidates. Then nprobe / efSearch is raised
-(``index.tune.tune``) until recall@10 on the tuning queries reaches ``--target-recall``, and the index
-is measured on the test queries. Exact search (``IndexFlatIP``) is timed interleaved with each index,
-``--repeats`` times, medians reported, because the machine is shared. When faiss sees a GPU, GPU rows
-(exact Flat and each IVF index at its tuned nprobe, through ``index.devices.to_gpu``) are added beside
+Each index is built with ``index.build.build_arrays`` (training on ``--train-size`` sampled vectors;
+``auto``: ``index.select``'s choice for one query per call, ``auto-batch``: for ``--query-batch`` queries per
+call, e.g. ``PCA32,IVF1024,PQ32x4fs,RFlat``, fast-scan IVF-PQ with exact re-ranking). Then nprobe /
+efSearch (and ``k_factor_rf`` for ``,RFlat`` indexes, chosen by speed at ``--query-batch`` queries per call)
+is raised (``index.tune.tune``) until the 95% lower confidence bound (``--confidence``) of recall@10 on the
+tuning queries reaches ``--target-recall``, and the index is measured on the test queries. Exact search
+(``IndexFlatIP``) is timed interleaved with each index, ``--repeats`` times, medians reported, because the
+machine is shared. When faiss sees a GPU, GPU rows (exact Flat and each IVF index at its tuned nprobe,
+through ``index.devices.to_gpu``) are added beside
 the CPU ones. Results: one JSON line per index in ``--jsonl``, a Markdown table.
 """
 from __future__ import annotations
@@ -40,8 +44,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 DEFAULT_DATA = str(ROOT.parent / "shared" / "data" / "cifar10")
+AUTO_LABELS = {"auto": " (auto)", "auto-batch": " (auto, batch)"}
 DEFAULT_TYPES = {
-    "mixture": "IVF4096,Flat;IVF4096,PQ32,RFlat;HNSW32",
+    "mixture": "IVF4096,Flat;auto-batch;HNSW32",
     "cifar": "HNSW32;IVF1024,Flat;OPQ32,IVF1024,PQ32;auto",
 }
 
@@ -93,6 +98,81 @@ def _embed(run: Path, data: str) -> np.ndarray:
     return np.concatenate([vectors for vectors, _ in source.blocks()])
 
 
+def trained_cifar_embeddings(data: str, app_workdir: Path, train: int, test: int,
+                             cache: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(train vectors, test vectors)``: the first ``train`` CIFAR-10 train images and the first ``test`` test
+    images through the trained clip model of ``bench_app_latency.prepare`` (150 steps; cached in
+    ``app_workdir``, shared with the app benchmark), cached as .npy in ``cache``."""
+    paths = cache / f"cifar_train{train}.npy", cache / f"cifar_test{test}.npy"
+    if all(path.exists() for path in paths):
+        return np.load(paths[0]), np.load(paths[1])
+    from index.sources import ShardSource
+
+    encoder = app_workdir / "run" / "onnx"
+    if not (encoder / "preprocess.json").exists():  # train + export (+ its 60k index) once, as the app benchmark does
+        import fcntl
+
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_app_latency import prepare
+
+        with open(f"{app_workdir}.build.lock", "a+") as lock:  # the app benchmark's own lock: one builder at a time
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            encoder, _ = prepare(app_workdir, Path(data))
+    vectors = []
+    for spec, limit in ((f"{data}/train-*.tar.gz", train), (f"{data}/test-*.tar.gz", test)):
+        source = ShardSource(encoder, spec, batch_size=256, limit=limit, progress=False)
+        vectors.append(np.concatenate([block for block, _ in source.blocks()]))
+    cache.mkdir(parents=True, exist_ok=True)
+    for path, array in zip(paths, vectors):
+        np.save(path, array)
+    return vectors[0], vectors[1]
+
+
+def heldout_target(args: argparse.Namespace, workdir: Path) -> dict:
+    """Does the recorded recall hold for new images? ``index.build`` (``build_arrays``) on ``--count`` CIFAR-10
+    train embeddings of a trained model, tuned on held-out stored vectors as always, once with the sample
+    mean crossing the target (``confidence=None``, the old rule) and once with the 95% lower bound; each
+    is then measured on ``--queries`` CIFAR-10 test images (never indexed) against exact search. Repeated
+    for ``--seeds`` build seeds (which stored vectors are the tuning sample)."""
+    import faiss
+
+    from index.build import build_arrays
+    from index.tune import recall_at
+
+    count = 20_000 if args.count == 1_000_000 else args.count  # the mixture's default is not this set's
+    base, queries = trained_cifar_embeddings(args.data, Path(args.app_workdir), count, args.queries, workdir)
+    exact = faiss.IndexFlatIP(base.shape[1])
+    exact.add(base)
+    truth = exact.search(queries, 10)[1]
+    rows = []
+    for seed in range(args.seeds):
+        for confidence in (None, args.confidence):
+            info, index = build_arrays(base, None, ids=np.arange(len(base)), factory=args.types or "IVF256,Flat",
+                                       target_recall=args.target_recall, confidence=confidence, seed=seed)
+            found = index.search(queries, 10)[1]
+            tuned = info["recall"]
+            rows.append({"seed": seed, "rule": "sample mean" if confidence is None else f"{confidence:.0%} lower bound",
+                         "params": info["search_params"], "recorded": tuned["recall"],
+                         "lower_bound": tuned.get("lower_bound"), "tuning_queries": tuned["queries"],
+                         "held_out": round(recall_at(found, truth, 10), 4), "target": args.target_recall})
+            print(json.dumps(rows[-1]), flush=True)
+    lines = [f"### Target recall on held-out images: `{args.types or 'IVF256,Flat'}`, {len(base):,} CIFAR-10 train "
+             f"embeddings, {len(queries):,} test images", "",
+             "| seed | rule | search params | recorded recall@10 (tuning sample) | lower bound | held-out recall@10 | "
+             "held-out >= target |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        params = ", ".join(f"{k} {v}" for k, v in row["params"].items())
+        bound = "-" if row["lower_bound"] is None else f"{row['lower_bound']:.4f}"
+        lines.append(f"| {row['seed']} | {row['rule']} | {params} | {row['recorded']:.4f} | {bound} | "
+                     f"{row['held_out']:.4f} | {'yes' if row['held_out'] >= row['target'] else '**no**'} |")
+    markdown = "\n".join(lines) + "\n"
+    print(markdown)
+    if args.output:
+        with open(args.output, "a", encoding="utf-8") as handle:
+            handle.write(markdown + "\n")
+    return {"rows": rows, "markdown": markdown, "target_recall": args.target_recall}
+
+
 def recall10(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(a[a >= 0], b)) / 10 for a, b in zip(found[:, :10], truth[:, :10])]))
 
@@ -118,22 +198,6 @@ def machine() -> dict:
 
     return {"cpu": model, "cores": os.cpu_count(), "faiss": faiss.__version__, "gpus": faiss.get_num_gpus(),
             "python": platform.python_version(), "load_at_start": os.getloadavg()}
-
-
-def build_refine(base: np.ndarray, factory: str, train_size: int, refine_factor: int) -> tuple[dict, object]:
-    """IVF-PQ with exact re-ranking (``...,RFlat``): train on a sample, add everything (ids = row numbers)."""
-    import faiss
-
-    index = faiss.index_factory(base.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    sample = base[np.random.default_rng(0).choice(len(base), size=min(train_size, len(base)), replace=False)]
-    tick = time.perf_counter()
-    index.train(sample)
-    train_seconds = time.perf_counter() - tick
-    index.add(base)
-    faiss.downcast_index(index).k_factor = refine_factor
-    nlist = faiss.extract_index_ivf(index).nlist
-    return {"factory": factory, "family": "ivfpq", "train_seconds": round(train_seconds, 1), "nlist": nlist,
-            "train_size": len(sample)}, index
 
 
 def build_hnsw(base: np.ndarray, factory: str, ef_construction: int) -> tuple[dict, object]:
@@ -168,20 +232,26 @@ def gpu_rows(index, exact, queries, truth, factory: str, params: dict, repeats: 
 
 def run(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=("mixture", "cifar"), default="mixture")
+    parser.add_argument("--dataset", choices=("mixture", "cifar", "cifar-heldout"), default="mixture")
     parser.add_argument("--count", type=int, default=1_000_000)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--tune-queries", type=int, default=500)
     parser.add_argument("--types", default=None, help="';'-separated factory strings ('auto': index.select's choice)")
     parser.add_argument("--target-recall", type=float, default=0.95)
     parser.add_argument("--train-size", type=int, default=160_000, help="IVF training sample (k-means, PQ codebooks)")
-    parser.add_argument("--refine-factor", type=int, default=8, help="RFlat: re-rank this many x k PQ candidates")
     parser.add_argument("--ef-construction", type=int, default=None,
                         help="build HNSW indexes directly with this efConstruction (default: index.build's, 40)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--single", type=int, default=100, help="also time this many queries one per call (0: skip)")
     parser.add_argument("--data", default=DEFAULT_DATA)
     parser.add_argument("--workdir", default=None)
+    parser.add_argument("--app-workdir", default=os.path.join(tempfile.gettempdir(), "manyview-bench-app"),
+                        help="cifar-heldout: where bench_app_latency keeps its trained model (reused)")
+    parser.add_argument("--seeds", type=int, default=5, help="cifar-heldout: build seeds (tuning samples) to try")
+    parser.add_argument("--confidence", type=float, default=0.95,
+                        help="tune until this one-sided lower bound on recall reaches the target (0: sample mean)")
+    parser.add_argument("--query-batch", type=int, default=1000,
+                        help="queries per call when tuning chooses between settings by speed (k_factor_rf)")
     parser.add_argument("--jsonl", default=None, help="append one JSON line per index here")
     parser.add_argument("--output", default=None, help="append the Markdown section to this file")
     args = parser.parse_args(argv)
@@ -193,6 +263,8 @@ def run(argv: list[str] | None = None) -> dict:
     from index.tune import tune
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-index-"))
+    if args.dataset == "cifar-heldout":
+        return heldout_target(args, workdir)
     info = machine()
     started = time.perf_counter()
     if args.dataset == "mixture":
@@ -217,25 +289,26 @@ def run(argv: list[str] | None = None) -> dict:
     types = (args.types or DEFAULT_TYPES[args.dataset]).split(";")
     for factory in types:
         tick = time.perf_counter()
-        if factory.upper().endswith(",RFLAT"):
-            index_info, index = build_refine(base, factory, args.train_size, args.refine_factor)
-        elif args.ef_construction and factory.upper().startswith("HNSW"):
+        if args.ef_construction and factory.upper().startswith("HNSW"):
             index_info, index = build_hnsw(base, factory, args.ef_construction)
-        else:
-            index_info, index = build_arrays(base, None, ids=ids, factory=None if factory == "auto" else factory,
+        else:  # "auto": index.select's choice for one query per call; "auto-batch": for --query-batch per call
+            chosen = None if factory.startswith("auto") else factory
+            index_info, index = build_arrays(base, None, ids=ids, factory=chosen,
                                              target_recall=args.target_recall, tune_queries=0,
-                                             train_size=args.train_size)
+                                             train_size=args.train_size,
+                                             query_batch=args.query_batch if factory == "auto-batch" else 1)
         build_seconds = time.perf_counter() - tick
-        # Tuned on fresh draws (never indexed), measured on other fresh draws below.
+        # Tuned on fresh draws (never indexed), measured on other fresh draws below. Re-ranking indexes
+        # (",RFlat") get k_factor_rf tuned too, choosing by speed at --query-batch queries per call.
         nlist = faiss.extract_index_ivf(index).nlist if index_info["family"] in ("ivf", "ivfpq") else 0
-        tuned = tune(index, index_info["family"], tuning, tuning_truth, 10, args.target_recall, nlist=nlist)
+        tuned = tune(index, index_info["family"], tuning, tuning_truth, 10, args.target_recall, nlist=nlist,
+                     confidence=args.confidence or None, batch_size=args.query_batch)
         size = len(faiss.serialize_index(index))
         row = {"dataset": args.dataset, "count": len(base), "factory": index_info["factory"], "requested": factory,
                "build_s": round(build_seconds, 1), "train_s": index_info["train_seconds"], "bytes": size,
                "params": tuned["params"], "tuned_recall@10": tuned["recall"], "reached": tuned["reached"],
+               "tuned_lower_bound": tuned["lower_bound"],
                "train_size": index_info.get("train_size")}
-        if factory.upper().endswith(",RFLAT"):
-            row["refine"] = f"k_factor {args.refine_factor}"
         if index_info["family"] in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(index)
             saved = ivf.nprobe
@@ -303,9 +376,7 @@ def to_markdown(args, info, rows, exact_row, format_bytes, hardness=None, gpu=()
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         params = ", ".join(f"{k} {v}" for k, v in (row["params"] or {}).items()) or "-"
-        if row.get("refine"):
-            params += f", {row['refine']}"
-        lines.append(f"| `{row['factory']}`{' (auto)' if row['requested'] == 'auto' else ''} | {row['build_s']} "
+        lines.append(f"| `{row['factory']}`{AUTO_LABELS.get(row['requested'], '')} | {row['build_s']} "
                      f"({row['train_s']}) | {format_bytes(row['bytes'])} | {params} | {row['recall@10']:.3f} | "
                      f"{row.get('recall@10_nprobe1', '-')} | {row['qps']:.0f} | {row['exact_qps']:.0f} | {row['speedup']}x | "
                      f"{row.get('qps_single', '-')} | {row.get('exact_qps_single', '-')} | {row.get('speedup_single', '-')}x |")

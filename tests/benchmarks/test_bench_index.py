@@ -1,11 +1,12 @@
 """Index benchmark (``bench_index.py``) as an on-demand test: ``make benchmark`` (never in the default run).
 
 Environment: BENCH_INDEX_COUNT (vectors of the hard mixture, 1000000), BENCH_INDEX_TYPES (';'-separated
-factory strings, default: IVF4096,Flat;IVF4096,PQ32,RFlat;HNSW32), BENCH_INDEX_REPEATS (3),
+factory strings, default: IVF4096,Flat;auto-batch;HNSW32), BENCH_INDEX_REPEATS (3),
 BENCH_INDEX_CIFAR (1: also the 60,000 CIFAR-10 embeddings when the shards are there),
 BENCH_OUTPUT (append the Markdown tables to this file), BENCH_CHECK_TARGETS (1: fail unless the set is
 hard, recall@10 of IVF4096,Flat at nprobe=1 < 0.5, and some index reaches recall@10 >= 0.95 at >= 50x the
-queries/s of exact search on the mixture, batched or one query per call; 0: only the correctness checks).
+queries/s of exact search on the mixture with 1000 queries per call, and some (maybe another) one query per
+call; 0: only the correctness checks). ``test_target_recall_holds_on_cifar_test_images``: BENCH_INDEX_SEEDS (5).
 The committed figures: ``tests/benchmarks/RESULTS_index.md``.
 
 Whatever the environment, every run is checked for correctness (``check_recall``): exact top-10 recomputed
@@ -82,11 +83,11 @@ def test_index_types_against_exact(tmp_path):
     result = driver.run(argv)
     check_recall(result, held_out_tolerance=0.02)
     if _env("BENCH_CHECK_TARGETS", "1") == "1":
-        def speedup(row: dict) -> float:  # batched or one query per call, whichever the index does better in
-            return max(row["speedup"], row.get("speedup_single", 0)) if row["recall@10"] >= 0.95 else 0.0
-
+        good = [row for row in result["rows"] if row["recall@10"] >= 0.95]
         assert result["hardness"] is None or result["hardness"] < 0.5, "the set is too easy:\n" + result["markdown"]
-        assert max(map(speedup, result["rows"])) >= 50, "target missed:\n" + result["markdown"]
+        assert max([row["speedup"] for row in good] or [0]) >= 50, "batched target missed:\n" + result["markdown"]
+        assert max([row.get("speedup_single", 0) for row in good] or [0]) >= 50, (
+            "one-query target missed:\n" + result["markdown"])
 
 
 @pytest.mark.benchmark
@@ -100,6 +101,24 @@ def test_cifar_embeddings(tmp_path):
     if os.environ.get("BENCH_OUTPUT"):
         argv += ["--output", os.environ["BENCH_OUTPUT"]]
     check_recall(driver.run(argv), held_out_tolerance=0.02)
+
+
+@pytest.mark.benchmark
+def test_target_recall_holds_on_cifar_test_images(tmp_path):
+    """IVF256,Flat on 20,000 CIFAR-10 train embeddings of a trained model, target recall@10 0.95: with the 95%
+    lower bound the recall measured on 1,000 test images (never indexed, never used for tuning) reaches the
+    target for every build seed; the sample-mean rule is reported beside it."""
+    driver = _driver()
+    if not os.path.exists(os.path.join(driver.DEFAULT_DATA, "test-000000.tar.gz")):
+        pytest.skip(f"CIFAR-10 shards not found at {driver.DEFAULT_DATA}")
+    argv = ["--dataset", "cifar-heldout", "--count", "20000", "--queries", "1000", "--types", "IVF256,Flat",
+            "--seeds", _env("BENCH_INDEX_SEEDS", "5"), "--workdir", str(tmp_path)]
+    if os.environ.get("BENCH_OUTPUT"):
+        argv += ["--output", os.environ["BENCH_OUTPUT"]]
+    result = driver.run(argv)
+    bounded = [row for row in result["rows"] if row["lower_bound"] is not None]
+    assert bounded and all(row["lower_bound"] >= 0.95 for row in bounded), result["markdown"]
+    assert all(row["held_out"] >= 0.95 for row in bounded), result["markdown"]
 
 
 def test_small_index_benchmark_is_right(tmp_path):
