@@ -3,6 +3,7 @@
     [--text-index RUN/caption-index]                       a caption index (``python -m app.caption_index``)
     [--compare-encoder B/onnx --compare-index B/index]     a second pair for the Compare tab
     [--auth user:pass] (or MANYVIEW_AUTH)  [--max-upload 25mb]  [--map-points 2000]  [--metrics RUN/metrics.jsonl]
+    [--map-limit 1000000]                 the map draws every point up to this many
     [--precision auto|fp32|fp16|int8]   encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported)
 
 Serves the app (``app.ui``) and its search API (``app.api``: Gradio endpoints ``/search_text``,
@@ -19,7 +20,7 @@ import sys
 import threading
 from typing import Any, Sequence
 
-from app.collection import MAP_POINTS
+from app.collection import MAP_LIMIT, MAP_POINTS
 from app.safety import AUTH_ENV, DEFAULT_MAX_UPLOAD, SafetyError, auth_from, blocked_paths, exposure_warning, parse_size
 
 EXIT_USAGE = 2
@@ -43,7 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--auth", default=None, help=f"user:password for a login page; several pairs separated by commas. "
                         f"{AUTH_ENV}=user:password does the same without showing the password in the process list")
     parser.add_argument("--max-upload", default=DEFAULT_MAX_UPLOAD, help="largest accepted upload (default 25mb)")
-    parser.add_argument("--map-points", type=int, default=MAP_POINTS, help="images sampled for the map (default 2000)")
+    parser.add_argument("--map-points", type=int, default=MAP_POINTS,
+                        help="images sampled for the diagnostics (default 2000)")
+    parser.add_argument("--map-limit", type=int, default=MAP_LIMIT,
+                        help="the map draws every indexed point up to this many, a fixed random subset beyond "
+                        "(default 1000000)")
     parser.add_argument("--metrics", default=None, help="metrics.jsonl of the training run (default: next to the encoder)")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
                         help="encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported; fp32 refuses int8)")
@@ -114,6 +119,8 @@ def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
         raise AppError("give both --compare-encoder and --compare-index (or neither)")
     if args.map_points < 10:
         raise AppError("--map-points must be at least 10")
+    if args.map_limit < 1:
+        raise AppError("--map-limit must be at least 1")
     if args.metrics and not os.path.isfile(args.metrics):
         raise AppError(f"metrics file {args.metrics} does not exist")
     precision = getattr(args, "precision", "auto")
@@ -124,13 +131,15 @@ def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
         check_compatible(encoder, text_index, args.encoder, args.text_index)
         indexes["captions"] = text_index
     main_collection = Collection(encoder=encoder, indexes=indexes, name="A", encoder_dir=args.encoder,
-                                 metrics_path=find_metrics(args.encoder, args.metrics), map_points=args.map_points)
+                                 metrics_path=find_metrics(args.encoder, args.metrics), map_points=args.map_points,
+                                 map_limit=args.map_limit)
     compare = None
     if args.compare_encoder:
         other_encoder, other_index = load_pair(args.compare_encoder, args.compare_index, precision)
         compare = Collection(encoder=other_encoder, indexes={"images": other_index}, name="B",
                              encoder_dir=args.compare_encoder, thumbs=main_collection.thumbs,
-                             metrics_path=find_metrics(args.compare_encoder), map_points=args.map_points)
+                             metrics_path=find_metrics(args.compare_encoder), map_points=args.map_points,
+                             map_limit=args.map_limit)
     return main_collection, compare
 
 

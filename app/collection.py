@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from app.projection import MAP_LIMIT  # noqa: F401 - the map draws every indexed point up to this many
 from app.thumbnails import ThumbnailStore
 
 MAP_POINTS = 2000
-MAP_LIMIT = 1_000_000  # the map draws every indexed point up to this many (a fixed random subset beyond)
 DIAGNOSTICS_COUNT = 1000
 
 

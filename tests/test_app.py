@@ -602,6 +602,8 @@ def test_cli_rejects_bad_safety_options(collection: tuple[Path, Path], capsys: p
     assert "error: cannot read the size 'huge'" in capsys.readouterr().err
     assert main([*base, "--compare-encoder", str(collection[0])]) == 2
     assert "error: give both --compare-encoder and --compare-index" in capsys.readouterr().err
+    assert main([*base, "--map-limit", "0"]) == 2
+    assert "error: --map-limit must be at least 1" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------
