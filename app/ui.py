@@ -1,4 +1,4 @@
-"""The web app: a Gradio Blocks UI with Search, Map, Diagnostics and Compare tabs.
+"""The web app: a Gradio Blocks UI with Search, Map, Diagnostics, Curate and Compare tabs.
 
 Everything runs on ONNX (``export.runtime.Encoder``) and FAISS (``index.search.Index``) only; it must
 never import torch. Gradio is imported lazily (inside ``build_app`` / ``launch_app``), so importing this
@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover - typing only
 PUBLIC_ENDPOINTS = ("search_text", "search_image", "search_id")  # everything else is the page's own business
 
 CSS = """
-#mv-gallery img, #mv-map-gallery img, #mv-cmp-gallery-a img, #mv-cmp-gallery-b img, #mv-upload img, #mv-cmp-upload img {
+#mv-gallery img, #mv-map-gallery img, #mv-curate-gallery img, #mv-cmp-gallery-a img, #mv-cmp-gallery-b img,
+#mv-upload img, #mv-cmp-upload img {
   image-rendering: pixelated; }
 .caption-label { font-size: 0.8em; max-width: 95%; }
 """
@@ -114,6 +115,7 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
     a ready ``collection``; ``compare`` adds a second encoder/index pair to the Compare tab."""
     gr = _gradio()
     from app.compare_tab import build_compare_tab
+    from app.curate_tab import build_curate_tab
     from app.diagnostics_tab import build_diagnostics_tab
     from app.map_tab import build_map_tab
     from app.search_tab import build_api_endpoints, build_search_tab
@@ -140,6 +142,8 @@ def build_app(encoder: Any, index: Any = None, title: str = "manyview search", *
                 build_map_tab(collection, map_tab)
             with gr.Tab("Diagnostics", id="diagnostics", elem_id="mv-tab-diagnostics") as diagnostics_tab:
                 build_diagnostics_tab(collection, diagnostics_tab)
+            with gr.Tab("Curate", id="curate", elem_id="mv-tab-curate") as curate_tab:
+                build_curate_tab(collection, curate_tab)
             with gr.Tab("Compare", id="compare", elem_id="mv-tab-compare"):
                 build_compare_tab(collection, compare, safe_image)
         build_api_endpoints(collection, safe_image)
