@@ -1,6 +1,6 @@
 """Dataset curation from an index's own embeddings: what FiftyOne Brain computes, with faiss kNN search.
 
-    python -m index.curate --index RUN/index [--output DIR] [--threshold 0.95] [--k 10] [--cpu]
+    python -m index.curate --index RUN/index [--output DIR] [--verify auto|thumbnail|none] [--k 10] [--cpu]
 
 Reads the index directory written by ``index.build`` (its vectors come back from the FAISS index when
 it stores them: Flat, HNSW, IVF-Flat; from the embeddings it was built from, or by re-encoding the
@@ -8,14 +8,15 @@ shard images, when it does not) and writes, atomically (each file to a temporary
 ``os.replace``; ``curation.json`` last), into ``--output`` (default ``RUN/index/curation/``):
 
     near_duplicates.parquet   one row per member of a near-duplicate group: group, id, key, shard, split,
-                              score (highest cosine similarity to another member), match_id (that member),
-                              keep (one member per group is kept: the one from the evaluation split, else
-                              the first in index order)
+                              score (embedding cosine similarity to its best match), pixel_score (thumbnail
+                              similarity to it; NaN with --verify none), match_id (that member: the highest
+                              pixel_score, or cosine without verification), keep (one member per group is kept:
+                              the one from the evaluation split, else the first in index order)
     exact_duplicates.parquet  one row per member of a group of byte-identical images (content hash of the
                               encoded image read from its shard): group, id, key, shard, split, hash, keep
     leaks.parquet             one row per item with a near-duplicate in another split (train/val/test, from
-                              the shards' manifest or names): group, id, key, shard, split, score, match_id,
-                              match_split, drop (true for the copy in the lower split: train before val
+                              the shards' manifest or names): group, id, key, shard, split, score, pixel_score,
+                              match_id, match_split, drop (true for the copy in the lower split: train before val
                               before test)
     scores.parquet            one row per item: uniqueness, representativeness, cluster, outlier_score,
                               outlier, mistakenness, predicted_label, likely_mistake, nn_id, nn_score,
@@ -28,7 +29,17 @@ Everything comes from one kNN search of every stored vector against the index (i
 so the cost grows with the collection, n x k, never with all pairs), widened only for the rows whose
 k-th neighbour is still a near-duplicate, plus one k-means for representativeness. Scores:
 
-* near-duplicate: cosine similarity >= ``threshold``; groups are the connected components of those pairs;
+* near-duplicate (``verify`` thumbnail, the default when the shards can be read): a candidate pair among
+  each item's ``candidates`` (32) nearest neighbours above ``candidate_threshold`` (0.8) whose pixel
+  thumbnails agree (cosine >= ``verify_threshold``). A short-trained encoder puts distinct images as close
+  as copies (tests/benchmarks/RESULTS_curate.md), so the embedding only proposes and the pixels decide.
+  The thumbnail (``thumbnail_vectors``) is the image at 32x32 averaged down to 8x8 per channel, with
+  each channel's mean and spread removed: JPEG re-encoding, colour shifts and contrast changes barely move
+  it. A crop of a pixel or two scaled back does (down to 0.6 measured), so pairs between ``ALIGN_GATE``
+  and the threshold get the aligned check (``aligned_scores``): the best thumbnail cosine under any crop
+  of 0-2 px a side of either image, from a 16x16 copy kept beside the thumbnails. Both are made in the
+  same pass over the shards as the content hashes. ``verify`` none: cosine similarity >= ``threshold``.
+  Groups are the connected components of the accepted pairs;
 * uniqueness: weighted cosine distance to the 3 nearest other items (weights 0.6, 0.3, 0.1, as FiftyOne
   Brain does), divided by its largest value over the collection: 1 = the most isolated item, 0 = an item
   with identical copies;
@@ -47,11 +58,13 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -74,6 +87,19 @@ MAX_K = 1024  # the widest neighbour list asked for a saturated row (a group lar
 MAX_CLUSTERS = 256
 QUERY_BATCH = 8192
 UNIQUENESS_WEIGHTS = (0.6, 0.3, 0.1)
+VERIFY_MODES = ("auto", "thumbnail", "none")
+# Pixel verification, measured on CIFAR-10 with planted copies (tests/benchmarks/RESULTS_curate.md).
+DEFAULT_CANDIDATES = 32  # embedding neighbours per item proposed to verification
+DEFAULT_CANDIDATE_THRESHOLD = 0.8  # loose: the copies' cosine goes down to 0.87 with a 300-step simclr encoder
+DEFAULT_VERIFY_THRESHOLD = 0.97
+THUMB_SIZE = 32  # every image is first brought to this square size (CIFAR's own)
+THUMB_GRID = 8  # then averaged down to grid x grid per channel: 192 numbers
+THUMB_BLUR = 0.0  # Gaussian radius (pixels at THUMB_SIZE) before averaging: 1 px measured no better (RESULTS_curate.md)
+THUMB_MEMORY_BYTES = 1 << 30  # thumbnails larger than this go to a temporary file (np.memmap)
+IMAGE_BATCH = 4096
+ALIGN_SIZE = 16  # the aligned check resamples a 16x16 copy of each image (kept beside the thumbnails)
+ALIGN_CROPS = (0, 1, 2)  # ... under every crop of these pixels (of 32) off each end, scaled back: 81 warps
+ALIGN_GATE = 0.8  # pairs whose plain thumbnail similarity is below this are not aligned (most candidates)
 SPLIT_PRIORITY = {"test": 3, "val": 2, "train": 1}
 _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                   "dev": "val", "test": "test", "testing": "test", "eval": "test", "evaluation": "test"}
@@ -97,16 +123,24 @@ class Params:
     mistake_share: float = DEFAULT_MISTAKE_SHARE
     hashes: bool = True
     seed: int = 0
+    verify: str = "auto"  # auto: thumbnail when every shard can be read, else none
+    candidates: int = DEFAULT_CANDIDATES
+    candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD
+    verify_threshold: float = DEFAULT_VERIFY_THRESHOLD
 
     def check(self) -> None:
         """Raise ``CurationError`` for values outside their range."""
-        for name in ("threshold", "leak_threshold"):
+        for name in ("threshold", "leak_threshold", "candidate_threshold", "verify_threshold"):
             value = getattr(self, name)
             if value is not None and not -1.0 <= value <= 1.0:
                 raise CurationError(f"--{name.replace('_', '-')} {value} is not a cosine similarity; give a value "
                                     "in [-1, 1] (near-duplicates are typically above 0.9)")
         if not 1 <= self.k <= MAX_K:
             raise CurationError(f"--k {self.k} must be between 1 and {MAX_K}")
+        if not 1 <= self.candidates <= MAX_K:
+            raise CurationError(f"--candidates {self.candidates} must be between 1 and {MAX_K}")
+        if self.verify not in VERIFY_MODES:
+            raise CurationError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_MODES)}")
         if self.clusters is not None and self.clusters < 1:
             raise CurationError(f"--clusters {self.clusters} must be at least 1")
         if not 0.0 < self.mistake_share <= 1.0:
@@ -114,9 +148,11 @@ class Params:
         if self.outlier_z <= 0:
             raise CurationError(f"--outlier-z {self.outlier_z} must be positive")
 
-    @property
-    def edge_threshold(self) -> float:
-        """The lowest similarity any table needs: pairs above it are collected."""
+    def edge_threshold(self, verified: bool = False) -> float:
+        """The lowest embedding similarity any table needs: pairs above it are collected (with pixel
+        verification, the looser candidate threshold: the thumbnails decide)."""
+        if verified:
+            return self.candidate_threshold
         return min(self.threshold, self.threshold if self.leak_threshold is None else self.leak_threshold)
 
 
@@ -130,6 +166,95 @@ class Neighbourhood:
     pair_scores: np.ndarray  # float32 [m]
     widened: int = 0  # rows searched again with a larger k
     seconds: float = 0.0
+    pair_verify: np.ndarray | None = None  # float32 [m] thumbnail similarity of each pair (with verification)
+    examined: int = 0  # candidate pairs (both directions) above the embedding threshold
+    rejected: int = 0  # of those, the ones the thumbnails rejected
+
+
+@dataclass
+class Verifier:
+    """Pixel verification of candidate pairs: the cosine of their thumbnails (rows of ``thumbs``) and,
+    when ``small`` images are given, for pairs at or above ``gate``, the best cosine of one image's
+    thumbnail with the other's under any crop of up to ``ALIGN_CROPS`` pixels a side (either way
+    round): a 1-2 px crop scaled back moves an 8x8 thumbnail a quarter to half a cell, enough to drop its
+    plain cosine to 0.6 on textured images, while the aligned one stays near 1."""
+
+    thumbs: np.ndarray  # float32 [n, d], unit rows (zero for a flat image: it verifies with nothing)
+    threshold: float
+    small: np.ndarray | None = None  # uint8 [n, ALIGN_SIZE, ALIGN_SIZE, 3]
+    gate: float = ALIGN_GATE
+    align_below: float | None = None  # pairs at or above this skip the aligned check (None: ``threshold``)
+    aligned: int = 0  # pairs that went through the aligned check
+
+    def scores(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Verification score of the pairs ``(a[i], b[i])``, in chunks (the arrays may be memmaps)."""
+        out = np.empty(len(a), dtype=np.float32)
+        for start in range(0, len(a), 65536):
+            stop = start + 65536
+            out[start:stop] = np.einsum("ij,ij->i", self.thumbs[a[start:stop]], self.thumbs[b[start:stop]])
+        if self.small is not None:
+            below = self.threshold if self.align_below is None else self.align_below
+            todo = np.flatnonzero((out >= self.gate) & (out < below))
+            # each pair once (a list holds both directions of most pairs)
+            _, first, inverse = np.unique(np.stack([a[todo], b[todo]], axis=1), axis=0, return_index=True,
+                                          return_inverse=True)
+            unique = todo[first]
+            best = np.empty(len(unique), dtype=np.float32)
+            self.aligned += len(unique)
+            for start in range(0, len(unique), 1024):
+                rows = unique[start:start + 1024]
+                forward = aligned_scores(self.small[a[rows]], self.thumbs[b[rows]])
+                backward = aligned_scores(self.small[b[rows]], self.thumbs[a[rows]])
+                best[start:start + 1024] = np.maximum(forward, backward)
+            out[todo] = np.maximum(out[todo], best[inverse.reshape(-1)])
+        return out
+
+
+def crop_matrices(size: int = ALIGN_SIZE, grid: int = THUMB_GRID, crops: Sequence[int] = ALIGN_CROPS,
+                  full: int = THUMB_SIZE) -> np.ndarray:
+    """[len(crops)**2 * grid, size] averaging matrices: row block (first, last) maps a ``size``-pixel
+    line to the ``grid`` cells that line would have after cropping ``first`` / ``last`` pixels (of
+    ``full``) off its ends and scaling back (each cell: the mean of the source span it covers)."""
+    blocks = []
+    for first in crops:
+        for last in crops:
+            scale = (full - first - last) / full
+            edges = (first + np.arange(grid + 1) * (full / grid) * scale) * (size / full)
+            matrix = np.zeros((grid, size), dtype=np.float64)
+            for cell in range(grid):
+                low, high = edges[cell], edges[cell + 1]
+                pixels = np.arange(size)
+                matrix[cell] = np.clip(np.minimum(pixels + 1, high) - np.maximum(pixels, low), 0, None)
+                matrix[cell] /= matrix[cell].sum()
+            blocks.append(matrix)
+    return np.concatenate(blocks).astype(np.float32)
+
+
+_CROPS: dict[tuple, np.ndarray] = {}
+
+
+def aligned_scores(small: np.ndarray, thumbs: np.ndarray) -> np.ndarray:
+    """For each pair, the best cosine of ``thumbs[i]`` (unit, standardised 8x8 per channel) with the
+    thumbnail of ``small[i]`` (uint8 [m, s, s, 3]) under every crop warp (``crop_matrices``, rows and
+    columns independently). Two batched matrix products: [m*3, s, s] -> [m*3, W*8, W*8]."""
+    key = (small.shape[1], THUMB_GRID, tuple(ALIGN_CROPS))
+    if key not in _CROPS:
+        _CROPS[key] = crop_matrices(small.shape[1], crops=ALIGN_CROPS)
+    matrix = _CROPS[key]
+    count, warps, grid = len(small), matrix.shape[0] // THUMB_GRID, THUMB_GRID
+    images = small.astype(np.float32).transpose(0, 3, 1, 2)  # m, 3, s, s
+    warped = (matrix @ images @ matrix.T).reshape(count, 3, warps, grid, warps, grid)  # every warp's 8x8
+    # ``thumbs`` is standardised per channel (its channels sum to 0), so the warped thumbnail's mean drops
+    # out of the dot product: cosine = sum over channels of (warped . thumb) / spread, over the norm.
+    target = np.asarray(thumbs, dtype=np.float32).reshape(count, 3, 1, grid, 1, grid)
+    dots = (warped * target).sum(axis=(3, 5))  # m, 3, W, W
+    mean = warped.mean(axis=(3, 5))
+    spread = np.sqrt(np.maximum((warped * warped).mean(axis=(3, 5)) - mean * mean, 0.0))
+    textured = spread > 0.5
+    scaled = np.divide(dots, spread, out=np.zeros_like(dots), where=textured).sum(axis=1)
+    norm = np.sqrt(textured.sum(axis=1) * grid * grid)
+    cosine = np.divide(scaled, norm, out=np.zeros_like(scaled), where=norm > 0)
+    return cosine.reshape(count, -1).max(axis=1).astype(np.float32)
 
 
 @dataclass
@@ -263,7 +388,8 @@ def iter_image_bytes(metadata: Any) -> Iterable[tuple[int, bytes]]:
     for shard, wanted in by_shard.items():
         if not shard or not os.path.exists(shard):
             raise CurationError(f"shard {shard!r} named in the index metadata does not exist; exact duplicates "
-                                "are found by reading the images from their shards (or pass --no-hash)")
+                                "are found and near-duplicates verified by reading the images from their shards "
+                                "(or pass --no-hash --verify none)")
         found = 0
         for sample in iter_shard(shard):
             row = wanted.get(sample.key)
@@ -294,43 +420,46 @@ def search_params(index: Any, k: int) -> dict:
 
 
 def neighbourhood(index: Any, vectors: np.ndarray, k: int, edge_threshold: float, progress: bool = True,
-                  batch: int = QUERY_BATCH, max_k: int = MAX_K) -> Neighbourhood:
-    """Search every vector against the index for its ``k`` nearest other items; collect the pairs at or
-    above ``edge_threshold``. Rows whose k-th neighbour is still above it (a group larger than k) are
-    searched again with 4x the k until they are not (up to ``MAX_K``)."""
+                  batch: int = QUERY_BATCH, max_k: int = MAX_K, verifier: Verifier | None = None,
+                  candidates: int = 0) -> Neighbourhood:
+    """Search every vector against the index for its ``max(k, candidates)`` nearest other items; collect
+    the pairs at or above ``edge_threshold`` (and, with a ``verifier``, whose thumbnails agree). Rows whose
+    every neighbour was collected (a group larger than the list) are searched again with 4x the list
+    until they are not (up to ``max_k``): the cost stays n x k, plus the rows of large groups. The
+    returned ``rows``/``scores`` hold the first ``k`` neighbours (for the scores)."""
     started = time.perf_counter()
     n = len(vectors)
     if n < 2:  # a single item has no neighbours
         empty = np.zeros((0, 2), dtype=np.int64)
         return Neighbourhood(np.full((n, 1), -1, dtype=np.int64), np.full((n, 1), -np.inf, dtype=np.float32),
-                             empty, np.zeros(0, dtype=np.float32), 0, time.perf_counter() - started)
+                             empty, np.zeros(0, dtype=np.float32), 0, time.perf_counter() - started,
+                             np.zeros(0, dtype=np.float32) if verifier is not None else None)
     k = max(1, min(k, n - 1))
-    params = search_params(index, k)
+    search_k = max(1, min(max(k, candidates), n - 1))
+    params = search_params(index, search_k)
     out_rows = np.full((n, k), -1, dtype=np.int64)
     out_scores = np.full((n, k), -np.inf, dtype=np.float32)
-    pair_a: list[np.ndarray] = []
-    pair_b: list[np.ndarray] = []
-    pair_s: list[np.ndarray] = []
+    found = _Pairs(edge_threshold, verifier)
     saturated: list[np.ndarray] = []
     starts = range(0, n, batch)
     for start in _progress(starts, progress, "kNN search", total=len(starts), unit="batch"):
         stop = min(n, start + batch)
-        rows, scores = _search_others(index, vectors[start:stop], np.arange(start, stop), k + 1, params)
+        rows, scores = _search_others(index, vectors[start:stop], np.arange(start, stop), search_k + 1, params)
         out_rows[start:stop], out_scores[start:stop] = rows[:, :k], scores[:, :k]
-        _collect(np.arange(start, stop), rows[:, :k], scores[:, :k], edge_threshold, pair_a, pair_b, pair_s)
-        saturated.append(np.arange(start, stop)[scores[:, k - 1] >= edge_threshold])
+        full = found.collect(np.arange(start, stop), rows[:, :search_k], scores[:, :search_k])
+        saturated.append(np.arange(start, stop)[full])
     pending = np.concatenate(saturated) if saturated else np.zeros(0, dtype=np.int64)
-    widened, wide = len(pending), k
+    widened, wide = len(pending), search_k
     while len(pending) and wide < min(max_k, n - 1):
         wide = min(max_k, n - 1, wide * 4)
         rows, scores = _search_others(index, vectors[pending], pending, wide + 1, params)
-        _collect(pending, rows[:, :wide], scores[:, :wide], edge_threshold, pair_a, pair_b, pair_s)
-        pending = pending[scores[:, wide - 1] >= edge_threshold]
+        pending = pending[found.collect(pending, rows[:, :wide], scores[:, :wide])]
     if len(pending):
         logger.warning("%d item(s) have more than %d near-duplicates; their groups are cut at %d neighbours",
                        len(pending), wide, wide)
-    pairs, pair_scores = _unique_pairs(pair_a, pair_b, pair_s)
-    return Neighbourhood(out_rows, out_scores, pairs, pair_scores, widened, time.perf_counter() - started)
+    pairs, pair_scores, pair_verify = found.unique()
+    return Neighbourhood(out_rows, out_scores, pairs, pair_scores, widened, time.perf_counter() - started,
+                         pair_verify, found.examined, found.rejected)
 
 
 def _search_others(index: Any, queries: np.ndarray, query_rows: np.ndarray, k: int, params: dict
@@ -351,30 +480,58 @@ def _search_others(index: Any, queries: np.ndarray, query_rows: np.ndarray, k: i
     return rows, scores
 
 
-def _collect(query_rows: np.ndarray, rows: np.ndarray, scores: np.ndarray, threshold: float,
-             pair_a: list, pair_b: list, pair_s: list) -> None:
-    hit = (rows >= 0) & (scores >= threshold)
-    if not hit.any():
-        return
-    a = np.broadcast_to(query_rows[:, None], rows.shape)[hit]
-    b = rows[hit]
-    pair_a.append(np.minimum(a, b))
-    pair_b.append(np.maximum(a, b))
-    pair_s.append(scores[hit])
+@dataclass
+class _Pairs:
+    """The pairs collected from neighbour lists: above the embedding threshold and, with a verifier,
+    accepted by it."""
 
+    threshold: float
+    verifier: Verifier | None = None
+    a: list = field(default_factory=list)
+    b: list = field(default_factory=list)
+    s: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    examined: int = 0
+    rejected: int = 0
 
-def _unique_pairs(pair_a: list, pair_b: list, pair_s: list) -> tuple[np.ndarray, np.ndarray]:
-    """Each unordered pair once, with its highest score (the two directions can differ by ANN noise)."""
-    if not pair_a:
-        return np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32)
-    a, b, s = np.concatenate(pair_a), np.concatenate(pair_b), np.concatenate(pair_s)
-    keep = a != b
-    a, b, s = a[keep], b[keep], s[keep]
-    order = np.lexsort((-s, b, a))
-    a, b, s = a[order], b[order], s[order]
-    first = np.ones(len(a), dtype=bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    return np.stack([a[first], b[first]], axis=1), s[first].astype(np.float32)
+    def collect(self, query_rows: np.ndarray, rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Add the accepted pairs of these neighbour lists; return which lists were accepted throughout
+        (their group may go on beyond the list)."""
+        hit = (rows >= 0) & (scores >= self.threshold) & (rows != query_rows[:, None])
+        if not hit.any():
+            return np.zeros(len(rows), dtype=bool)
+        a = np.broadcast_to(query_rows[:, None], rows.shape)[hit]
+        b = rows[hit]
+        low, high = np.minimum(a, b), np.maximum(a, b)
+        self.examined += len(low)
+        if self.verifier is not None:
+            verify = self.verifier.scores(low, high)
+            accepted = verify >= self.verifier.threshold
+            self.rejected += int((~accepted).sum())
+            hit[hit] = accepted
+            low, high, self.v = low[accepted], high[accepted], self.v + [verify[accepted]]
+            if not len(low):
+                return np.zeros(len(rows), dtype=bool)
+        self.a.append(low)
+        self.b.append(high)
+        self.s.append(scores[hit])
+        return hit.all(axis=1)
+
+    def unique(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Each unordered pair once, with its highest score (the two directions can differ by ANN noise),
+        and its verification score (None without a verifier)."""
+        verified = self.verifier is not None
+        if not self.a:
+            return (np.zeros((0, 2), dtype=np.int64), np.zeros(0, dtype=np.float32),
+                    np.zeros(0, dtype=np.float32) if verified else None)
+        a, b, s = np.concatenate(self.a), np.concatenate(self.b), np.concatenate(self.s)
+        v = np.concatenate(self.v) if verified else np.zeros(len(a), dtype=np.float32)
+        order = np.lexsort((-s, b, a))
+        a, b, s, v = a[order], b[order], s[order], v[order]
+        first = np.ones(len(a), dtype=bool)
+        first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+        return (np.stack([a[first], b[first]], axis=1), s[first].astype(np.float32),
+                v[first].astype(np.float32) if verified else None)
 
 
 def components(n: int, pairs: np.ndarray) -> np.ndarray:
@@ -520,22 +677,30 @@ def _keep_one(groups: np.ndarray, split_rank: np.ndarray) -> np.ndarray:
 
 def _best_partner(n: int, pairs: np.ndarray, scores: np.ndarray, allowed: np.ndarray | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's most similar partner among ``pairs`` (``allowed`` masks the pairs), -1 / -inf if none."""
+    """Each row's most similar partner among ``pairs`` (``allowed`` masks the pairs) and the index of that
+    pair in ``pairs``; -1 / -1 if none."""
     partner = np.full(n, -1, dtype=np.int64)
-    best = np.full(n, -np.inf, dtype=np.float32)
-    if allowed is not None:
-        pairs, scores = pairs[allowed], scores[allowed]
-    if not len(pairs):
-        return partner, best
-    a = np.concatenate([pairs[:, 0], pairs[:, 1]])
-    b = np.concatenate([pairs[:, 1], pairs[:, 0]])
-    s = np.concatenate([scores, scores])
+    chosen = np.full(n, -1, dtype=np.int64)
+    index = np.arange(len(pairs)) if allowed is None else np.flatnonzero(allowed)
+    if not len(index):
+        return partner, chosen
+    a = np.concatenate([pairs[index, 0], pairs[index, 1]])
+    b = np.concatenate([pairs[index, 1], pairs[index, 0]])
+    s = np.concatenate([scores[index], scores[index]])
+    where = np.concatenate([index, index])
     order = np.lexsort((b, -s, a))  # per row: highest score first
-    a, b, s = a[order], b[order], s[order]
+    a, b, where = a[order], b[order], where[order]
     first = np.ones(len(a), dtype=bool)
     first[1:] = a[1:] != a[:-1]
-    partner[a[first]], best[a[first]] = b[first], s[first]
-    return partner, best
+    partner[a[first]], chosen[a[first]] = b[first], where[first]
+    return partner, chosen
+
+
+def _pick(values: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """``values[chosen]`` as float32, -inf where ``chosen`` is -1."""
+    out = np.full(len(chosen), -np.inf, dtype=np.float32)
+    out[chosen >= 0] = values[chosen[chosen >= 0]]
+    return out
 
 
 def _member_table(rows: np.ndarray, groups: np.ndarray, base: dict, extra: dict) -> Any:
@@ -550,11 +715,94 @@ def _member_table(rows: np.ndarray, groups: np.ndarray, base: dict, extra: dict)
 
 def content_hashes(metadata: Any, progress: bool = True) -> list[str]:
     """The SHA-256 of every row's encoded image bytes, as read from its shard."""
-    hashes = [""] * metadata.num_rows
-    rows = _progress(iter_image_bytes(metadata), progress, "hashing images", total=metadata.num_rows, unit="img")
-    for row, data in rows:
-        hashes[row] = hashlib.sha256(data).hexdigest()
-    return hashes
+    return read_images(metadata, hashes=True, thumbs=False, progress=progress)[0]
+
+
+def read_images(metadata: Any, hashes: bool, thumbs: bool, progress: bool = True, small: bool = False
+                ) -> tuple[list[str], np.ndarray | None] | tuple[list[str], np.ndarray | None, np.ndarray | None]:
+    """One pass over the shards: each row's SHA-256 (``""`` when ``hashes`` is off) and, when ``thumbs``,
+    its thumbnail vector (``thumbnail_vectors``; float32 [n, 3 * THUMB_GRID**2], a temporary-file memmap
+    beyond ``THUMB_MEMORY_BYTES``); with ``small`` also a third item, the uint8 [n, ALIGN_SIZE,
+    ALIGN_SIZE, 3] images of the aligned check. Decoding is done here because the bytes are in hand."""
+    n = metadata.num_rows
+    digests = [""] * n
+    vectors = _thumb_array(n, 3 * THUMB_GRID * THUMB_GRID) if thumbs else None
+    smalls = _thumb_array(n, ALIGN_SIZE * ALIGN_SIZE * 3, np.uint8).reshape(n, ALIGN_SIZE, ALIGN_SIZE, 3) \
+        if thumbs and small else None
+    pending_rows: list[int] = []
+    pending: list[np.ndarray] = []
+    desc = "hashing and thumbnailing images" if hashes and thumbs else "hashing images" if hashes else "thumbnails"
+    for row, data in _progress(iter_image_bytes(metadata), progress, desc, total=n, unit="img"):
+        if hashes:
+            digests[row] = hashlib.sha256(data).hexdigest()
+        if vectors is not None:
+            pending_rows.append(row)
+            pending.append(small_image(data))
+            if len(pending) == IMAGE_BATCH:
+                _store(vectors, smalls, pending_rows, np.stack(pending))
+                pending_rows, pending = [], []
+    if vectors is not None and pending:
+        _store(vectors, smalls, pending_rows, np.stack(pending))
+    return (digests, vectors, smalls) if small else (digests, vectors)
+
+
+def _store(vectors: np.ndarray, smalls: np.ndarray | None, rows: list[int], images: np.ndarray) -> None:
+    vectors[rows] = thumbnail_vectors(images)
+    if smalls is not None:
+        factor = images.shape[1] // ALIGN_SIZE
+        reduced = images.astype(np.float32).reshape(len(images), ALIGN_SIZE, factor, ALIGN_SIZE, factor, 3)
+        smalls[rows] = np.round(reduced.mean(axis=(2, 4))).astype(np.uint8)
+
+
+def _thumb_array(n: int, dim: int, dtype: Any = np.float32) -> np.ndarray:
+    """A [n, dim] array in memory, or in an anonymous temporary file when it is large."""
+    if n * dim * np.dtype(dtype).itemsize <= THUMB_MEMORY_BYTES:
+        return np.zeros((n, dim), dtype=dtype)
+    handle = tempfile.TemporaryFile(prefix="manyview-thumbs-")  # removed when the memmap is collected
+    return np.memmap(handle, dtype=dtype, mode="w+", shape=(n, dim))
+
+
+def small_image(data: bytes, size: int = THUMB_SIZE, blur: float = THUMB_BLUR) -> np.ndarray:
+    """An encoded image as a ``size`` x ``size`` RGB uint8 array, area-averaged (JPEGs decoded at a reduced
+    scale first) and Gaussian-blurred by ``blur`` pixels; a grey image for bytes that do not decode (it
+    verifies with nothing)."""
+    from PIL import Image, ImageFilter
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.draft("RGB", (2 * size, 2 * size))
+        image = image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return np.full((size, size, 3), 128, dtype=np.uint8)
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BOX)
+    if blur > 0:
+        image = image.filter(ImageFilter.GaussianBlur(blur))
+    return np.asarray(image, dtype=np.uint8)
+
+
+def thumbnail_vectors(images: np.ndarray, grid: int = THUMB_GRID) -> np.ndarray:
+    """Unit thumbnail vectors [b, 3 * grid**2] of uint8 images [b, s, s, 3]: each channel averaged down to
+    ``grid`` x ``grid`` and standardised (mean 0, spread 1: a colour shift or contrast change cancels out),
+    then the whole scaled to length 1, so the dot product of two is the mean correlation of their channels.
+    A flat channel stays 0; a flat image is the zero vector (similarity 0 to everything)."""
+    count, size = images.shape[0], images.shape[1]
+    if size % grid:
+        raise CurationError(f"thumbnail size {size} is not a multiple of the grid {grid}")
+    cell = size // grid
+    pooled = images.astype(np.float32).reshape(count, grid, cell, grid, cell, 3).mean(axis=(2, 4))
+    pooled -= pooled.mean(axis=(1, 2), keepdims=True)
+    spread = pooled.std(axis=(1, 2), keepdims=True)
+    pooled = np.divide(pooled, spread, out=np.zeros_like(pooled), where=spread > 0.5)
+    flat = pooled.transpose(0, 3, 1, 2).reshape(count, -1)
+    norm = np.linalg.norm(flat, axis=1, keepdims=True)
+    return np.divide(flat, norm, out=np.zeros_like(flat), where=norm > 0).astype(np.float32)
+
+
+def shards_readable(metadata: Any) -> bool:
+    """Whether every shard the metadata names exists (``--verify auto`` verifies only then)."""
+    shards = set(str(shard) for shard in metadata.column("shard").to_pylist())
+    return bool(shards) and all(shard and os.path.exists(shard) for shard in shards)
 
 
 def curate_index(index: Any, params: Params | None = None, progress: bool = True,
@@ -583,48 +831,62 @@ def curate_index(index: Any, params: Params | None = None, progress: bool = True
     split_rank = np.asarray([SPLIT_PRIORITY.get(split, 0) for split in splits], dtype=np.int64)
     base = {"id": ids, "key": keys, "shard": shards, "split": splits}
 
-    hood = neighbourhood(index, vectors, params.k, params.edge_threshold, progress)
+    verified = params.verify == "thumbnail" or (params.verify == "auto" and shards_readable(metadata))
+    if params.verify == "auto" and not verified:
+        logger.info("the shards cannot be read: near-duplicates from the embeddings alone (--verify none)")
+    tick = time.perf_counter()
+    if params.hashes or verified:
+        digests, thumbs, smalls = read_images(metadata, params.hashes, verified, progress, small=True)
+    else:
+        digests, thumbs, smalls = [""] * n, None, None
+    timings["hash_seconds"] = round(time.perf_counter() - tick, 3)  # the pass over the shards: hashes, thumbnails
+    verifier = Verifier(thumbs, params.verify_threshold, smalls) if thumbs is not None else None
+
+    hood = neighbourhood(index, vectors, params.k, params.edge_threshold(verified), progress, verifier=verifier,
+                         candidates=params.candidates if verified else 0)
     timings["knn_seconds"] = round(hood.seconds, 3)
-    if n > 1 and float(np.median(hood.scores[:, 0])) >= params.threshold:
+    if not verified and n > 1 and float(np.median(hood.scores[:, 0])) >= params.threshold:
         logger.warning("half the items have a neighbour at cosine >= %.3f (median nearest neighbour %.3f): this "
                        "encoder puts distinct images that close, so the near-duplicate groups will be huge; raise "
                        "--threshold (curation.json lists the nearest-neighbour percentiles)", params.threshold,
                        float(np.median(hood.scores[:, 0])))
 
     tick = time.perf_counter()
-    near = hood.pair_scores >= params.threshold
+    pixel = hood.pair_verify if hood.pair_verify is not None else np.full(len(hood.pairs), np.nan, np.float32)
+    rank_by = pixel if verified else hood.pair_scores  # a member's match: the best pixel agreement, else cosine
+    near = np.ones(len(hood.pairs), dtype=bool) if verified else hood.pair_scores >= params.threshold
     dup_groups = group_numbers(components(n, hood.pairs[near]))
-    partner, best = _best_partner(n, hood.pairs, hood.pair_scores, near)
+    partner, chosen = _best_partner(n, hood.pairs, rank_by, near)
     in_group = np.flatnonzero(dup_groups >= 0)
     near_table = _member_table(in_group, dup_groups, base, {
-        "score": best, "match_id": np.where(partner >= 0, ids[np.maximum(partner, 0)], -1),
+        "score": _pick(hood.pair_scores, chosen), "pixel_score": _pick(pixel, chosen),
+        "match_id": np.where(partner >= 0, ids[np.maximum(partner, 0)], -1),
         "keep": _keep_one(dup_groups, split_rank)})
 
     leak_threshold = params.threshold if params.leak_threshold is None else params.leak_threshold
-    cross = (hood.pair_scores >= leak_threshold) & (splits[hood.pairs[:, 0]] != splits[hood.pairs[:, 1]]) \
+    cross = (near if verified else hood.pair_scores >= leak_threshold) \
+        & (splits[hood.pairs[:, 0]] != splits[hood.pairs[:, 1]]) \
         & (splits[hood.pairs[:, 0]] != "") & (splits[hood.pairs[:, 1]] != "")
     leak_groups = group_numbers(components(n, hood.pairs[cross]))
-    leak_partner, leak_best = _best_partner(n, hood.pairs, hood.pair_scores, cross)
+    leak_partner, leak_chosen = _best_partner(n, hood.pairs, rank_by, cross)
     leaking = np.flatnonzero(leak_partner >= 0)
     top_rank = np.full(int(leak_groups.max()) + 1 if len(leak_groups) else 0, -1, dtype=np.int64)
     np.maximum.at(top_rank, leak_groups[leaking], split_rank[leaking])
     drop = np.zeros(n, dtype=bool)
     drop[leaking] = split_rank[leaking] < top_rank[leak_groups[leaking]]
     leak_table = _member_table(leaking, leak_groups, base, {
-        "score": leak_best, "match_id": np.where(leak_partner >= 0, ids[np.maximum(leak_partner, 0)], -1),
+        "score": _pick(hood.pair_scores, leak_chosen), "pixel_score": _pick(pixel, leak_chosen),
+        "match_id": np.where(leak_partner >= 0, ids[np.maximum(leak_partner, 0)], -1),
         "match_split": np.where(leak_partner >= 0, splits[np.maximum(leak_partner, 0)], ""), "drop": drop})
     timings["groups_seconds"] = round(time.perf_counter() - tick, 3)
 
-    tick = time.perf_counter()
+    hashes = np.asarray(digests, dtype=object)
     if params.hashes:
-        hashes = np.asarray(content_hashes(metadata, progress), dtype=object)
         exact_groups = group_numbers(np.unique(hashes, return_inverse=True)[1].astype(np.int64))
     else:
-        hashes = np.asarray([""] * n, dtype=object)
         exact_groups = np.full(n, -1, dtype=np.int64)
     exact_table = _member_table(np.flatnonzero(exact_groups >= 0), exact_groups, base,
                                 {"hash": hashes, "keep": _keep_one(exact_groups, split_rank)})
-    timings["hash_seconds"] = round(time.perf_counter() - tick, 3)
 
     tick = time.perf_counter()
     clusters = params.clusters or min(MAX_CLUSTERS, max(1, int(round(np.sqrt(n)))))
@@ -652,7 +914,17 @@ def curate_index(index: Any, params: Params | None = None, progress: bool = True
               "scores": scores, "label_mistakes": mistakes, "outliers": outliers}
     summary = {
         "params": {**params.__dict__, "leak_threshold": leak_threshold, "clusters": int(clusters),
-                   "search_params": search_params(index, params.k)},
+                   "search_params": search_params(index, max(params.k, params.candidates if verified else 0))},
+        "verification": {
+            "mode": "thumbnail" if verified else "none", "requested": params.verify,
+            **({"thumbnail": {"size": THUMB_SIZE, "blur": THUMB_BLUR, "grid": THUMB_GRID, "channels": 3,
+                              "normalised": "per channel mean 0, spread 1; cosine of the 192-vectors",
+                              "aligned": {"size": ALIGN_SIZE, "crops": list(ALIGN_CROPS), "gate": ALIGN_GATE,
+                                          "pairs": int(verifier.aligned)}},
+                "candidates": params.candidates, "candidate_threshold": params.candidate_threshold,
+                "threshold": params.verify_threshold} if verified else {"threshold": params.threshold}),
+            "pairs_examined": int(hood.examined), "pairs_rejected": int(hood.rejected),
+            "pairs_accepted": int(len(hood.pairs))},
         "count": n, "dim": index.dim, "vectors_from": source,
         "splits": {split or "unknown": int((splits == split).sum()) for split in sorted(set(splits.tolist()))},
         "near_duplicates": {"groups": int(dup_groups.max() + 1), "items": int((dup_groups >= 0).sum()),
@@ -840,6 +1112,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mistake-share", type=float, default=DEFAULT_MISTAKE_SHARE,
                         help="share of neighbour votes another label needs to flag a label mistake "
                         f"({DEFAULT_MISTAKE_SHARE})")
+    parser.add_argument("--verify", choices=VERIFY_MODES, default="auto",
+                        help="thumbnail: keep an embedding candidate pair only when the images' pixel thumbnails "
+                        "agree; none: the embedding cosine alone (--threshold); auto (default): thumbnail when "
+                        "every shard can be read")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES,
+                        help=f"embedding neighbours per item proposed for verification ({DEFAULT_CANDIDATES})")
+    parser.add_argument("--candidate-threshold", type=float, default=DEFAULT_CANDIDATE_THRESHOLD,
+                        help="embedding cosine a candidate pair needs before verification "
+                        f"({DEFAULT_CANDIDATE_THRESHOLD})")
+    parser.add_argument("--verify-threshold", type=float, default=DEFAULT_VERIFY_THRESHOLD,
+                        help=f"thumbnail similarity at or above which a candidate pair is a near-duplicate "
+                        f"({DEFAULT_VERIFY_THRESHOLD})")
     parser.add_argument("--no-hash", action="store_true",
                         help="skip exact duplicates (they read every image from its shard)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -852,7 +1136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     params = Params(threshold=args.threshold, leak_threshold=args.leak_threshold, k=args.k, clusters=args.clusters,
-                    outlier_z=args.outlier_z, mistake_share=args.mistake_share, hashes=not args.no_hash)
+                    outlier_z=args.outlier_z, mistake_share=args.mistake_share, hashes=not args.no_hash,
+                    verify=args.verify, candidates=args.candidates, candidate_threshold=args.candidate_threshold,
+                    verify_threshold=args.verify_threshold)
     try:
         params.check()
         result = curate(args.index, args.output, params, progress=not args.no_progress,

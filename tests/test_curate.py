@@ -391,12 +391,14 @@ def planted_case(tmp_path_factory) -> Case:
 
 
 def test_planted_duplicates_exact_copies_and_leaks_are_found_by_the_cli(planted_case):
-    """``python -m index.curate`` as a user runs it; then every table is checked against what was planted."""
+    """``python -m index.curate --verify none`` (the embedding alone: this encoder separates copies from
+    distinct images); then every table is checked against what was planted."""
     import pyarrow.parquet as pq
 
     output = planted_case.root / "out"
     done = subprocess.run([sys.executable, "-m", "index.curate", "--index", str(planted_case.index), "--output",
-                           str(output), "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                           str(output), "--no-progress", "--verify", "none"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["count"] == 347 and summary["splits"] == {"test": 200, "train": 147}
@@ -448,7 +450,7 @@ def test_planted_margin_and_threshold_option(planted_case, tmp_path):
     threshold of 0.999 keeps only the byte-identical and near-lossless copies."""
     from index.curate import Params, curate
 
-    result = curate(planted_case.index, tmp_path / "strict", Params(threshold=0.999), progress=False)
+    result = curate(planted_case.index, tmp_path / "strict", Params(threshold=0.999, verify="none"), progress=False)
     near = result.tables["near_duplicates"]
     pairs = group_pairs(near)
     assert pairs < planted_case.planted.pairs() and len(pairs) >= 7
@@ -502,12 +504,12 @@ def test_curate_tab_builds_and_exports(planted_case, tmp_path):
 
     from app.collection import Collection
     from app.curate_tab import build_curate_tab, export_drop_list
-    from index.curate import curate_loaded, is_stale, read_tables
+    from index.curate import Params, curate_loaded, is_stale, read_tables
     from index.search import Index
 
     index = Index.load(planted_case.index)
     collection = Collection(encoder=None, indexes={"images": index})
-    curate_loaded(index, tmp_path / "tables", progress=False)
+    curate_loaded(index, tmp_path / "tables", Params(verify="none"), progress=False)
     with gr.Blocks() as demo:
         build_curate_tab(collection, directory=tmp_path / "tables")
     names = {getattr(block, "elem_id", None) for block in demo.blocks.values()}
@@ -518,3 +520,89 @@ def test_curate_tab_builds_and_exports(planted_case, tmp_path):
     assert count == 45 and len(json.loads(path.read_text())["ids"]) == 45
     records = tables["near_duplicates"].slice(0, 3).to_pylist()
     assert len(collection.thumbs.images(records)) == 3  # the gallery's images come from the shards
+
+
+# -- pixel verification -----------------------------------------------------------------------------
+
+
+def test_thumbnails_ignore_colour_shifts_and_contrast_but_not_content():
+    from index.curate import thumbnail_vectors
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(40, 200, size=(32, 32, 3)).astype(np.float32)
+    shifted = np.clip((image - image.mean()) * 1.1 + image.mean() + np.array([12, -9, 5]), 0, 255)
+    flat = np.full((32, 32, 3), 77.0)
+    other = rng.integers(40, 200, size=(32, 32, 3)).astype(np.float32)
+    thumbs = thumbnail_vectors(np.stack([image, shifted, np.rot90(image), flat, other]).astype(np.uint8))
+    assert thumbs.shape == (5, 192) and thumbs.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(thumbs[[0, 1, 2, 4]], axis=1), 1.0, atol=1e-5)
+    assert thumbs[0] @ thumbs[1] > 0.999  # a per-channel affine change cancels out
+    assert thumbs[0] @ thumbs[2] < 0.5 and thumbs[0] @ thumbs[4] < 0.5  # other content does not
+    assert not thumbs[3].any()  # a flat image verifies with nothing
+
+
+def test_the_aligned_check_undoes_a_small_crop():
+    """A textured image cropped by 2 px on the left and 1 px on top and scaled back: its plain 8x8
+    thumbnail cosine drops, the best cosine over the crop warps comes back near 1 (either way round)."""
+    from PIL import Image
+
+    from index.curate import ALIGN_SIZE, aligned_scores, crop_matrices, thumbnail_vectors
+
+    matrix = crop_matrices()
+    assert matrix.shape == (9 * 8, ALIGN_SIZE)
+    np.testing.assert_allclose(matrix.sum(axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(matrix[:8], np.kron(np.eye(8), [0.5, 0.5]), atol=1e-6)  # no crop: 2-pixel means
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, size=(16, 16, 3)).astype(np.uint8)
+    image = Image.fromarray(noise).resize((32, 32), Image.BICUBIC)
+    cropped = image.crop((2, 1, 32, 32)).resize((32, 32), Image.BICUBIC)
+    pixels = np.stack([np.asarray(image), np.asarray(cropped)])
+    thumbs = thumbnail_vectors(pixels)
+    small = np.round(pixels.astype(np.float32).reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4))).astype(np.uint8)
+    plain = float(thumbs[0] @ thumbs[1])
+    aligned = aligned_scores(small[[0, 1]], thumbs[[1, 0]])
+    assert plain < 0.85 and aligned[0] > 0.97 and aligned[0] > plain + 0.1, (plain, aligned)
+    other = rng.integers(0, 256, size=(8, 8, 3)).astype(np.uint8)
+    unrelated = thumbnail_vectors(np.asarray(Image.fromarray(other).resize((32, 32), Image.BICUBIC))[None])
+    assert aligned_scores(small[:1], unrelated)[0] < 0.6  # warps do not make unrelated images agree
+
+
+def test_verification_removes_the_false_pairs_of_a_collapsed_encoder(planted_case, tmp_path):
+    """A 2x2-thumbnail encoder (12 numbers) collapses distinct CIFAR images together: the embedding alone
+    (``--verify none``) groups many unplanted pairs. With pixel verification (the default, via the CLI)
+    every group pair was planted, every JPEG / colour / byte-identical copy is still found, and only planted
+    train copies of test images are dropped as leaks."""
+    import pyarrow.parquet as pq
+
+    from index.build import build_index
+    from index.curate import DEFAULT_VERIFY_THRESHOLD, Params, curate
+
+    build_index(thumbnail_encoder_dir(tmp_path / "onnx2", grid=2), str(planted_case.root / "data" / "*.tar"),
+                tmp_path / "index", progress=False)
+    planted = planted_case.planted
+    loose = curate(tmp_path / "index", tmp_path / "none", Params(verify="none", hashes=False), progress=False)
+    unverified = pair_metrics(group_pairs(loose.tables["near_duplicates"]), planted.pairs())
+    assert unverified["found"] - unverified["true"] >= 100, unverified  # embeddings alone: false pairs
+
+    output = tmp_path / "verified"
+    done = subprocess.run([sys.executable, "-m", "index.curate", "--index", str(tmp_path / "index"), "--output",
+                           str(output), "--no-progress", "--no-hash"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((output / "curation.json").read_text())
+    verification = summary["verification"]
+    assert verification["mode"] == "thumbnail" and verification["threshold"] == DEFAULT_VERIFY_THRESHOLD
+    assert verification["pairs_rejected"] > 0 and verification["thumbnail"]["grid"] == 8
+    near = pq.read_table(output / "near_duplicates.parquet")
+    found = group_pairs(near)
+    metrics = pair_metrics(found, planted.pairs())
+    assert metrics["precision"] == 1.0, metrics
+    easy = {frozenset((copy, source)) for copy, (source, kind) in planted.near.items() if kind in ("jpeg", "colour")}
+    easy |= {pair for pair in planted.pairs() if any(key in planted.exact for key in pair)}
+    assert easy <= found, sorted(tuple(pair) for pair in easy - found)
+    assert min(near.column("pixel_score").to_pylist()) >= DEFAULT_VERIFY_THRESHOLD
+    leaks = pq.read_table(output / "leaks.parquet")
+    assert "pixel_score" in leaks.column_names
+    dropped = {row["key"] for row in leaks.to_pylist() if row["drop"]}
+    test_copies = set(planted.near) | {copy for copy, source in planted.exact.items() if source.startswith("test_")}
+    assert dropped <= test_copies and len(dropped) >= 25, (len(dropped), dropped - test_copies)
