@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -58,16 +57,7 @@ try:
 except ImportError:  # run as a script without pytest
     pytest = None
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from bench_app_latency import cpu_model  # noqa: E402
 
 
 def app_model(data: Path) -> tuple[Path, Path]:
@@ -163,7 +153,7 @@ def truth_pairs(truth: dict) -> set[frozenset]:
 
 def sweep(index_dir: Path, truth: dict) -> tuple[list[dict], dict]:
     """One kNN pass at the lowest threshold; duplicate and leak figures at every threshold."""
-    from index.curate import DEFAULT_K, collection_vectors, components, group_numbers, neighbourhood, split_column
+    from index.curate import DEFAULT_K, collection_vectors, neighbourhood, split_column
     from index.search import Index
 
     index = Index.load(index_dir)
@@ -174,15 +164,32 @@ def sweep(index_dir: Path, truth: dict) -> tuple[list[dict], dict]:
     keys = np.asarray(index.metadata.column("key").to_pylist(), dtype=object)
     splits = np.asarray(split_column(index.metadata.column("shard").to_pylist()), dtype=object)
     planted_pairs = truth_pairs(truth)
+    test_copies = set(truth["near"]) | {copy for copy, source in truth["exact"].items() if source.startswith("test_")}
+    rows = threshold_rows(hood.pairs, hood.pair_scores, THRESHOLDS, keys, splits, truth)
+    row_of = {str(key): row for row, key in enumerate(keys.tolist())}
+    missed = planted_similarity(vectors, row_of, truth)
+    return rows, {"knn_seconds": knn_seconds, "count": index.count, "missed": missed,
+                  "search_params": index.info.get("search_params"), "factory": index.info.get("factory"),
+                  "planted_pairs": len(planted_pairs), "test_copies": len(test_copies),
+                  "nn_percentiles": {q: float(np.percentile(hood.scores[:, 0], q)) for q in (50, 90, 99)}}
+
+
+def threshold_rows(pairs: np.ndarray, pair_scores: np.ndarray, thresholds: tuple[float, ...], keys: np.ndarray,
+                   splits: np.ndarray, truth: dict) -> list[dict]:
+    """Duplicate and leak recall / precision against the planted ``truth`` when the candidate ``pairs`` (row
+    indices) whose ``pair_scores`` reach each threshold are kept (groups = connected components)."""
+    from index.curate import components, group_numbers
+
+    planted_pairs = truth_pairs(truth)
     planted_keys = {key for pair in planted_pairs for key in pair}
     test_copies = set(truth["near"]) | {copy for copy, source in truth["exact"].items() if source.startswith("test_")}
     rows = []
-    for threshold in THRESHOLDS:
-        near = hood.pair_scores >= threshold
-        groups = group_numbers(components(len(keys), hood.pairs[near]))
+    for threshold in thresholds:
+        near = pair_scores >= threshold
+        groups = group_numbers(components(len(keys), pairs[near]))
         found, true, on_planted = _pair_counts(groups, keys, planted_pairs, planted_keys)
-        cross = near & (splits[hood.pairs[:, 0]] != splits[hood.pairs[:, 1]])
-        ends = hood.pairs[cross]
+        cross = near & (splits[pairs[:, 0]] != splits[pairs[:, 1]])
+        ends = pairs[cross]
         flagged = set(keys[np.where(splits[ends[:, 0]] == "train", ends[:, 0], ends[:, 1])].tolist())
         rows.append({
             "threshold": threshold,
@@ -191,12 +198,7 @@ def sweep(index_dir: Path, truth: dict) -> tuple[list[dict], dict]:
             "leak_recall": len(flagged & test_copies) / len(test_copies),
             "leak_precision": len(flagged & test_copies) / max(1, len(flagged)), "leak_flagged": len(flagged),
         })
-    row_of = {str(key): row for row, key in enumerate(keys.tolist())}
-    missed = planted_similarity(vectors, row_of, truth)
-    return rows, {"knn_seconds": knn_seconds, "count": index.count, "missed": missed,
-                  "search_params": index.info.get("search_params"), "factory": index.info.get("factory"),
-                  "planted_pairs": len(planted_pairs), "test_copies": len(test_copies),
-                  "nn_percentiles": {q: float(np.percentile(hood.scores[:, 0], q)) for q in (50, 90, 99)}}
+    return rows
 
 
 VERIFY_THRESHOLDS = (0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
@@ -207,7 +209,7 @@ def verified_sweep(index_dir: Path, truth: dict) -> tuple[list[dict], dict]:
     nearest neighbours above ``DEFAULT_CANDIDATE_THRESHOLD``, thumbnails from one pass over the shards), at
     every verification threshold of ``VERIFY_THRESHOLDS`` (one kNN pass at the lowest)."""
     from index.curate import (DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_CANDIDATES, DEFAULT_K, Verifier,
-                              collection_vectors, components, group_numbers, neighbourhood, read_images, split_column)
+                              collection_vectors, neighbourhood, read_images, split_column)
     from index.search import Index
 
     index = Index.load(index_dir)
@@ -222,24 +224,7 @@ def verified_sweep(index_dir: Path, truth: dict) -> tuple[list[dict], dict]:
     knn_seconds = time.perf_counter() - started
     keys = np.asarray(index.metadata.column("key").to_pylist(), dtype=object)
     splits = np.asarray(split_column(index.metadata.column("shard").to_pylist()), dtype=object)
-    planted_pairs = truth_pairs(truth)
-    planted_keys = {key for pair in planted_pairs for key in pair}
-    test_copies = set(truth["near"]) | {copy for copy, source in truth["exact"].items() if source.startswith("test_")}
-    rows = []
-    for threshold in VERIFY_THRESHOLDS:
-        near = hood.pair_verify >= threshold
-        groups = group_numbers(components(len(keys), hood.pairs[near]))
-        found, true, on_planted = _pair_counts(groups, keys, planted_pairs, planted_keys)
-        cross = near & (splits[hood.pairs[:, 0]] != splits[hood.pairs[:, 1]])
-        ends = hood.pairs[cross]
-        flagged = set(keys[np.where(splits[ends[:, 0]] == "train", ends[:, 0], ends[:, 1])].tolist())
-        rows.append({
-            "threshold": threshold,
-            "dup_recall": true / len(planted_pairs), "dup_precision": true / max(1, found),
-            "dup_precision_planted": true / max(1, on_planted), "dup_pairs": found,
-            "leak_recall": len(flagged & test_copies) / len(test_copies),
-            "leak_precision": len(flagged & test_copies) / max(1, len(flagged)), "leak_flagged": len(flagged),
-        })
+    rows = threshold_rows(hood.pairs, hood.pair_verify, VERIFY_THRESHOLDS, keys, splits, truth)
     row_of = {str(key): row for row, key in enumerate(keys.tolist())}
     pixel: dict[str, list[float]] = {}
     judge = Verifier(thumbs, 1.0, smalls, align_below=1.0)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -38,19 +37,11 @@ sys.path.insert(0, str(ROOT))
 from map_fixtures import make_map_index, make_map_shards  # noqa: E402
 from server_helpers import free_port, stop_process  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "tests" / "benchmarks"))
+from bench_app_latency import cpu_model  # noqa: E402
+
 CHROMIUM = os.environ.get("MANYVIEW_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking"]
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def synthetic_index(workdir: Path, points: int, dim: int) -> Path:
