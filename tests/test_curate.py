@@ -606,3 +606,67 @@ def test_verification_removes_the_false_pairs_of_a_collapsed_encoder(planted_cas
     dropped = {row["key"] for row in leaks.to_pylist() if row["drop"]}
     test_copies = set(planted.near) | {copy for copy, source in planted.exact.items() if source.startswith("test_")}
     assert dropped <= test_copies and len(dropped) >= 25, (len(dropped), dropped - test_copies)
+
+
+# -- the Curate tab in Chromium --------------------------------------------------------------------
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def test_curate_tab_in_chromium_computes_browses_a_group_and_exports(planted_case, tmp_path):
+    """The served app's Curate tab, clicked through as a person would: **Compute now** writes the tables beside
+    the index, a click on a near-duplicate group shows its members from the shards, and **Export** offers
+    the leaks' ids as a JSON download whose ids are the leaks table's."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is absent (apt-get install chromium)")
+    import shutil
+
+    from app.ui import build_app, launch_app
+    from export.runtime import Encoder
+    from index.curate import read_tables
+    from index.search import Index
+    from server_helpers import free_port
+
+    index_dir = tmp_path / "index"  # a copy: Compute now writes INDEX/curation
+    shutil.copytree(planted_case.index, index_dir)
+    demo = build_app(Encoder(planted_case.root / "onnx"), Index.load(index_dir))
+    url = launch_app(demo, port=free_port(), block=False)
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, timeout=30_000, args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1000})
+                page.set_default_timeout(60_000)
+                page.goto(url, wait_until="domcontentloaded")
+                page.get_by_role("tab", name="Curate").click()
+                page.locator("#mv-curate-compute").click()
+                _wait_for_text(page, "#mv-curate-status", "near-duplicate groups")
+                tables, _ = read_tables(index_dir / "curation")
+                groups = tables["near_duplicates"].column("group").to_pylist()
+                assert groups, "the planted copies form near-duplicate groups"
+                cell = page.locator('#mv-curate-groups [data-testid="cell-0-0"]')  # the first group shown
+                first = int(cell.inner_text().strip())
+                cell.click()
+                page.wait_for_function("() => document.querySelectorAll('#mv-curate-gallery img').length >= 2")
+                _wait_for_text(page, "#mv-curate-group-status", f"Group {first}: {groups.count(first)} members")
+                page.locator("#mv-curate-include").get_by_label("Leaks", exact=False).check()
+                page.locator("#mv-curate-format").get_by_label("json").check()
+                page.locator("#mv-curate-export-button").click()
+                _wait_for_text(page, "#mv-curate-export-status", "ids to drop")
+                with page.expect_download() as download_info:
+                    page.locator("#mv-curate-download a").first.click()
+                exported = json.loads(Path(download_info.value.path()).read_text())
+            finally:
+                browser.close()
+    finally:
+        demo.close()
+    leaks = set(tables["leaks"].filter(tables["leaks"].column("drop")).column("id").to_pylist())
+    assert leaks and leaks <= set(exported["ids"]), (len(leaks), len(exported["ids"]))
+
+
+def _wait_for_text(page, selector: str, needle: str) -> None:
+    page.wait_for_function("([s, n]) => (document.querySelector(s)?.innerText || '').includes(n)",
+                           arg=[selector, needle])
