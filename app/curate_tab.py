@@ -141,13 +141,20 @@ def summary_markdown(summary: dict, directory: Path, stale: bool) -> str:
     near = summary.get("near_duplicates") or {}
     exact = summary.get("exact_duplicates") or {}
     leaks = summary.get("leaks") or {}
+    verification = summary.get("verification") or {}
+    if verification.get("mode") == "thumbnail":  # pairs were kept by their pixels, not by the embedding cosine
+        rule = f"pixel-verified, thumbnail cosine >= {verification.get('threshold')}"
+        leak_rule = rule
+    else:
+        rule = f"cosine >= {params.get('threshold')}"
+        leak_rule = f"cosine >= {params.get('leak_threshold')}"
     lines = [
         f"**Curation of {summary.get('count', 0):,} items** ({html.escape(str(summary.get('created', '?')))}; "
         f"`{html.escape(str(directory))}`)",
-        f"- near-duplicate groups (cosine >= {params.get('threshold')}): {near.get('groups', 0):,} "
+        f"- near-duplicate groups ({rule}): {near.get('groups', 0):,} "
         f"holding {near.get('items', 0):,} items, {near.get('to_drop', 0):,} to drop",
         f"- exact duplicates (same image bytes): {exact.get('groups', 0):,} groups, {exact.get('items', 0):,} items",
-        f"- leaks between splits (cosine >= {params.get('leak_threshold')}): {leaks.get('items', 0):,} items, "
+        f"- leaks between splits ({leak_rule}): {leaks.get('items', 0):,} items, "
         f"{leaks.get('to_drop', 0):,} to drop",
         f"- likely label mistakes: {summary.get('label_mistakes', 0):,} of {summary.get('labelled', 0):,} labelled; "
         f"outliers: {summary.get('outliers', 0):,}",

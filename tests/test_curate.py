@@ -643,7 +643,7 @@ def test_curate_tab_in_chromium_computes_browses_a_group_and_exports(planted_cas
                 page.goto(url, wait_until="domcontentloaded")
                 page.get_by_role("tab", name="Curate").click()
                 page.locator("#mv-curate-compute").click()
-                _wait_for_text(page, "#mv-curate-status", "near-duplicate groups")
+                _wait_for_text(page, "#mv-curate-status", "near-duplicate groups (pixel-verified, thumbnail cosine")
                 tables, _ = read_tables(index_dir / "curation")
                 groups = tables["near_duplicates"].column("group").to_pylist()
                 assert groups, "the planted copies form near-duplicate groups"
