@@ -201,6 +201,23 @@ def threshold_rows(pairs: np.ndarray, pair_scores: np.ndarray, thresholds: tuple
     return rows
 
 
+def fmt(value: float) -> str:
+    return f"{value:.3f}"
+
+
+def threshold_table(rows: list[dict], first: str, default: float) -> list[str]:
+    """The markdown table of ``threshold_rows``' figures, the ``default`` threshold's row marked."""
+    lines = [f"| {first} | dup recall | dup precision | dup precision (planted items) | pairs found "
+             "| leak recall | leak precision | train items flagged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        mark = " **(default)**" if abs(row["threshold"] - default) < 1e-9 else ""
+        lines.append(f"| {row['threshold']}{mark} | {fmt(row['dup_recall'])} | {fmt(row['dup_precision'])} | "
+                     f"{fmt(row['dup_precision_planted'])} | {row['dup_pairs']:,} | {fmt(row['leak_recall'])} | "
+                     f"{fmt(row['leak_precision'])} | {row['leak_flagged']:,} |")
+    return lines
+
+
 VERIFY_THRESHOLDS = (0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 
 
@@ -243,9 +260,6 @@ def append_verified_results(path: Path, rows: list[dict], extra: dict, times: li
     """Append the pixel-verification section to the results file (the embedding-only sections stay)."""
     from index.curate import DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_CANDIDATES, DEFAULT_VERIFY_THRESHOLD
 
-    def fmt(value: float) -> str:
-        return f"{value:.3f}"
-
     lines = [
         "", f"## Pixel verification (`--verify thumbnail`, the default) with the {extra['encoder']} model", "",
         f"Run {datetime.date.today().isoformat()} on {cpu_model()} ({os.cpu_count()} cores){note}. Command:", "",
@@ -256,15 +270,8 @@ def append_verified_results(path: Path, rows: list[dict], extra: dict, times: li
         "standardised), or for pairs above 0.8 the best such cosine under any crop of 0-2 px a side of "
         "either image (81 warps of a 16x16 copy), reaches the verification threshold. Same collection and "
         "truth as above.", "",
-        "| verify threshold | dup recall | dup precision | dup precision (planted items) | pairs found "
-        "| leak recall | leak precision | train items flagged |",
-        "|---|---|---|---|---|---|---|---|",
+        *threshold_table(rows, "verify threshold", DEFAULT_VERIFY_THRESHOLD),
     ]
-    for row in rows:
-        mark = " **(default)**" if abs(row["threshold"] - DEFAULT_VERIFY_THRESHOLD) < 1e-9 else ""
-        lines.append(f"| {row['threshold']}{mark} | {fmt(row['dup_recall'])} | {fmt(row['dup_precision'])} | "
-                     f"{fmt(row['dup_precision_planted'])} | {row['dup_pairs']:,} | {fmt(row['leak_recall'])} | "
-                     f"{fmt(row['leak_precision'])} | {row['leak_flagged']:,} |")
     lines += ["", "Thumbnail similarity of each planted near copy to its source, by kind (missed: below the "
               "threshold):", "",
               "| kind | min | 5th pct | median | " + " | ".join(f"missed < {t}" for t in VERIFY_THRESHOLDS) + " |",
@@ -338,9 +345,6 @@ def write_results(path: Path, rows: list[dict], extra: dict, times: list[float],
                   note: str) -> None:
     from index.curate import DEFAULT_THRESHOLD
 
-    def fmt(value: float) -> str:
-        return f"{value:.3f}"
-
     lines = [
         "# Curation benchmark (planted copies in CIFAR-10)", "",
         f"Run {datetime.date.today().isoformat()} on {cpu_model()} ({os.cpu_count()} cores){note}. Command:", "",
@@ -351,15 +355,8 @@ def write_results(path: Path, rows: list[dict], extra: dict, times: list[float],
         f"{extra['nn_percentiles'][50]:.3f}, 90th percentile {extra['nn_percentiles'][90]:.3f}. "
         f"{extra['planted_pairs']:,} planted pairs; {extra['test_copies']:,} planted train copies of test images "
         "(the leaks).", "",
-        "| threshold | dup recall | dup precision | dup precision (planted items) | pairs found "
-        "| leak recall | leak precision | train items flagged |",
-        "|---|---|---|---|---|---|---|---|",
+        *threshold_table(rows, "threshold", DEFAULT_THRESHOLD),
     ]
-    for row in rows:
-        mark = " **(default)**" if abs(row["threshold"] - DEFAULT_THRESHOLD) < 1e-9 else ""
-        lines.append(f"| {row['threshold']}{mark} | {fmt(row['dup_recall'])} | {fmt(row['dup_precision'])} | "
-                     f"{fmt(row['dup_precision_planted'])} | {row['dup_pairs']:,} | {fmt(row['leak_recall'])} | "
-                     f"{fmt(row['leak_precision'])} | {row['leak_flagged']:,} |")
     lines += ["", "Similarity of each planted copy to its source, by kind (missed: below the threshold):", "",
               "| kind | copies | min | 5th pct | median | " + " | ".join(f"missed < {t}" for t in THRESHOLDS) + " |",
               "|---|---|---|---|---|" + "---|" * len(THRESHOLDS)]
