@@ -28,6 +28,8 @@ install-dev: $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install --quiet -e '.[train,dev]'
+	# img2dataset pins webdataset<0.3 but only uses its TarWriter, which webdataset 1.x keeps; its other deps are in `dev`.
+	$(PY) -m pip install --quiet --no-deps img2dataset==1.47.0
 	touch $@
 
 system-deps:
@@ -54,8 +56,10 @@ serve: install
 
 demo: demo-train serve
 
+# Two workers, one test module each at a time (module fixtures such as the Ray cluster start once): many tests
+# wait on subprocesses, servers and I/O, so two keep both cores busy.
 test: install-dev browser-deps
-	$(PY) -m pytest -q --timeout 900 --durations=15
+	$(PY) -m pytest -q -n 2 --dist loadfile --timeout 900 --durations=15
 
 benchmark: install-dev
 	$(PY) -m pytest -q tests -m benchmark -s -p no:cacheprovider

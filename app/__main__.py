@@ -73,6 +73,20 @@ def load_encoder(path: str, precision: str = "auto") -> Any:
         raise AppError(f"cannot load encoder {path}: {type(error).__name__}: {error}") from error
 
 
+def local_index(path: str) -> str:
+    """``path`` for a local index directory; for a URL (``s3://...``), the local cache directory it was downloaded
+    to (``index.store.local_copy``: only the files of a generation it does not hold yet are downloaded)."""
+    from index.store import local_copy
+    from trainer.data.storage import is_url, public
+
+    if not is_url(path):
+        return path
+    try:
+        return local_copy(path)
+    except (OSError, ValueError) as error:
+        raise AppError(f"cannot download index {public(path)}: {error}") from error
+
+
 def load_index(path: str) -> Any:
     """``index.search.Index.load(path)``, with failures turned into ``AppError``."""
     _require_dir(path, "index", "python -m index.build --encoder RUN/onnx --data ... --output RUN/index")
@@ -117,6 +131,9 @@ def build_collections(args: argparse.Namespace) -> tuple[Any, Any]:
 
     if bool(args.compare_encoder) != bool(args.compare_index):
         raise AppError("give both --compare-encoder and --compare-index (or neither)")
+    for name in ("index", "text_index", "compare_index"):  # s3://... indexes are served from a local copy
+        if getattr(args, name, None):
+            setattr(args, name, local_index(getattr(args, name)))
     if args.map_points < 10:
         raise AppError("--map-points must be at least 10")
     if args.map_limit < 1:

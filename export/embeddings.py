@@ -18,6 +18,11 @@ Atomicity: ``write_part`` writes both files under temporary names and renames th
 the ``.parquet`` last; a part exists only when its ``.parquet`` does (a stray ``.npy`` from an
 interrupted write is ignored and overwritten). ``embeddings.json`` is replaced atomically.
 
+Object storage: ``EMB`` may be a URL (``s3://bucket/emb``, ``gs://...``; ``trainer.data.storage``, credentials from
+the environment). The same order holds there: each file is one PUT, the ``.parquet`` after its ``.npy``, done
+records after their parts, and the manifest's ``complete`` flag last. URLs recorded in the manifest (shard plan,
+data spec) carry no credentials or query strings.
+
 Completeness: ``embeddings_info(path)["complete"]`` is true when the manifest says so (``finalize``),
 or when it has a shard plan and every planned shard has its ``done`` record. ``read_embeddings``
 refuses an incomplete directory unless ``allow_incomplete=True``.
@@ -32,16 +37,18 @@ Typical reader (e.g. ``index.build --embeddings EMB``)::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
-import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from export.contract import l2_normalize, preprocess_path, read_json_object, read_preprocess, variant_files
+from trainer.data import storage
 
 FORMAT = "manyview-embeddings"
 VERSION = 1
@@ -94,28 +101,44 @@ def encoder_identity(onnx_dir: str | os.PathLike, variant: str = "fp32", provide
 # -- manifest ---------------------------------------------------------------------------------------
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+def _write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Replace ``path`` (local or URL) with ``data`` as indented JSON, in one write (``storage.write_bytes``)."""
+    storage.write_bytes(path, (json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _name(path: str | os.PathLike) -> str:
+    """``path`` as error messages and logs show it (URLs without credentials)."""
+    return storage.public(os.fspath(path))
+
+
+def _read_json(path: str, missing: str) -> dict:
+    """The JSON object at ``path`` (local or URL); ``EmbeddingsError(missing)`` when absent."""
+    if not storage.is_url(path):
+        if not os.path.isfile(path):
+            raise EmbeddingsError(missing)
+        return read_json_object(path, EmbeddingsError, "embeddings")
     try:
-        with open(temporary, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.write("\n")
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+        data = json.loads(storage.read_bytes(path).decode("utf-8"))
+    except FileNotFoundError as error:
+        raise EmbeddingsError(missing) from error
+    except ValueError as error:
+        raise EmbeddingsError(f"{_name(path)} is not valid JSON: {error}") from error
+    if not isinstance(data, dict):
+        raise EmbeddingsError(f"{_name(path)} must hold a JSON object, found {type(data).__name__}")
+    return data
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
-    """The parsed ``embeddings.json`` of ``path``; ``EmbeddingsError`` when absent or not this format."""
-    manifest_path = Path(path) / MANIFEST
-    if not manifest_path.is_file():
-        raise EmbeddingsError(f"{str(path)!r} is not an embeddings directory (no {MANIFEST})")
-    manifest = read_json_object(manifest_path, EmbeddingsError, "embeddings")
+    """The parsed ``embeddings.json`` of ``path`` (a directory or URL); ``EmbeddingsError`` when absent or not
+    this format."""
+    manifest_path = storage.join(path, MANIFEST)
+    manifest = _read_json(manifest_path, f"{_name(path)!r} is not an embeddings directory (no {MANIFEST})")
+    manifest_path = _name(manifest_path)
     if manifest.get("format") != FORMAT:
         raise EmbeddingsError(f"{manifest_path} is not a {FORMAT} manifest")
     if int(manifest.get("version", 0)) > VERSION:
-        raise EmbeddingsError(f"{manifest_path} has format version {manifest.get('version')}; this code reads <= {VERSION}")
+        raise EmbeddingsError(f"{manifest_path} has format version {manifest.get('version')}; "
+                              f"this code reads <= {VERSION}")
     return manifest
 
 
@@ -129,29 +152,31 @@ def open_output(
 ) -> dict:
     """Create ``output_dir`` with its manifest, or check that an existing one matches (for resuming).
 
-    ``encoder`` is ``encoder_identity(...)``. ``shards`` is the ordered shard plan (absolute paths); part
-    ``NNNNNN-*`` belongs to ``shards[NNNNNN]``. Raises ``EmbeddingsMismatchError`` when the directory
-    holds embeddings of another encoder, dim, dtype or shard plan. Safe to call from several processes
-    at once (they all write the same content). Returns the manifest.
+    ``encoder`` is ``encoder_identity(...)``. ``shards`` is the ordered shard plan (absolute paths or URLs, recorded
+    without credentials); part ``NNNNNN-*`` belongs to ``shards[NNNNNN]``. ``output_dir`` may be a URL. Raises
+    ``EmbeddingsMismatchError`` when the directory holds embeddings of another encoder, dim, dtype or shard plan.
+    Safe to call from several processes at once (they all write the same content). Returns the manifest.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    output = Path(output_dir)
-    plan = [os.path.abspath(shard) for shard in shards] if shards is not None else None
-    if (output / MANIFEST).exists():
+    output = os.fspath(output_dir)
+    plan = [storage.describe(shard) for shard in shards] if shards is not None else None
+    extra = {key: storage.public(value) if isinstance(value, str) else value for key, value in (extra or {}).items()}
+    if storage.exists(storage.join(output, MANIFEST)):
         existing = read_manifest(output)
         previous = existing.get("encoder") or {}
         found = previous.get("fingerprint")
         if found != encoder.get("fingerprint"):
-            if previous.get("directory") == encoder.get("directory") and previous.get("variant") != encoder.get("variant"):
+            same_directory = previous.get("directory") == encoder.get("directory")
+            if same_directory and previous.get("variant") != encoder.get("variant"):
                 raise EmbeddingsMismatchError(
-                    f"{str(output)!r} holds embeddings of the {previous.get('variant') or 'fp32/fp16'} variant of "
+                    f"{_name(output)!r} holds embeddings of the {previous.get('variant') or 'fp32/fp16'} variant of "
                     f"{encoder.get('directory')!r}, but this run uses its {encoder.get('variant')} variant; variants "
                     "never mix in one output. Resume with --precision "
                     f"{previous.get('variant') or 'fp32'}, or use a new --output directory"
                 )
             raise EmbeddingsMismatchError(
-                f"{str(output)!r} already holds embeddings of another model (encoder "
+                f"{_name(output)!r} already holds embeddings of another model (encoder "
                 f"{previous.get('directory')!r}, fingerprint {str(found)[:12]}); "
                 f"this encoder is {encoder.get('directory')!r} (fingerprint {str(encoder.get('fingerprint'))[:12]}). "
                 "Use a new --output directory or delete the old one"
@@ -159,12 +184,11 @@ def open_output(
         for name, value in (("dim", int(dim)), ("dtype", dtype), ("shards", plan)):
             if existing.get(name) != value:
                 raise EmbeddingsMismatchError(
-                    f"{str(output)!r} was started with {name}={_short(existing.get(name))}, not {_short(value)}; "
+                    f"{_name(output)!r} was started with {name}={_short(existing.get(name))}, not {_short(value)}; "
                     "resume with the same settings or use a new --output directory"
                 )
         return existing
-    output.mkdir(parents=True, exist_ok=True)
-    (output / PARTS_DIR).mkdir(exist_ok=True)
+    storage.makedirs(storage.join(output, PARTS_DIR))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -173,9 +197,9 @@ def open_output(
         "encoder": encoder,
         "shards": plan,
         "complete": False,
-        **(extra or {}),
+        **extra,
     }
-    _write_json_atomic(output / MANIFEST, manifest)
+    _write_json_atomic(storage.join(output, MANIFEST), manifest)
     return manifest
 
 
@@ -235,47 +259,53 @@ def write_part(
     ``info`` (JSON-able, optional) is kept in the parquet file's metadata; ``part_info`` reads it back.
     Rewriting an existing part replaces it.
     """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     _check_part_name(part_name)
-    output = Path(output_dir)
+    output = os.fspath(output_dir)
     manifest = read_manifest(output)
     embeddings = np.asarray(embeddings)
     if embeddings.ndim != 2 or embeddings.shape[1] != int(manifest["dim"]):
-        raise ValueError(f"embeddings of shape {embeddings.shape} do not match dim {manifest['dim']} of {output}")
+        raise ValueError(f"embeddings of shape {embeddings.shape} do not match dim {manifest['dim']} "
+                         f"of {_name(output)}")
     table = _check_metadata(metadata, len(embeddings))
     if info is not None:
         table = table.replace_schema_metadata({_PART_INFO_KEY: json.dumps(info)})
-    parts = output / PARTS_DIR
-    parts.mkdir(exist_ok=True)
-    tag = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    npy_tmp, parquet_tmp = parts / f".{part_name}.npy{tag}", parts / f".{part_name}.parquet{tag}"
-    try:
-        with open(npy_tmp, "wb") as handle:
-            np.save(handle, np.ascontiguousarray(embeddings, dtype=manifest["dtype"]))
-        pq.write_table(table, str(parquet_tmp))
-        os.replace(npy_tmp, parts / f"{part_name}.npy")
-        os.replace(parquet_tmp, parts / f"{part_name}.parquet")  # last: the part's commit point
-    finally:
-        for temporary in (npy_tmp, parquet_tmp):
-            if temporary.exists():
-                temporary.unlink()
+    parts = storage.join(output, PARTS_DIR)
+    storage.makedirs(parts)
+    vectors = io.BytesIO()
+    np.save(vectors, np.ascontiguousarray(embeddings, dtype=manifest["dtype"]))
+    parquet = pa.BufferOutputStream()
+    pq.write_table(table, parquet)
+    storage.write_bytes(storage.join(parts, f"{part_name}.npy"), vectors.getvalue())
+    storage.write_bytes(storage.join(parts, f"{part_name}.parquet"), parquet.getvalue().to_pybytes())  # the commit
 
 
 def part_names(path: str | os.PathLike) -> list[str]:
     """Committed part names in global order."""
-    parts = Path(path) / PARTS_DIR
-    if not parts.is_dir():
-        return []
-    return sorted(entry.name[: -len(".parquet")] for entry in parts.iterdir()
-                  if entry.name.endswith(".parquet") and not entry.name.startswith("."))
+    return sorted(name[: -len(".parquet")] for name in storage.listdir(storage.join(path, PARTS_DIR))
+                  if name.endswith(".parquet") and not name.startswith("."))
+
+
+def _part_file(path: str | os.PathLike, part_name: str, suffix: str) -> str:
+    return storage.join(path, PARTS_DIR, f"{part_name}{suffix}")
+
+
+def _read_parquet(path: str | os.PathLike, part_name: str, reader):
+    """``reader(file)`` on a part's parquet: a local path, or an open (seekable, ranged) remote file."""
+    location = _part_file(path, part_name, ".parquet")
+    if not storage.is_url(location):
+        return reader(location)
+    with storage.open_read(location) as handle:
+        return reader(handle)
 
 
 def part_info(path: str | os.PathLike, part_name: str) -> dict:
     """The ``info`` dictionary given to ``write_part`` for this part (``{}`` when none)."""
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(str(Path(path) / PARTS_DIR / f"{part_name}.parquet"))
+    schema = _read_parquet(path, part_name, pq.read_schema)
     raw = (schema.metadata or {}).get(_PART_INFO_KEY.encode())
     return json.loads(raw) if raw else {}
 
@@ -284,18 +314,30 @@ def part_rows(path: str | os.PathLike, part_name: str) -> int:
     """Number of rows of one committed part (read from its parquet footer)."""
     import pyarrow.parquet as pq
 
-    return int(pq.read_metadata(str(Path(path) / PARTS_DIR / f"{part_name}.parquet")).num_rows)
+    return int(_read_parquet(path, part_name, pq.read_metadata).num_rows)
+
+
+def _total_rows(path: str | os.PathLike, names: Sequence[str]) -> int:
+    """Rows over the parts ``names``; the footers of remote parts are read several at a time."""
+    if storage.is_url(os.fspath(path)) and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            return sum(pool.map(lambda name: part_rows(path, name), names))
+    return sum(part_rows(path, name) for name in names)
 
 
 def read_part(path: str | os.PathLike, part_name: str, normalize: bool = True):
     """``(float32 [n, D], pyarrow.Table)`` of one part; rows re-normalised to unit length by default."""
     import pyarrow.parquet as pq
 
-    base = Path(path) / PARTS_DIR
-    vectors = np.load(base / f"{part_name}.npy", mmap_mode="r")
-    table = pq.read_table(str(base / f"{part_name}.parquet"))
+    location = _part_file(path, part_name, ".npy")
+    if storage.is_url(location):
+        vectors = np.load(io.BytesIO(storage.read_bytes(location)))
+    else:
+        vectors = np.load(location, mmap_mode="r")
+    table = _read_parquet(path, part_name, pq.read_table)
     if len(vectors) != table.num_rows:
-        raise EmbeddingsError(f"part {part_name} of {path}: {len(vectors)} embeddings but {table.num_rows} metadata rows")
+        raise EmbeddingsError(f"part {part_name} of {_name(path)}: {len(vectors)} embeddings but "
+                              f"{table.num_rows} metadata rows")
     vectors = l2_normalize(vectors) if normalize else np.asarray(vectors, dtype=np.float32)
     return np.ascontiguousarray(vectors, dtype=np.float32), table
 
@@ -305,20 +347,25 @@ def read_part(path: str | os.PathLike, part_name: str, normalize: bool = True):
 
 def mark_shard_done(output_dir: str | os.PathLike, shard_index: int, record: dict) -> None:
     """Record that shard ``shard_index`` of the plan is fully written (``record``: counts, skipped keys)."""
-    done = Path(output_dir) / DONE_DIR
-    done.mkdir(exist_ok=True)
-    _write_json_atomic(done / f"{shard_index:06d}.json", record)
+    done = storage.join(output_dir, DONE_DIR)
+    storage.makedirs(done)
+    _write_json_atomic(storage.join(done, f"{shard_index:06d}.json"), record)
 
 
 def done_shards(path: str | os.PathLike) -> dict[int, dict]:
-    """``{shard index: done record}`` for the finished shards of ``path``."""
-    done = Path(path) / DONE_DIR
-    records: dict[int, dict] = {}
-    if done.is_dir():
-        for entry in sorted(done.glob("[0-9]*.json")):
-            with open(entry, encoding="utf-8") as handle:
-                records[int(entry.stem)] = json.load(handle)
-    return records
+    """``{shard index: done record}`` for the finished shards of ``path`` (remote records are read in parallel)."""
+    done = storage.join(path, DONE_DIR)
+    names = [name for name in storage.listdir(done) if name[:1].isdigit() and name.endswith(".json")]
+
+    def load(name: str) -> dict:
+        return json.loads(storage.read_bytes(storage.join(done, name)).decode("utf-8"))
+
+    if storage.is_url(done) and len(names) > 1:
+        with ThreadPoolExecutor(max_workers=min(16, len(names))) as pool:
+            loaded = list(pool.map(load, names))
+    else:
+        loaded = [load(name) for name in names]
+    return {int(name[: -len(".json")]): record for name, record in zip(names, loaded)}
 
 
 def finalize(path: str | os.PathLike) -> dict:
@@ -327,17 +374,18 @@ def finalize(path: str | os.PathLike) -> dict:
     With a shard plan, raises ``EmbeddingsError`` unless every planned shard has its done record.
     Adds ``count`` and ``skipped`` totals.
     """
-    output = Path(path)
+    output = os.fspath(path)
     manifest = read_manifest(output)
     records = done_shards(output)
     if manifest.get("shards") is not None:
         missing = [i for i in range(len(manifest["shards"])) if i not in records]
         if missing:
-            raise EmbeddingsError(f"{output}: {len(missing)} shard(s) not finished yet (e.g. index {missing[0]})")
-    manifest["count"] = sum(part_rows(output, name) for name in part_names(output))
+            raise EmbeddingsError(f"{_name(output)}: {len(missing)} shard(s) not finished yet "
+                                  f"(e.g. index {missing[0]})")
+    manifest["count"] = _total_rows(output, part_names(output))
     manifest["skipped"] = sum(int(record.get("skipped", 0)) for record in records.values())
     manifest["complete"] = True
-    _write_json_atomic(output / MANIFEST, manifest)
+    _write_json_atomic(storage.join(output, MANIFEST), manifest)  # last: the directory's commit point
     return manifest
 
 
@@ -351,19 +399,19 @@ def embeddings_info(path: str | os.PathLike) -> dict:
     (``{"fingerprint", "variant", "image_model", "provider", "directory", "preprocess"}``: the encoder's
     identity, see ``encoder_identity``; manifests written before variants were recorded lack the middle three),
     ``complete`` (bool), ``parts`` (number), ``shards`` (plan or None), ``shards_done``, ``skipped``
-    (undecodable samples in finished shards), ``path``.
+    (undecodable samples in finished shards), ``path`` (absolute, or the URL without credentials).
     """
-    output = Path(path)
+    output = os.fspath(path)
     manifest = read_manifest(output)
     names = part_names(output)
     records = done_shards(output)
     plan = manifest.get("shards")
     complete = bool(manifest.get("complete")) or (plan is not None and all(i in records for i in range(len(plan))))
     return {
-        "path": str(output.resolve()),
+        "path": _name(output) if storage.is_url(output) else str(Path(output).resolve()),
         "dim": int(manifest["dim"]),
         "dtype": manifest["dtype"],
-        "count": sum(part_rows(output, name) for name in names),
+        "count": _total_rows(output, names),
         "encoder": manifest.get("encoder", {}),
         "complete": complete,
         "parts": len(names),
@@ -385,13 +433,14 @@ def read_embeddings(
     info = embeddings_info(path)
     if not info["complete"] and not allow_incomplete:
         raise EmbeddingsError(
-            f"embeddings in {str(path)!r} are incomplete ({info['shards_done']} of "
+            f"embeddings in {_name(path)!r} are incomplete ({info['shards_done']} of "
             f"{len(info['shards'] or [])} shard(s) done); finish the extraction (it resumes) first"
         )
     for name in part_names(path):
         vectors, table = read_part(path, name, normalize=normalize)
         if vectors.shape[1] != info["dim"]:
-            raise EmbeddingsError(f"part {name} of {path} has dim {vectors.shape[1]}, manifest says {info['dim']}")
+            raise EmbeddingsError(f"part {name} of {_name(path)} has dim {vectors.shape[1]}, "
+                                  f"manifest says {info['dim']}")
         yield vectors, table
 
 

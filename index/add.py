@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from index import devices
+from index.duplicates import clash_message, duplicates_message
 from index.build import new_index
 from index.search import Index
 from index.select import choose_index, default_max_memory
@@ -72,10 +73,10 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
             ids = table.column("id").to_numpy().astype(np.int64)
             clash = np.intersect1d(ids, existing)
             if len(clash):
-                raise ValueError(f"duplicate sample id(s) {clash[:5].tolist()}: already in the index; remove them first (--remove)")
+                raise ValueError(clash_message(table, current.metadata, clash))
             so_far = np.concatenate(added + [ids])
             if len(np.unique(so_far)) != len(so_far):
-                raise ValueError("duplicate sample ids within the new embeddings; ids must be unique")
+                raise ValueError(duplicates_message(tables + [table], " within the new embeddings"))
             index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
             tables.append(table.select(list(METADATA_COLUMNS)))
             added.append(ids)

@@ -17,6 +17,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from export.contract import declares_text
+from index.duplicates import duplicate_id_message
+from trainer.data import storage
 from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_samples, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def embed_batch(encoder: Any, pending: _Pending, batch_size: int) -> tuple[np.nd
     vectors = encoder.encode_images(pending.images, batch_size=batch_size)
     if vectors.shape[1] != encoder.dim:
         raise ValueError(f"encoder produced {vectors.shape[1]}-dimensional embeddings but declares dim {encoder.dim}")
-    table = metadata_table(pending.ids, pending.keys, pending.shards, pending.labels, pending.label_names, pending.captions)
+    table = metadata_table(pending.ids, pending.keys, pending.shards, pending.labels, pending.label_names,
+                           pending.captions)
     return np.ascontiguousarray(vectors, dtype=np.float32), table
 
 
@@ -85,7 +88,8 @@ class ShardSource:
         self.dim = int(self.encoder.dim)
         self.skipped = 0
         self.skipped_keys: list[str] = []
-        logger.info("embedding %d shard(s) with %s (%s)", len(self.shards), self.encoder.describe(), self.encoder.directory)
+        logger.info("embedding %d shard(s) with %s (%s)", len(self.shards), self.encoder.describe(),
+                    self.encoder.directory)
         self._blocks = list(self._embed(batch_size, limit, progress, _expected_total(self.shards, manifest, limit)))
         self.count = sum(len(vectors) for vectors, _ in self._blocks)
         if self.count == 0:
@@ -108,24 +112,25 @@ class ShardSource:
                 continue
             yield sample, image
 
-    def _embed(self, batch_size: int, limit: int | None, progress: bool, total: int | None) -> Iterator[tuple[np.ndarray, Any]]:
+    def _embed(self, batch_size: int, limit: int | None, progress: bool,
+               total: int | None) -> Iterator[tuple[np.ndarray, Any]]:
         from tqdm import tqdm
 
         mode = "L" if self.encoder.preprocess.channels == 1 else "RGB"
-        seen: dict[int, str] = {}
+        seen: dict[int, tuple[str, str]] = {}  # id -> (key, shard), for the duplicate-id message
         pending = _Pending()
         with tqdm(total=total, unit="img", desc="embedding", disable=not progress, file=sys.stderr) as bar:
             for sample, image in self._decoded(mode):
                 if limit is not None and len(seen) >= limit:
                     break
                 if sample.sample_id in seen:
-                    raise ValueError(f"duplicate sample id {sample.sample_id}: {seen[sample.sample_id]!r} and "
-                                     f"{sample.key!r} ({sample.url}); ids must be unique across the indexed shards")
-                seen[sample.sample_id] = sample.key
+                    raise ValueError(duplicate_id_message(sample.sample_id, seen[sample.sample_id],
+                                                          (sample.key, sample.url)))
+                seen[sample.sample_id] = (sample.key, sample.url)
                 pending.images.append(image)
                 pending.ids.append(int(sample.sample_id))
                 pending.keys.append(sample.key)
-                pending.shards.append(os.path.abspath(sample.url))
+                pending.shards.append(storage.absolute(sample.url))
                 pending.labels.append(int(sample.label))
                 label = int(sample.label)
                 pending.label_names.append(self.classes[label] if 0 <= label < len(self.classes) else "")
@@ -149,30 +154,32 @@ class ShardSource:
             "encoder_variant": self.encoder.precision,
             "encoder_provider": self.encoder.provider,
             "has_text": bool(self.encoder.has_text),
-            "data": self.data_spec,
-            "shards": [os.path.abspath(shard) for shard in self.shards],
+            "data": storage.public(self.data_spec),
+            "shards": [storage.describe(shard) for shard in self.shards],
             "skipped": int(self.skipped),
             "skipped_keys": self.skipped_keys,
         }
 
 
 class EmbeddingsSource:
-    """An embeddings directory written by ``export.extract`` (``export.embeddings``), streamed per part."""
+    """An embeddings directory written by ``export.extract`` (``export.embeddings``), streamed per part; local or a
+    URL (``s3://bucket/emb``: the parts are read again on every pass)."""
 
     def __init__(self, path: str | os.PathLike, allow_incomplete: bool = False) -> None:
         from export.embeddings import embeddings_info
 
-        self.path = os.path.abspath(path)
+        self.path = storage.absolute(path)
         self.info = embeddings_info(self.path)
         self.allow_incomplete = allow_incomplete
         if not self.info["complete"] and not allow_incomplete:
-            raise ValueError(f"embeddings in {self.path!r} are incomplete ({self.info['shards_done']} shard(s) done); "
+            raise ValueError(f"embeddings in {storage.public(self.path)!r} are incomplete "
+                             f"({self.info['shards_done']} shard(s) done); "
                              "finish the extraction first")
         self.dim = int(self.info["dim"])
         self.count = int(self.info["count"])
         self.fingerprint = (self.info.get("encoder") or {}).get("fingerprint")
         if self.count == 0:
-            raise ValueError(f"empty collection: {self.path!r} holds no embeddings")
+            raise ValueError(f"empty collection: {storage.public(self.path)!r} holds no embeddings")
 
     def blocks(self) -> Iterator[tuple[np.ndarray, Any]]:
         from export.embeddings import read_embeddings
@@ -189,8 +196,8 @@ class EmbeddingsSource:
             "encoder_variant": encoder.get("variant"),  # None for embeddings extracted before variants were recorded
             "encoder_provider": encoder.get("provider"),
             "has_text": declares_text(preprocess),
-            "embeddings": self.path,
-            "data": self.path,
+            "embeddings": storage.public(self.path),
+            "data": storage.public(self.path),
             "shards": self.info.get("shards"),
             "skipped": int(self.info.get("skipped", 0)),
             "skipped_keys": [],

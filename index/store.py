@@ -11,14 +11,22 @@ replaces ``index.json`` with ``os.replace`` and only then deletes the previous g
 any point leaves an ``index.json`` that names complete, mutually consistent files. Writers hold an
 advisory lock (``.lock``) so two writers never interleave. Directories written before generations
 existed (``index.faiss`` + ``metadata.parquet``, no ``files`` entry) still load.
+
+The directory may be a URL (``s3://bucket/index``; ``trainer.data.storage``): ``commit`` then writes the
+generation into a local temporary directory and uploads its files, ``index.json`` last, so a reader never
+sees a half-written index; the previous generation's objects are deleted after that. Object stores have no
+locks: run one writer per URL. ``fetch_index`` copies a remote index into a local cache for loading.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
+import logging
 import os
 import re
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +34,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from export.contract import read_json_object
+from trainer.data import storage
+
+logger = logging.getLogger(__name__)
 
 INFO_FILE = "index.json"
 LEGACY_FILES = {"index": "index.faiss", "metadata": "metadata.parquet"}
@@ -39,8 +50,20 @@ class IndexLoadError(RuntimeError):
 
 
 def read_info(directory: str | os.PathLike) -> dict:
-    """The parsed ``index.json``; ``FileNotFoundError`` when absent, ``IndexLoadError`` when not JSON."""
-    return read_json_object(Path(directory) / INFO_FILE, IndexLoadError, "index")
+    """The parsed ``index.json`` (of a directory or URL); ``FileNotFoundError`` when absent, ``IndexLoadError`` when
+    not JSON."""
+    if not storage.is_url(directory):
+        return read_json_object(Path(directory) / INFO_FILE, IndexLoadError, "index")
+    location = storage.join(directory, INFO_FILE)
+    try:
+        info = json.loads(storage.read_bytes(location).decode("utf-8"))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"index file {storage.public(location)!r} does not exist") from error
+    except ValueError as error:
+        raise IndexLoadError(f"{storage.public(location)} is not valid JSON: {error}") from error
+    if not isinstance(info, dict):
+        raise IndexLoadError(f"{storage.public(location)} must hold a JSON object, found {type(info).__name__}")
+    return info
 
 
 def data_files(directory: str | os.PathLike, info: dict) -> dict[str, Path]:
@@ -62,14 +85,19 @@ def next_generation(info: dict | None) -> str:
 
 @contextlib.contextmanager
 def writer_lock(directory: str | os.PathLike) -> Iterator[None]:
-    """Exclusive advisory lock on the index directory for the duration of a write."""
+    """Exclusive advisory lock on the index directory for the duration of a write (none for URLs: object stores
+    have no locks, so run one writer per URL)."""
+    if storage.is_url(directory):
+        yield
+        return
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     with open(path / LOCK_FILE, "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
-            raise RuntimeError(f"another process is writing {path} (lock {path / LOCK_FILE}); try again later") from error
+            raise RuntimeError(f"another process is writing {path} (lock {path / LOCK_FILE}); "
+                               "try again later") from error
         try:
             yield
         finally:
@@ -89,10 +117,14 @@ def commit(directory: str | os.PathLike, cpu_index: Any, table: Any, info: dict,
     """Write a new generation (index, metadata, then ``index.json``) and drop the previous one.
 
     ``extra_files`` (role -> file name already written in ``directory`` for this generation, e.g.
-    the on-disk lists) are recorded in ``files``. Returns the committed info.
+    the on-disk lists) are recorded in ``files``. ``directory`` may be a URL (``commit_remote``). Returns the
+    committed info.
     """
     import faiss
     import pyarrow.parquet as pq
+
+    if storage.is_url(directory):
+        return commit_remote(os.fspath(directory), cpu_index, table, info, generation, extra_files)
 
     output = Path(directory)
     output.mkdir(parents=True, exist_ok=True)
@@ -114,6 +146,59 @@ def commit(directory: str | os.PathLike, cpu_index: Any, table: Any, info: dict,
         raise
     remove_stale(output, info)
     return info
+
+
+def commit_remote(url: str, cpu_index: Any, table: Any, info: dict, generation: str | None = None,
+                  extra_files: dict[str, str] | None = None) -> dict:
+    """``commit`` to a URL: the generation is written into a local temporary directory, its files are uploaded
+    (one PUT each), then ``index.json`` (the commit point), and only then the previous generation is deleted."""
+    if extra_files:
+        raise ValueError(f"{storage.public(url)}: an index with on-disk inverted lists cannot be written to a URL; "
+                         "merge it into a local directory (index.merge --on-disk) and serve it from there")
+    try:
+        previous = read_info(url)
+    except FileNotFoundError:
+        previous = None
+    generation = generation or next_generation(previous)
+    with tempfile.TemporaryDirectory(prefix="manyview-index-") as staging:
+        committed = commit(staging, cpu_index, table, info, generation)
+        for name in committed["files"].values():
+            storage.upload(os.path.join(staging, name), storage.join(url, name))
+        storage.upload(os.path.join(staging, INFO_FILE), storage.join(url, INFO_FILE))  # the commit point
+    keep = set(committed["files"].values())
+    for name in storage.listdir(url):
+        if (_GENERATION.match(name) or name in LEGACY_FILES.values()) and name not in keep:
+            storage.remove(storage.join(url, name))
+    logger.info("uploaded index generation %s to %s", generation, storage.public(url))
+    return committed
+
+
+def fetch_index(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A local copy of the index at ``url``, for loading: its current generation's files are downloaded into
+    ``cache_dir`` (default ``$XDG_CACHE_HOME/manyview/index/<hash of the URL>``) unless already there (generation
+    names are unique, so a cached file is the same file), ``index.json`` last. Returns the local directory."""
+    info = read_info(url)
+    if cache_dir is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        digest = hashlib.sha256(storage.public(url).encode("utf-8")).hexdigest()[:16]
+        cache_dir = os.path.join(base, "manyview", "index", digest)
+    local = Path(cache_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    names = dict(LEGACY_FILES)
+    names.update(info.get("files") or {})
+    for name in names.values():
+        if not (local / name).is_file():
+            storage.download(storage.join(url, name), local / name)
+    _write_json(local / INFO_FILE, info)
+    remove_stale(local, info)
+    return local
+
+
+def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> str:
+    """``path`` itself for a local index directory; for a URL, the directory of ``fetch_index`` (what loaders such
+    as ``python -m app --index s3://...`` open)."""
+    text = os.fspath(path)
+    return str(fetch_index(text, cache_dir)) if storage.is_url(text) else text
 
 
 def remove_stale(directory: str | os.PathLike, info: dict) -> None:

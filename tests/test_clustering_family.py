@@ -274,7 +274,7 @@ def test_deepcluster_v2_options_and_ids_fail_clearly():
     objective = _build("deepcluster_v2", num_train_samples=N)
     batch = _crops()
     batch["id"] = batch["id"] + 100
-    with pytest.raises(ValueError, match="outside the memory.*trainer.prepare"):
+    with pytest.raises(ValueError, match="outside the memory.*dense slot"):
         objective(batch)
 
 

@@ -203,7 +203,8 @@ def test_empty_collection(onnx_dir: Path, tmp_path: Path) -> None:
 
 def test_duplicate_ids(onnx_dir: Path, shards: Path, tmp_path: Path) -> None:
     spec = f"{shards / 'part-000000.tar'}::{shards / 'part-000000.tar'}"
-    with pytest.raises(ValueError, match="duplicate sample id"):
+    with pytest.raises(ValueError, match=r"duplicate sample id \d+: key .*part-000000.tar and key "
+                                         r".*part-000000.tar.*trainer.prepare"):
         build_index(onnx_dir, spec, tmp_path / "index", progress=False)
 
 

@@ -163,9 +163,9 @@ def test_instdisc_normaliser_warmup_estimates_per_batch_then_fixes_z():
     assert objective.normaliser.item() == z
 
 
-def test_instdisc_rejects_ids_outside_the_bank_with_the_prepare_hint():
+def test_instdisc_rejects_ids_outside_the_bank_with_the_slots_hint():
     objective = _build("instdisc", num_noise=4)
-    with pytest.raises(ValueError, match="trainer.prepare"):
+    with pytest.raises(ValueError, match="outside the memory bank.*dense slot"):
         objective(_instdisc_batch((0, 123456789)))
     with pytest.raises(ValueError, match="number of training samples"):
         get_objective("instdisc").build(ObjectiveSpec(backbone="cnn-small", image_size=SIZE))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.data.shards import ShardPatternError, count_samples, expand_patterns, iter_samples, key_to_id
+from trainer.data.shards import (ShardPatternError, count_samples, dataset_name, expand_patterns, iter_samples,
+                                 key_to_id, sample_from_members)
 from trainer.prepare import main as prepare_main
 from trainer.prepare import prepare
 
@@ -102,9 +103,22 @@ def test_prepare_existing_shards_adds_ids_and_keeps_members(tmp_path):
     assert any(s.caption == "a fluffy cat on a sofa" for s in samples)
 
 
-def test_sample_id_falls_back_to_a_stable_key_hash():
-    assert key_to_id("test_000001") == key_to_id("test_000001") != key_to_id("test_000002")
-    assert 0 <= key_to_id("anything") < 2**63
+def test_sample_id_falls_back_to_a_stable_hash_of_dataset_and_key():
+    assert key_to_id("test_000001", "cifar") == key_to_id("test_000001", "cifar") != key_to_id("test_000002", "cifar")
+    assert key_to_id("000000000", "laion") != key_to_id("000000000", "cc3m")  # two img2dataset runs
+    assert 0 <= key_to_id("anything", "") < 2**63
+
+
+def test_dataset_name_is_the_directory_holding_the_shard():
+    assert dataset_name("/data/laion-part1/00000.tar") == "laion-part1"
+    assert dataset_name("s3://bucket/cc3m/00000.tar") == dataset_name("https://host/x/cc3m/00000.tar?sig=1") == "cc3m"
+    assert dataset_name("pipe:aws s3 cp s3://bucket/yfcc/00000.tar.gz -") == "yfcc"
+    samples = [sample_from_members("000000000", f"/d/{name}/00000.tar", {"jpg": b""}) for name in ("a", "b")]
+    assert samples[0].sample_id != samples[1].sample_id  # the same key in two datasets
+    explicit = sample_from_members("000000000", "/d/a/00000.tar", {"id": b"7", "json": b'{"caption": "x"}'})
+    assert explicit.sample_id == 7 and explicit.caption == "x"
+    both = sample_from_members("k", "/d/a/00000.tar", {"txt": b"from txt", "json": b'{"caption": "from json"}'})
+    assert both.caption == "from txt"  # txt wins
 
 
 def test_prepare_cli_reports_wrong_source(tmp_path, capsys):

@@ -2,13 +2,16 @@
 
 Every process writes into ``step_N.tmp`` through ``Accelerator.save_state``; only after all are done does
 the main process mark it complete and rename it into place. A directory without the marker is never
-resumed from, so a run killed mid-write resumes from the previous good checkpoint.
+resumed from, so a run killed mid-write resumes from the previous good checkpoint. Runs of memory-bank objectives
+also keep their sample -> slot numbering there (``trainer.data.slots``), so ``--resume`` indexes the same rows.
 """
 from __future__ import annotations
 
 import os
 import re
 import shutil
+
+from trainer.data.slots import DenseSlots
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -52,8 +55,9 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator, run_dir: str, step: int, keep: int) -> str:
-    """Collective: all processes call it. Returns the final checkpoint path."""
+def save_checkpoint(accelerator, run_dir: str, step: int, keep: int, slots: DenseSlots | None = None) -> str:
+    """Collective: all processes call it. Returns the final checkpoint path. ``slots``: the run's dense sample
+    slots (memory-bank objectives), written beside the state before the checkpoint is marked complete."""
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step_{step:08d}")
     staging = final + ".tmp"
@@ -64,6 +68,8 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int) -> str:
     accelerator.save_state(staging)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if slots is not None:
+            slots.save(staging)
         with open(os.path.join(staging, COMPLETE_MARKER), "w", encoding="utf-8") as handle:
             handle.write(f"{step}\n")
         if os.path.exists(final):
@@ -73,3 +79,9 @@ def save_checkpoint(accelerator, run_dir: str, step: int, keep: int) -> str:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_slots(checkpoint: str) -> DenseSlots | None:
+    """The dense sample slots saved in ``checkpoint``, or None when it holds none (objectives without a memory
+    bank, or a checkpoint written before runs kept them)."""
+    return DenseSlots.load(checkpoint)

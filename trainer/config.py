@@ -23,6 +23,12 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 2000
     samples_per_epoch: int | None = None  # epoch length for --epochs and epoch-based schedules; None: counted
+    # Image-text objectives (clip, siglip, lit, coca): the fraction of samples without text (no `txt` member, no
+    # json["caption"]) allowed, in [0, 1). Such samples are skipped, never trained on with an empty caption, and
+    # counted; a data worker stops the run once more than this fraction of the (at least 1,000) samples it read
+    # had none, and the run is refused at the start when none of the first shard's first 64 samples has text.
+    # img2dataset writes captions only with --caption_col.
+    max_missing_text: float = 0.01
     # Two-view augmentation as batched tensor ops on the training device (workers only decode): on | off | auto
     # (auto: on when the device is a GPU).
     augment_on_device: str = "auto"
@@ -145,6 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--augment-on-device", choices=["auto", "on", "off"],
         help="two-view augmentation as batched tensor ops on the training device (auto: on a GPU)")
     add("--samples-per-epoch", type=int, help="epoch length in samples (remote pipe:/URL shards cannot be counted)")
+    add("--max-missing-text", type=float, help="image-text objectives: the fraction of samples without a caption "
+        "allowed (skipped and counted; above it the run stops), in [0, 1); default 0.01")
     add("--checkpoint-every", type=int, help="save resumable state every N steps")
     add("--log-every", type=int)
     add("--seed", type=int)
@@ -181,6 +189,7 @@ _FLAG_TARGETS = {
     "keep_freed_memory": ("", "keep_freed_memory"),
     "train_data": ("data", "train_data"), "image_size": ("data", "image_size"),
     "num_workers": ("data", "num_workers"), "samples_per_epoch": ("data", "samples_per_epoch"),
+    "max_missing_text": ("data", "max_missing_text"),
     "augment_on_device": ("data", "augment_on_device"), "lr": ("optim", "lr"), "optimizer": ("optim", "optimizer"),
     "weight_decay": ("optim", "weight_decay"), "warmup_steps": ("optim", "warmup_steps"),
     "grad_clip": ("optim", "grad_clip"),
@@ -214,6 +223,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         raise ConfigError(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.data.augment_on_device not in ("auto", "on", "off"):
         raise ConfigError(f"data.augment_on_device must be auto, on or off, got {config.data.augment_on_device!r}")
+    if not 0 <= config.data.max_missing_text < 1:
+        raise ConfigError(f"data.max_missing_text must be a fraction in [0, 1), got {config.data.max_missing_text}")
     if config.micro_batch_size is not None and not 1 <= config.micro_batch_size <= config.batch_size:
         raise ConfigError(f"--micro-batch-size must be in [1, --batch-size={config.batch_size}], got {config.micro_batch_size}")
     return config

@@ -20,11 +20,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from trainer.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+from trainer.checkpoint import TrainState, checkpoint_slots, latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
 from trainer.data.batched_augment import device_views_from
-from trainer.data.pipeline import train_batches
-from trainer.data.shards import count_samples, expand_patterns
+from trainer.data.pipeline import NO_TEXT_HINT, train_batches
+from trainer.data.shards import count_samples, expand_patterns, iter_shard, sample_text
+from trainer.data.slots import DenseSlots
 from trainer.data.views import TwoViews
 from trainer.distributed import synchronise_batch_norm
 from trainer.grad_cache import average_gradients, grad_cache_backward, supports_grad_cache
@@ -41,7 +42,7 @@ class NonFiniteLoss(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "gs://", "s3://")
+REMOTE_PREFIXES = ("pipe:",)  # shards that cannot be counted up front (fsspec URLs can: see count_samples)
 
 
 @dataclass
@@ -59,6 +60,7 @@ class StepContext:
     total_steps: int
     base_lr: float
     metrics_path: str
+    slots: DenseSlots | None = None  # memory-bank objectives: the training samples' dense slots (batch["id"])
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -76,13 +78,51 @@ def micro_batch_size(config: TrainConfig) -> int | None:
 
 
 def samples_per_epoch(config: TrainConfig, urls: list[str]) -> int | None:
-    """The epoch length: ``data.samples_per_epoch`` when given, else counted from local shards (manifest or tar
-    headers, once); None for remote shards without one (then the run needs --max-steps)."""
+    """The epoch length: ``data.samples_per_epoch`` when given, else counted from the shards, local or fsspec URLs
+    (manifest or tar headers, read once); None for ``pipe:`` shards (then the run needs --max-steps)."""
     if config.data.samples_per_epoch:
         return int(config.data.samples_per_epoch)
     if any(url.startswith(REMOTE_PREFIXES) for url in urls):
         return None
     return count_samples(urls)
+
+
+TEXT_PROBE_SAMPLES = 64  # samples of the first shard read at the start to refuse shards without any text
+
+
+def refuse_shards_without_text(urls: list[str], max_missing_text: float) -> None:
+    """Image-text objectives: refuse at the start when none of the first shard's first samples has text (an
+    img2dataset run without --caption_col), instead of training on nothing but skipped samples."""
+    if not 0 <= max_missing_text < 1:
+        raise ValueError(f"data.max_missing_text must be a fraction in [0, 1), got {max_missing_text}")
+    read = missing = 0
+    for sample in iter_shard(urls[0]):
+        read += 1
+        missing += not sample_text(sample)
+        if read >= TEXT_PROBE_SAMPLES:
+            break
+    if read and missing == read:
+        raise ValueError(f"{missing} of the first {read} samples in {urls[0]} have no caption (no `txt` member and no "
+                         f"json[\"caption\"]); this objective trains on image-text pairs. {NO_TEXT_HINT}")
+    if missing:
+        log.warning("%d of the first %d samples in %s have no caption; samples without one are skipped, and the run "
+                    "stops once more than data.max_missing_text=%s of them have none", missing, read, urls[0],
+                    max_missing_text)
+
+
+def dense_slots(config: TrainConfig, urls: list[str]) -> DenseSlots:
+    """The training samples' dense slots 0..n-1 (memory-bank objectives): numbered from the shards' tar headers,
+    or, on --resume, the numbering the checkpoint kept (refused when the shards now hold samples it lacks)."""
+    current = DenseSlots.from_urls(urls)
+    checkpoint = latest_checkpoint(config.output) if config.resume else None
+    saved = checkpoint_slots(checkpoint) if checkpoint else None
+    if saved is None:
+        if checkpoint:
+            log.warning("--resume: %s keeps no sample slot numbering (an older run); numbering the shards afresh",
+                        checkpoint)
+        return current
+    saved.check_covers(current)
+    return saved
 
 
 def total_steps_for(config: TrainConfig, samples: int | None, world_size: int) -> int:
@@ -149,13 +189,20 @@ def train(config: TrainConfig) -> dict:
     if config.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # process-wide, so it stays for the rest of this process
     set_seed(config.seed)  # identical initial weights on every process
-    num_samples = samples_per_epoch(config, urls)
+    if objective_cls.requires_text:
+        refuse_shards_without_text(urls, config.data.max_missing_text)
+    slots = dense_slots(config, urls) if objective_cls.dense_sample_ids else None
+    if slots is not None and not config.data.samples_per_epoch:
+        num_samples = len(slots)  # counted while numbering: one pass over the tar headers
+    else:
+        num_samples = samples_per_epoch(config, urls)
     total_steps = total_steps_for(config, num_samples, accelerator.num_processes)
     global_batch = config.batch_size * accelerator.num_processes
     objective = objective_cls.build(ObjectiveSpec(
         backbone=config.backbone, image_size=config.data.image_size,
         mean=config.data.mean, std=config.data.std, options=dict(config.objective_options),
-        num_train_samples=num_samples, total_steps=total_steps, global_batch_size=global_batch,
+        num_train_samples=num_samples if slots is None else len(slots),  # the bank holds every slot
+        total_steps=total_steps, global_batch_size=global_batch,
         register_tokens=config.register_tokens, vit_pool=config.vit_pool,
         init_from=config.init_from, init_strict=config.init_strict,
     ))
@@ -197,7 +244,7 @@ def train(config: TrainConfig) -> dict:
         last = run_steps(StepContext(
             accelerator=accelerator, objective=objective, task=accelerator.unwrap_model(objective), optimizer=optimizer,
             state=state, config=config, views=views, urls=urls, total_steps=total_steps, base_lr=base_lr,
-            metrics_path=metrics_path,
+            metrics_path=metrics_path, slots=slots,
         ))
     write_model(accelerator, objective, config, state.step)
     accelerator.end_training()
@@ -298,7 +345,9 @@ def run_steps(ctx: StepContext) -> dict:
     progress = tqdm(total=ctx.total_steps, initial=state.step, disable=not accelerator.is_main_process,
                     desc=config.objective, dynamic_ncols=True)
     objective.train()
-    skipped_total = 0
+    skipped_total = missing_text_total = 0
+    # Image-text objectives: samples without text are skipped and counted, up to this fraction (BuildViews).
+    max_missing_text = config.data.max_missing_text if task.requires_text else None
     started = time.perf_counter()
     window_start, window_images = started, 0
     last: dict = {}
@@ -309,7 +358,7 @@ def run_steps(ctx: StepContext) -> dict:
         # checkpoint sees exactly the batches the uninterrupted run saw from there.
         seed = stream_seed(config.seed, accelerator.process_index, state.step)
         batches = train_batches(ctx.urls, ctx.views, config.batch_size, config.data.num_workers, seed,
-                                config.data.shuffle_buffer)
+                                config.data.shuffle_buffer, max_missing_text=max_missing_text, slots=ctx.slots)
         generator = None
         if on_device:
             generator = torch.Generator(device=accelerator.device)
@@ -319,6 +368,8 @@ def run_steps(ctx: StepContext) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             skipped_total += int(batch.pop("skipped", 0))
+            if "missing_text" in batch:
+                missing_text_total += int(batch.pop("missing_text").sum())
             outputs = train_step(ctx, _to_device(ctx, batch, generator))
             grad_norm = None
             if config.optim.grad_clip and config.optim.grad_clip > 0:
@@ -335,6 +386,8 @@ def run_steps(ctx: StepContext) -> dict:
             if state.step % config.log_every == 0 or state.step == ctx.total_steps:
                 images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
                 last = _metrics_row(ctx, outputs, lr, images_per_s, skipped_total, grad_norm)
+                if max_missing_text is not None:
+                    last["missing_text_skipped"] = missing_text_total
                 window_start, window_images = time.perf_counter(), 0
                 if accelerator.is_main_process:
                     append_metrics(ctx.metrics_path, last)
@@ -346,13 +399,16 @@ def run_steps(ctx: StepContext) -> dict:
                 finished = True
                 break
             if config.checkpoint_every and state.step % config.checkpoint_every == 0:
-                save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
+                save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints, ctx.slots)
                 break  # next segment: a new stream seeded by this step
         del batches  # shuts down this segment's data workers
     progress.close()
-    save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints)
+    save_checkpoint(accelerator, config.output, state.step, config.keep_checkpoints, ctx.slots)
     if skipped_total:
         log.warning("skipped %d corrupt or image-less samples on this process", skipped_total)
+    if missing_text_total:
+        log.warning("skipped %d samples without text on this process (data.max_missing_text=%s)", missing_text_total,
+                    config.data.max_missing_text)
     return last
 
 

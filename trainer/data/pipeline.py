@@ -16,8 +16,10 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from . import storage
 from .preprocess import Preprocess, preprocess_image
-from .shards import ShardSample, decode_image, sample_from_members
+from .shards import ShardSample, decode_image, sample_from_members, sample_text
+from .slots import DenseSlots
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +30,58 @@ def _members(raw: dict) -> dict[str, bytes]:
     return {k: v for k, v in raw.items() if not k.startswith("__") and isinstance(v, (bytes, bytearray))}
 
 
-class BuildViews:
-    """Pipeline stage: raw tar samples -> dicts of views + ``label`` + ``id`` (+ ``skipped``)."""
+NO_TEXT_HINT = ("img2dataset writes captions only with --caption_col (into `txt` and json[\"caption\"]); "
+                "re-download with it, or set data.max_missing_text to allow some samples without text")
+MISSING_TEXT_MIN_SAMPLES = 1000  # samples a data worker reads before it judges the fraction without text
 
-    def __init__(self, views: ViewRecipe, image_mode: str = "RGB"):
+
+class MissingTextError(ValueError):
+    """An image-text objective met more samples without text than ``data.max_missing_text`` allows."""
+
+
+class BuildViews:
+    """Pipeline stage: raw tar samples -> dicts of views + ``label`` + ``id`` (+ ``skipped``).
+
+    ``max_missing_text`` (image-text objectives; None for the others): samples without text (``shards.sample_text``)
+    are skipped, never trained on with an empty caption, and counted (``missing_text``, since the previous yielded
+    sample); once this worker has read ``min_samples`` samples and more than that fraction of them had no text, it
+    raises ``MissingTextError``. ``slots`` (memory-bank objectives): ``id`` is the sample's dense slot instead of
+    its shard id (``trainer.data.slots``); the view recipe sees it as ``sample.sample_id`` too."""
+
+    def __init__(self, views: ViewRecipe, image_mode: str = "RGB", max_missing_text: float | None = None,
+                 slots: DenseSlots | None = None, min_samples: int = MISSING_TEXT_MIN_SAMPLES):
         self.views = views
         self.image_mode = image_mode
+        self.max_missing_text = max_missing_text
+        self.slots = slots
+        self.min_samples = min_samples
+
+    def _check_missing_text(self, missing: int, read: int, sample: ShardSample) -> None:
+        if read >= self.min_samples and missing > self.max_missing_text * read:
+            raise MissingTextError(
+                f"{missing} of the {read} samples this data worker read have no text (no `txt` member and no "
+                f"json[\"caption\"]; the last: {sample.key!r} in {sample.url}), more than "
+                f"data.max_missing_text={self.max_missing_text}; {NO_TEXT_HINT}")
 
     def __call__(self, source: Iterable[dict]) -> Iterator[dict]:
-        skipped = 0
+        skipped = missing = 0
+        read = missing_total = 0
         for raw in source:
             sample = sample_from_members(raw["__key__"], raw.get("__url__", ""), _members(raw))
+            if self.max_missing_text is not None:
+                read += 1
+                if not sample_text(sample):
+                    missing += 1
+                    missing_total += 1
+                    self._check_missing_text(missing_total, read, sample)
+                    continue
+                self._check_missing_text(missing_total, read, sample)
             if sample.image is None:
                 skipped += 1
                 log.warning("sample %s in %s has no image; skipped", sample.key, sample.url)
                 continue
+            if self.slots is not None:
+                sample.sample_id = self.slots.slot(sample.url, sample.key)
             try:
                 image = decode_image(sample.image, self.image_mode)
             except ValueError as error:
@@ -54,6 +93,9 @@ class BuildViews:
             out["id"] = sample.sample_id
             out["skipped"] = skipped
             skipped = 0
+            if self.max_missing_text is not None:
+                out["missing_text"] = missing
+                missing = 0
             yield out
 
 
@@ -88,6 +130,41 @@ def _pop_random(buffer: list, rng: random.Random):
     return buffer.pop()
 
 
+def _warn_without_secrets(error: Exception) -> bool:
+    """``wds.warn_and_continue`` with credentials and query strings removed from the URLs in the message."""
+    error.args = tuple(storage.public(arg) if isinstance(arg, str) else arg for arg in error.args)
+    return wds.warn_and_continue(error)
+
+
+def open_shards(source: Iterable[dict], handler: Callable[[Exception], bool] = _warn_without_secrets) -> Iterator[dict]:
+    """Pipeline stage: ``{"url": ...}`` -> ``{"url", "stream"}``, opened through ``trainer.data.storage`` (local
+    files, fsspec URLs such as ``s3://``, ``pipe:`` commands); each stream is closed once its shard is read."""
+    for source_sample in source:
+        url = source_sample["url"]
+        try:
+            stream = storage.open_read(url)
+        except Exception as error:  # an unreadable shard is skipped and logged, like webdataset's own opener
+            error.args = error.args + (storage.public(url),)
+            if handler(error):
+                continue
+            break
+        try:
+            yield {**source_sample, "stream": stream}
+        finally:
+            try:
+                stream.close()
+            except OSError as error:  # a pipe: command that failed after its output was read
+                log.warning("%s", storage.public(str(error)))
+
+
+def shard_samples(source: Iterable[dict]) -> Iterator[dict]:
+    """Pipeline stage: shard URLs -> raw WebDataset samples (``__key__``, ``__url__``, one entry per member)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    files = tar_file_expander(open_shards(source), handler=_warn_without_secrets)
+    return group_by_keys(files, handler=_warn_without_secrets)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors; numbers become int64 tensors; ``skipped`` is summed."""
     batch: dict = {}
@@ -111,13 +188,17 @@ def train_batches(
     num_workers: int = 2,
     seed: int = 0,
     shuffle_buffer: int = 2000,
+    max_missing_text: float | None = None,
+    slots: DenseSlots | None = None,
 ) -> Iterable[dict]:
-    """An endless iterable of training batches for this rank (rank and worker come from torch/env)."""
+    """An endless iterable of training batches for this rank (rank and worker come from torch/env).
+
+    ``max_missing_text`` and ``slots``: see ``BuildViews`` (image-text and memory-bank objectives)."""
     pipeline = wds.DataPipeline(
         wds.ResampledShards(urls, seed=seed, deterministic=True),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        shard_samples,
         SeededShuffle(shuffle_buffer, initial=500, seed=seed),
-        BuildViews(views),
+        BuildViews(views, max_missing_text=max_missing_text, slots=slots),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )
     return wds.WebLoader(
@@ -146,7 +227,7 @@ def eval_batches(urls: list[str], spec: Preprocess, batch_size: int = 256, num_w
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(urls),
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        shard_samples,
         BuildViews(EvalView(spec), "L" if spec.channels == 1 else "RGB"),
         wds.batched(batch_size, collation_fn=collate, partial=True),
     )

@@ -12,8 +12,9 @@ Writing one: set ``key`` and ``Options`` (a dataclass; InfoNCE-family objectives
 (``trainer.models.heads``) and write ``forward``. The defaults cover the common case: ``model_config`` is the
 plain backbone at the run's image size and normalisation, and ``views()`` is the two-view recipe
 (``view0``, ``view1``) from ``options.augment`` (and ``options.second_view_augment`` when the options have it);
-override only what the paper changes. Renamed options stay readable through ``Options.ALIASES``
-(``parse_options``).
+override only what the paper changes. Class flags the loop reads: ``requires_patch_tokens`` (ViT only),
+``requires_text`` (image-text: captions required) and ``dense_sample_ids`` (``batch["id"]`` is a dense slot
+0..n-1). Renamed options stay readable through ``Options.ALIASES`` (``parse_options``).
 """
 from __future__ import annotations
 
@@ -122,6 +123,14 @@ class Objective(nn.Module):
     key: ClassVar[str] = ""
     Options: ClassVar[type] = object
     requires_patch_tokens: ClassVar[bool] = False  # True: needs a ViT backbone (patch tokens, masking; models/vit.py)
+    # True: an image-text objective whose views read each sample's caption (clip, siglip, lit, coca). The loop then
+    # refuses shards without text and the data workers skip samples without it, counting them, up to the run's
+    # data.max_missing_text (trainer.data.pipeline.BuildViews).
+    requires_text: ClassVar[bool] = False
+    # True: indexes tensors of spec.num_train_samples rows by batch["id"] (memory banks, surrogate classes). The loop
+    # then numbers the training samples 0..n-1 by (shard, key) when the run starts (trainer.data.slots), batch["id"]
+    # carries that dense slot on any shards, and checkpoints keep the numbering for --resume.
+    dense_sample_ids: ClassVar[bool] = False
 
     def __init__(self, spec: ObjectiveSpec, options: Any):
         super().__init__()

@@ -39,6 +39,7 @@ class CLIPOptions:
 class CLIP(Objective):
     key = "clip"
     Options = CLIPOptions
+    requires_text = True  # trains on captions: shards without text are refused (BuildViews)
 
     def __init__(self, spec: ObjectiveSpec, options: CLIPOptions):
         super().__init__(spec, options)

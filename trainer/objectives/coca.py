@@ -117,6 +117,7 @@ def coca_model_config(spec: ObjectiveSpec, options: CoCaOptions) -> dict:
 class CoCa(Objective):
     key = "coca"
     Options = CoCaOptions
+    requires_text = True  # trains on captions: shards without text are refused (BuildViews)
     requires_patch_tokens: ClassVar[bool] = True  # a ViT image tower (see VISION_SIZES)
 
     def __init__(self, spec: ObjectiveSpec, options: CoCaOptions):

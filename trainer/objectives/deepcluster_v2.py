@@ -9,7 +9,7 @@ each set by a cross-entropy over its prototype scores at temperature 0.1 (``trai
 SwAV's architecture: backbone -> 2-layer projection MLP (2048 -> 128) -> L2 normalisation, and multi-crop
 (2 global + V local crops; the memory and the clustering use the 2 global ones).
 
-Memory: one row per training sample and global crop, indexed by the shard's sample ``id`` (dense ids 0..n-1; see
+Memory: one row per training sample and global crop, indexed by the sample's dense slot ``id`` (0..n-1; see
 ``trainer.objectives.instdisc``), written after every step with the step's embeddings of the whole global batch;
 prototype set h clusters the memory of global crop h mod 2, as the reference's ``crops_for_assign`` cycle.
 Memory, "seen" marks, assignments and prototypes are buffers, so checkpoints and ``--resume`` carry them.
@@ -51,7 +51,7 @@ from trainer.models import projection_mlp
 
 from .base import Objective, ObjectiveSpec, register, steps_from_epochs
 from .diagnostics import embedding_std
-from .instdisc import PREPARE_HINT
+from .instdisc import SLOTS_HINT
 from .options import require_at_least, require_positive
 
 
@@ -97,6 +97,7 @@ class DeepClusterV2Options(MultiCropOptions):
 class DeepClusterV2(Objective):
     key = "deepcluster_v2"
     Options = DeepClusterV2Options
+    dense_sample_ids = True  # batch["id"]: the sample's dense slot 0..n-1 (trainer.data.slots)
 
     def __init__(self, spec: ObjectiveSpec, options: DeepClusterV2Options):
         super().__init__(spec, options)
@@ -141,7 +142,7 @@ class DeepClusterV2(Objective):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_data):
             raise ValueError(f"deepcluster_v2: sample id {int(ids.max())} (min {int(ids.min())}) is outside the "
-                             f"memory of {self.num_data} training samples; {PREPARE_HINT}")
+                             f"memory of {self.num_data} training samples; {SLOTS_HINT}")
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         crops = crops_in_order(batch)

@@ -8,8 +8,8 @@ the set of random transforms of its patch: the data workers emit ``num_copies`` 
 own translation, zoom, rotation, flip, contrast/brightness, saturation and hue change (``ExemplarView``, one
 batched ``grid_sample`` per image). The network classifies every copy into its surrogate class.
 
-The surrogate class of an image is its sample id (``batch["id"]``, dense 0..n-1 from ``trainer.prepare``), so
-there are ``spec.num_train_samples`` classes. The classifier is a normalised linear one (cosine similarity of a
+The surrogate class of an image is its sample id (``batch["id"]``, the dense slot 0..n-1 the loop gives every
+sample), so there are ``spec.num_train_samples`` classes. The classifier is a normalised linear one (cosine similarity of a
 ``projection_dim`` projection with one weight vector per class, divided by a temperature; NormFace), not the
 paper's plain softmax layer, because with one class per image (50,000 on CIFAR-10) each class appears in a
 batch about once an epoch: a plain linear layer's rows then grow or shrink with their update counts, and its
@@ -34,6 +34,7 @@ from trainer.losses.pretext import cosine_logits, pretext_accuracy, pretext_clas
 
 from .base import Objective, ObjectiveSpec, register
 from .diagnostics import embedding_std
+from .instdisc import SLOTS_HINT
 from .options import require_at_least
 
 
@@ -59,6 +60,7 @@ class ExemplarOptions:
 class Exemplar(Objective):
     key = "exemplar"
     Options = ExemplarOptions
+    dense_sample_ids = True  # batch["id"]: the sample's dense slot 0..n-1 (trainer.data.slots)
 
     def __init__(self, spec: ObjectiveSpec, options: ExemplarOptions):
         super().__init__(spec, options)
@@ -91,8 +93,7 @@ class Exemplar(Objective):
         patches, ids = batch["patches"], batch["id"]  # [N, K, C, S, S], [N]
         if int(ids.min()) < 0 or int(ids.max()) >= self.num_classes:
             raise ValueError(f"exemplar: sample ids must be dense in [0, {self.num_classes}) to index the surrogate "
-                             f"classes, got [{int(ids.min())}, {int(ids.max())}]; re-shard with `python -m "
-                             f"trainer.prepare --source <shards> --output <dir>` (hashed ids are not dense)")
+                             f"classes, got [{int(ids.min())}, {int(ids.max())}]; {SLOTS_HINT}")
         n, copies = patches.shape[:2]
         features = self.encoder.encode_image(patches.flatten(0, 1))  # all copies of all patches, one pass
         labels = ids.long().repeat_interleave(copies)

@@ -1,8 +1,8 @@
 """InstDisc (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance Discrimination").
 
 Every training image is its own class. A memory bank holds one L2-normalised 128-d feature per training
-sample, indexed by the shard's sample ``id``; each step scores the batch's features against their own bank
-entries (positives) and m = 4096 entries drawn uniformly from the bank (noise), with binary NCE whose
+sample, indexed by the sample's dense slot ``batch["id"]`` (0..n-1, numbered by the loop on any shards:
+``dense_sample_ids``); each step scores the batch's features against their own bank entries (positives) and m = 4096 entries drawn uniformly from the bank (noise), with binary NCE whose
 normalising constant Z is estimated once from the first batch and then fixed (paper eq. 7). The loss adds the
 proximal regulariser λ‖v_i^(t) - v_i^(t-1)‖² (λ = 30), and after every optimizer step the batch's bank rows
 move to normalize(η v + (1 - η) f) with η = 0.5. The 128-d feature is the exported embedding (the paper's
@@ -36,10 +36,10 @@ from trainer.models import ModelConfig
 from .base import Objective, ObjectiveSpec, default_model_config, register
 from .options import InfoNCEOptions
 
-PREPARE_HINT = (
-    "memory-bank objectives index a bank by dense sample ids 0..n-1; re-shard the data with "
-    "`python -m trainer.prepare --source <shards> --output <dir>` (shards without an `id` member, such as the "
-    "shared CIFAR-10 shards, carry hashed ids) and train on <dir>/train-*"
+SLOTS_HINT = (
+    "memory-bank objectives index their bank by the dense slot 0..n-1 that the training loop gives every sample "
+    "(trainer.data.slots: numbered by shard and key when the run starts); ids outside it come from elsewhere "
+    "(a batch made by hand, or the bank sized for fewer samples than the data holds)"
 )
 
 
@@ -73,6 +73,7 @@ class OneView:
 class InstDisc(Objective):
     key = "instdisc"
     Options = InstDiscOptions
+    dense_sample_ids = True  # batch["id"]: the sample's dense slot 0..n-1 (trainer.data.slots)
 
     def __init__(self, spec: ObjectiveSpec, options: InstDiscOptions):
         super().__init__(spec, options)
@@ -98,7 +99,7 @@ class InstDisc(Objective):
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_data):
             raise ValueError(f"instdisc: sample id {int(ids.max())} (min {int(ids.min())}) is outside the memory bank "
-                             f"of {self.num_data} training samples; {PREPARE_HINT}")
+                             f"of {self.num_data} training samples; {SLOTS_HINT}")
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         ids = batch["id"]

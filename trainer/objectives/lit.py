@@ -82,6 +82,7 @@ def saved_image_config(path: str) -> dict:
 class LiT(Objective):
     key = "lit"
     Options = LiTOptions
+    requires_text = True  # trains on captions: shards without text are refused (BuildViews)
     requires_init_from: ClassVar[bool] = True  # tests and tools that build every objective pass --init-from for it
 
     def __init__(self, spec: ObjectiveSpec, options: LiTOptions):

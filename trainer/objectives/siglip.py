@@ -102,6 +102,7 @@ def sigmoid_loss_over_processes(image: torch.Tensor, text: torch.Tensor, logit_s
 class SigLIP(Objective):
     key = "siglip"
     Options = SigLIPOptions
+    requires_text = True  # trains on captions: shards without text are refused (BuildViews)
 
     def __init__(self, spec: ObjectiveSpec, options: SigLIPOptions):
         super().__init__(spec, options)
