@@ -2,7 +2,8 @@
 
     python -m export.extract --encoder RUN/onnx --data 'SHARDS/*.tar.gz' --output EMB \
         [--batch-size 64] [--dtype float16|float32] [--workers N] [--chunk-size 8192] \
-        [--precision auto|fp32|fp16|int8] [--threads N] [--no-progress]
+        [--precision auto|fp32|fp16|int8] [--threads N] [--no-progress] \
+        [--engine local|ray] [--address auto|HOST:PORT] [--actors N] [--readers N]
 
 Streams the shards (``trainer.data.shards``, plain tar reading), decodes and resizes images in worker
 processes (PIL, bounded prefetch), encodes them in batches on ONNX Runtime and writes the format of
@@ -18,6 +19,11 @@ Undecodable images are counted, skipped and reported (per shard in ``done/*.json
 The encoder variant (``--precision``; auto: fp16 on a GPU, int8 on a CPU, when exported) and the provider
 it runs on are logged, printed in the summary and recorded in ``embeddings.json``; the variant is part of
 the encoder fingerprint, so an output started with one variant refuses another. No torch is imported.
+
+``--engine ray`` (``export/ray_extract.py``) runs the same per-unit code (``export/extraction.py``) on a
+Ray cluster: shards read and decoded by Ray tasks, the encoder in an actor pool (a GPU each where there are
+GPUs), parts and done records written by the driver in the same format and names, so either engine resumes
+the other's output.
 """
 from __future__ import annotations
 
@@ -28,26 +34,17 @@ import logging
 import multiprocessing
 import os
 import sys
-import tarfile
 import time
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
-import numpy as np
-
-from export.embeddings import (
-    EmbeddingsError, done_shards, embeddings_info, encoder_identity, finalize, mark_shard_done, metadata_table,
-    open_output, part_info, part_names, part_rows, write_part,
+from export.embeddings import EmbeddingsError, done_shards, embeddings_info, finalize, part_names
+from export.extraction import (  # noqa: F401  (part_name: a public name of this module before the split)
+    Assembler, decode_batch, open_extraction, part_name, plan_shards, plan_units, progress_bar,
 )
-from export.contract import Preprocess, empty_batch, prepare_image
 from export.runtime import Encoder, EncoderError
-from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_shard, read_manifest
+from trainer.data import storage
 
 logger = logging.getLogger(__name__)
-
-MAX_REPORTED_KEYS = 20  # per shard: the count covers the rest
 
 
 def distributed_env() -> tuple[int, int, int]:
@@ -62,31 +59,6 @@ def distributed_env() -> tuple[int, int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"invalid RANK={rank} for WORLD_SIZE={world}")
     return rank, world, local
-
-
-def part_name(shard_index: int, chunk: int) -> str:
-    return f"{shard_index:06d}-{chunk:06d}"
-
-
-# -- decoding (runs in worker processes; must stay picklable and torch-free) ------------------------
-
-
-def decode_batch(payloads: list[bytes | None], spec: dict, input_format: str) -> tuple[np.ndarray, list[str | None]]:
-    """Encoded image bytes -> (stacked encoder inputs of the decodable ones, per-payload error or None)."""
-    preprocess = Preprocess.from_dict(spec)
-    mode = "L" if preprocess.channels == 1 else "RGB"
-    arrays, errors = [], []
-    for data in payloads:
-        if data is None:
-            errors.append("no image member")
-            continue
-        try:
-            arrays.append(prepare_image(decode_image(data, mode=mode), preprocess, input_format))
-            errors.append(None)
-        except (ValueError, OSError) as error:  # truncated or corrupt files fail late, in resize
-            errors.append(str(error))
-    batch = np.stack(arrays) if arrays else empty_batch(preprocess, input_format)
-    return batch, errors
 
 
 class _InProcess:
@@ -107,86 +79,6 @@ class _InProcess:
 
     def join(self) -> None:
         pass
-
-
-# -- streaming ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Unit:
-    """A run of consecutive samples of one chunk of one shard, decoded together."""
-
-    shard_index: int
-    chunk: int
-    samples: list[ShardSample]
-    chunk_end: bool
-    shard_end: bool
-
-
-def _units(plan: Sequence[str], indices: Sequence[int], batch_size: int, chunk_size: int,
-           finished: set[str]) -> Iterator[_Unit]:
-    """Cut the shards into decode units that never cross a chunk; skip chunks already written."""
-    for shard_index in indices:
-        batch: list[ShardSample] = []
-        open_chunk: int | None = None  # the chunk whose samples are being yielded and not yet closed
-        position = 0
-        for sample in _read_shard(plan[shard_index]):
-            chunk, position = position // chunk_size, position + 1
-            if open_chunk is not None and chunk != open_chunk:
-                yield _Unit(shard_index, open_chunk, batch, chunk_end=True, shard_end=False)
-                batch, open_chunk = [], None
-            if part_name(shard_index, chunk) in finished:
-                continue
-            open_chunk = chunk
-            batch.append(sample)
-            if len(batch) == batch_size:
-                yield _Unit(shard_index, chunk, batch, chunk_end=False, shard_end=False)
-                batch = []
-        yield _Unit(shard_index, open_chunk or 0, batch, chunk_end=open_chunk is not None, shard_end=True)
-
-
-def _read_shard(url: str) -> Iterator[ShardSample]:
-    """``iter_shard`` with a broken archive (truncated, not a tar) reported by name instead of a bare tarfile error."""
-    position = 0
-    try:
-        for sample in iter_shard(url):
-            position += 1
-            yield sample
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise ValueError(f"shard {url!r} is unreadable after {position} sample(s): {error}; re-create it or "
-                         "leave it out of --data (finished shards are kept, so the run resumes)") from error
-
-
-@dataclass
-class _Chunk:
-    vectors: list[np.ndarray] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
-    skipped: int = 0
-    skipped_keys: list[str] = field(default_factory=list)
-
-
-def _shard_totals(plan: Sequence[str], indices: Sequence[int]) -> int | None:
-    """Sample count of the shards ``indices`` from the manifest beside them, when it lists them all."""
-    try:
-        manifest = read_manifest(list(plan))
-    except (OSError, ValueError):
-        return None
-    counts: dict[str, int] = {}
-    for entries in (manifest.get("splits") or {}).values():
-        for entry in entries or []:
-            if isinstance(entry, dict) and "file" in entry and "samples" in entry:
-                counts[str(entry["file"])] = int(entry["samples"])
-    names = [os.path.basename(plan[i]) for i in indices]
-    return sum(counts[name] for name in names) if all(name in counts for name in names) else None
-
-
-def _label_name(label: int, classes: Sequence[str]) -> str:
-    return str(classes[label]) if 0 <= label < len(classes) else ""
 
 
 def extract(
@@ -221,17 +113,14 @@ def extract(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     started = time.perf_counter()
-    plan = [os.path.abspath(path) for path in expand_patterns(data_spec)]
-    classes = [str(name) for name in read_manifest(plan).get("classes", [])]
+    plan, classes = plan_shards(data_spec)
     workers = max(1, min(8, (os.cpu_count() or 2) - 1)) if workers is None else workers
     # Fork the decoders before onnxruntime starts its thread pools (forking a threaded process is unsafe).
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 0 else _InProcess()
     try:
         encoder = Encoder(encoder_dir, precision=precision, threads=threads, device_id=local_rank)
-        identity = encoder_identity(encoder_dir, variant=encoder.precision, provider=encoder.provider)
-        open_output(output_dir, identity, encoder.dim, dtype, shards=plan,
-                    extra={"data": data_spec if isinstance(data_spec, str) else "::".join(data_spec),
-                           "chunk_size": chunk_size})
+        open_extraction(output_dir, encoder_dir, encoder.precision, encoder.provider, encoder.dim, plan, data_spec,
+                        dtype, chunk_size)
         finished_shards = done_shards(output_dir)
         mine = [i for i in range(len(plan)) if i % world_size == rank and i not in finished_shards]
         logger.info("rank %d/%d: %d of %d shard(s) to extract with %s (%s)", rank, world_size, len(mine), len(plan),
@@ -251,7 +140,7 @@ def extract(
     if skipped:
         logger.warning("skipped %d undecodable sample(s); see %s/done/*.json for their keys", skipped, output_dir)
     return {
-        "output": str(Path(output_dir).resolve()),
+        "output": storage.describe(output_dir),
         "rank": rank,
         "world_size": world_size,
         "shards": len(mine),
@@ -271,18 +160,12 @@ def _run(encoder: Encoder, pool, workers: int, plan: Sequence[str], mine: Sequen
          output_dir, batch_size: int, chunk_size: int, progress: bool, rank: int, world_size: int) -> tuple[int, int]:
     """Decode (in ``pool``, bounded prefetch, in order), encode and write this process's shards;
     returns (embeddings written, samples skipped)."""
-    from tqdm import tqdm
-
     spec, input_format = encoder.preprocess.to_dict(), encoder.input_format
-    written = skipped = 0
-    chunk = _Chunk()
-    shard_skipped, shard_keys = 0, []
-    total = _shard_totals(plan, mine)
+    assembler = Assembler(output_dir, plan, classes, encoder.dim)
     in_flight: collections.deque = collections.deque()
-    units = _units(plan, mine, batch_size, chunk_size, set(part_names(output_dir)))
+    units = plan_units(plan, mine, batch_size, chunk_size, set(part_names(output_dir)))
     prefetch = 2 * max(1, workers) + 1
-    with tqdm(total=total, unit="img", desc=f"extract {rank}/{world_size}" if world_size > 1 else "extract",
-              disable=not progress, file=sys.stderr, position=rank if world_size > 1 else None) as bar:
+    with progress_bar(plan, mine, progress, rank, world_size) as bar:
         exhausted, deferred = False, None
         while True:
             while not exhausted and len(in_flight) < prefetch:
@@ -299,57 +182,12 @@ def _run(encoder: Encoder, pool, workers: int, plan: Sequence[str], mine: Sequen
                 break
             unit, pending = in_flight.popleft()
             batch, errors = pending.get()
-            if len(batch):
-                chunk.vectors.append(encoder.encode_batch(batch, batch_size))
-            url = plan[unit.shard_index]
-            for sample, error in zip(unit.samples, errors):
-                if error is not None:
-                    chunk.skipped += 1
-                    shard_skipped += 1
-                    if len(chunk.skipped_keys) < MAX_REPORTED_KEYS:
-                        chunk.skipped_keys.append(sample.key)
-                    if len(shard_keys) < MAX_REPORTED_KEYS:
-                        shard_keys.append(sample.key)
-                        logger.warning("skipping %s in %s: %s", sample.key, url, error)
-                    continue
-                chunk.ids.append(int(sample.sample_id))
-                chunk.keys.append(sample.key)
-                chunk.shards.append(url)
-                chunk.labels.append(int(sample.label))
-                chunk.label_names.append(_label_name(sample.label, classes))
-                chunk.captions.append(sample.caption)
+            vectors = encoder.encode_batch(batch, batch_size) if len(batch) else None
+            assembler.add(unit, errors, vectors)
             bar.update(len(unit.samples))
-            if unit.chunk_end:
-                written += _write_chunk(output_dir, unit, chunk, encoder.dim)
-                chunk = _Chunk()
-            if unit.shard_end:
-                skipped += shard_skipped
-                _finish_shard(output_dir, unit.shard_index, url, shard_keys)
-                shard_skipped, shard_keys = 0, []
     if deferred is not None:
         raise deferred
-    return written, skipped
-
-
-def _write_chunk(output_dir, unit: _Unit, chunk: _Chunk, dim: int) -> int:
-    vectors = np.concatenate(chunk.vectors) if chunk.vectors else np.zeros((0, dim), dtype=np.float32)
-    table = metadata_table(chunk.ids, chunk.keys, chunk.shards, chunk.labels, chunk.label_names, chunk.captions)
-    write_part(output_dir, part_name(unit.shard_index, unit.chunk), vectors, table,
-               info={"skipped": chunk.skipped, "skipped_keys": chunk.skipped_keys})
-    return len(vectors)
-
-
-def _finish_shard(output_dir, shard_index: int, url: str, keys: list[str]) -> None:
-    """Write the shard's done record, counting over all its parts (including ones from an earlier run)."""
-    prefix = f"{shard_index:06d}-"
-    names = [name for name in part_names(output_dir) if name.startswith(prefix)]
-    skipped = sum(int(part_info(output_dir, name).get("skipped", 0)) for name in names)
-    written = sum(part_rows(output_dir, name) for name in names)
-    mark_shard_done(output_dir, shard_index, {
-        "shard": url, "parts": len(names), "written": written, "skipped": skipped, "skipped_keys": keys,
-    })
-    if skipped:
-        logger.warning("%s: skipped %d undecodable sample(s)", url, skipped)
+    return assembler.written, assembler.skipped
 
 
 # -- command line -----------------------------------------------------------------------------------
@@ -362,12 +200,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, help="embeddings directory to write (resumes if it exists)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call (default 64)")
     parser.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored dtype")
-    parser.add_argument("--workers", type=int, default=None, help="decode processes (default: cores - 1, max 8; 0: none)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode processes of the local engine (default: cores - 1, max 8; 0: none)")
     parser.add_argument("--chunk-size", type=int, default=8192, help="samples per part file (the resume unit)")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
                         help="encoder variant (auto: fp16 on a GPU, int8 on a CPU, when exported; else fp32)")
     parser.add_argument("--threads", type=int, default=None, help="onnxruntime intra-op threads")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="local: this process (and RANK/WORLD_SIZE launchers); ray: a Ray cluster "
+                             "(pip install 'manyview[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join with --engine ray: 'auto' (the one started on this node by "
+                             "`ray start`) or HOST:PORT (default: RAY_ADDRESS, else a local Ray on this machine)")
+    parser.add_argument("--actors", type=int, default=None,
+                        help="--engine ray: encoder actors (default: one per GPU, else half the CPUs)")
+    parser.add_argument("--readers", type=int, default=None,
+                        help="--engine ray: shards read and decoded at once (default: the CPUs the actors leave)")
     return parser.parse_args(argv)
 
 
@@ -376,9 +225,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        summary = extract(args.encoder, args.data, args.output, batch_size=args.batch_size, dtype=args.dtype,
-                          workers=args.workers, chunk_size=args.chunk_size, precision=args.precision,
-                          threads=args.threads, progress=not args.no_progress)
+        if args.engine == "ray":
+            from export.ray_extract import extract_ray
+
+            summary = extract_ray(args.encoder, args.data, args.output, batch_size=args.batch_size, dtype=args.dtype,
+                                  chunk_size=args.chunk_size, precision=args.precision, threads=args.threads,
+                                  progress=not args.no_progress, address=args.address, actors=args.actors,
+                                  readers=args.readers)
+        else:
+            summary = extract(args.encoder, args.data, args.output, batch_size=args.batch_size, dtype=args.dtype,
+                              workers=args.workers, chunk_size=args.chunk_size, precision=args.precision,
+                              threads=args.threads, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, EncoderError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -25,7 +25,7 @@ import numpy as np
 
 from index import devices
 from index.duplicates import clash_message, duplicates_message
-from index.build import new_index
+from index.construct import new_index
 from index.search import Index
 from index.select import choose_index, default_max_memory
 from index.sources import ArraySource, EmbeddingsSource

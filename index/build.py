@@ -4,6 +4,8 @@
     python -m index.build --embeddings RUN/emb --output RUN/index [--max-memory 8G] [--index FACTORY]
         [--target-recall 0.95] [--confidence 0.95] [--recall-k 10] [--query-batch 1] [--train-size N] [--cpu]
         [--precision auto|fp32|fp16|int8]
+    python -m index.build --engine ray [--address auto|HOST:PORT] --embeddings EMB --output RUN/index \
+        [--num-parts N] [--on-disk] [--index IVF_FACTORY]      # see index/ray_build.py
 
 The index type comes from ``index.select.choose_index`` (Flat -> HNSW32 -> IVF<n>,Flat ->
 OPQ<m>,IVF<n>,PQ<m> as the collection outgrows ``--max-memory``; for searches of many queries per call,
@@ -38,111 +40,19 @@ import numpy as np
 
 from export.contract import describe_execution
 from index import devices
-from index.select import IndexChoice, choose_index, default_max_memory, describe_factory, parse_memory, train_size_for
+from index.construct import METRIC, gather_rows, new_index, resolve_choice, uncentre_projections
+from index.duplicates import duplicates_message
+from index.select import default_max_memory, parse_memory
 from index.sources import ArraySource, EmbeddingsSource, ShardSource
 from index.store import commit, writer_lock
 from index.tune import DEFAULT_CONFIDENCE, exact_neighbours, tune
 
 logger = logging.getLogger(__name__)
 
-METRIC = "inner_product"
 DEFAULT_RECALL_K = 10
 DEFAULT_TARGET_RECALL = 0.95
 TUNE_QUERIES = 1000
 MIN_TUNE_COUNT = 20  # smaller collections are exact anyway; nothing to tune
-
-
-def resolve_choice(count: int, dim: int, factory: str | None, max_memory: int | None,
-                   query_batch: int = 1) -> IndexChoice:
-    """``choose_index`` unless ``factory`` is given, in which case it is checked and described."""
-    import faiss
-
-    if factory is None:
-        return choose_index(count, dim, max_memory, query_batch=query_batch)
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as error:
-        raise ValueError(f"invalid --index factory string {factory!r} for dim {dim}: {str(error).strip()}") from error
-    family = describe_factory(factory)
-    ivf = _ivf(index)
-    nlist = int(ivf.nlist) if ivf is not None else 0
-    if ivf is not None and count < nlist:
-        raise ValueError(f"{factory!r} has {nlist} inverted lists but the collection holds only {count} vectors")
-    train = 0 if index.is_trained else train_size_for("ivfpq" if family in ("ivfpq", "other") else "ivf", count, nlist)
-    return IndexChoice(factory, family, "--index given", 0, train, nlist)
-
-
-def _ivf(index: Any) -> Any:
-    import faiss
-
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
-
-
-def new_index(dim: int, factory: str) -> Any:
-    """An empty CPU index for ``factory`` (inner product); wrapped in ``IndexIDMap2`` unless it stores
-    ids itself (IVF), so faiss ids are always sample ids."""
-    import faiss
-
-    index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    # A re-ranking wrapper (",RFlat") holds an IVF inside but cannot take explicit ids itself.
-    refine = isinstance(faiss.downcast_index(index), faiss.IndexRefine)
-    if refine or (_ivf(index) is None and not hasattr(faiss.downcast_index(index), "id_map")):
-        index = faiss.IndexIDMap2(index)
-    return index
-
-
-def uncentre_projections(index: Any, sample: np.ndarray) -> int:
-    """Train the ``PCA<d>`` transforms of an inner-product ``index`` (inside IDMap / re-ranking wrappers)
-    as projections that keep inner products; returns how many were trained so.
-
-    Why: PCA keeps the top directions of the covariance and subtracts the training mean, and for inner
-    products neither is right. <P(x - m), P(q - m)> ranks the stored x for a query shifted by -m; and
-    embeddings sit in a cone around their mean, so the mean direction carries a large share of every
-    inner product while varying little between vectors: PCA drops it, and <x, q> loses x's component
-    along it times q's (large) one, which differs from x to x. The projection that best keeps <x, q>
-    for queries like the data is onto the top eigenvectors of the second moment E[x x^T] (not the
-    covariance): PCA of the sample together with its mirror image -x (whose mean is zero), with the bias
-    dropped, so the transform is the linear map Px. Must run before the rest of the index is trained,
-    so that its centroids and codebooks see the same transform.
-    """
-    import faiss
-
-    inner = faiss.downcast_index(index)
-    while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2, faiss.IndexRefine)):
-        inner = faiss.downcast_index(inner.base_index if isinstance(inner, faiss.IndexRefine) else inner.index)
-    if not isinstance(inner, faiss.IndexPreTransform) or inner.metric_type != faiss.METRIC_INNER_PRODUCT:
-        return 0
-    changed, current = 0, np.ascontiguousarray(sample, dtype=np.float32)
-    for position in range(inner.chain.size()):
-        transform = faiss.downcast_VectorTransform(inner.chain.at(position))
-        if not transform.is_trained:
-            if isinstance(transform, faiss.PCAMatrix):
-                transform.train(np.ascontiguousarray(np.concatenate([current, -current])))
-                transform.b.resize(0)
-                transform.have_bias = False
-                changed += 1
-            else:
-                transform.train(current)
-        current = transform.apply(current)
-    return changed
-
-
-def gather_rows(source: Any, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(vectors, ids)`` of the given global row numbers (sorted), in one pass over the source."""
-    rows = np.sort(np.asarray(rows, dtype=np.int64))
-    vectors, ids, offset = [], [], 0
-    for block, table in source.blocks():
-        inside = rows[(rows >= offset) & (rows < offset + len(block))] - offset
-        if len(inside):
-            vectors.append(block[inside])
-            ids.append(table.column("id").to_numpy()[inside])
-        offset += len(block)
-    if not vectors:
-        return np.zeros((0, source.dim), dtype=np.float32), np.zeros(0, dtype=np.int64)
-    return np.concatenate(vectors).astype(np.float32), np.concatenate(ids).astype(np.int64)
 
 
 def _id_blocks(source: Any):
@@ -218,7 +128,7 @@ def build_from_source(
     ids = np.concatenate(all_ids)
     unique, counts = np.unique(ids, return_counts=True)
     if len(unique) != len(ids):
-        raise ValueError(f"duplicate sample id(s) {unique[counts > 1][:5].tolist()}; ids must be unique in an index")
+        raise ValueError(duplicates_message(tables))
     timings["add_seconds"] = round(time.perf_counter() - tick, 3)
 
     tick = time.perf_counter()
@@ -337,6 +247,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is present")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "int8"], default="auto",
                         help="encoder variant with --encoder (auto: fp16 on a GPU, int8 on a CPU, when exported)")
+    parser.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: train once, fill parts as Ray tasks, merge (needs --embeddings; an IVF index)")
+    parser.add_argument("--address", default=None,
+                        help="--engine ray: 'auto' or HOST:PORT of the cluster (default: RAY_ADDRESS, else local)")
+    parser.add_argument("--num-parts", type=int, default=None,
+                        help="--engine ray: parts filled in parallel (default: the cluster's CPUs or GPUs)")
+    parser.add_argument("--on-disk", action="store_true",
+                        help="--engine ray: merge the inverted lists into one memory-mapped file (larger than RAM)")
     return parser.parse_args(argv)
 
 
@@ -347,6 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.embeddings is None and (args.encoder is None or args.data is None):
         print("error: give --encoder and --data, or --embeddings", file=sys.stderr)
         return 2
+    if args.engine == "ray":
+        return _main_ray(args)
     try:
         info = build_index(
             args.encoder, args.data, args.output, batch_size=args.batch_size, limit=args.limit,
@@ -360,6 +280,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps({key: value for key, value in info.items() if key != "recall"} | {
         "recall": {key: value for key, value in info["recall"].items() if key != "curve"}}, indent=2))
+    return 0
+
+
+def _main_ray(args: argparse.Namespace) -> int:
+    """``--engine ray`` (``index.ray_build.build_ray``): train once, fill parts as Ray tasks, merge."""
+    from index.ray_build import build_ray
+
+    if args.embeddings is None:
+        print("error: --engine ray builds from extracted embeddings: run `python -m export.extract --engine ray "
+              "--encoder ... --data ... --output EMB` first, then pass --embeddings EMB", file=sys.stderr)
+        return 2
+    try:
+        info = build_ray(args.embeddings, args.output, factory=args.factory,
+                         max_memory=parse_memory(args.max_memory) if args.max_memory else None,
+                         num_parts=args.num_parts, on_disk=args.on_disk, address=args.address,
+                         target_recall=args.target_recall, recall_k=args.recall_k or DEFAULT_RECALL_K,
+                         train_size=args.train_size, use_gpu=False if args.cpu else None)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({key: value for key, value in info.items() if key not in ("recall", "shards", "skipped_keys")},
+                     indent=2, default=str))
     return 0
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from index.build import gather_rows
+from index.construct import gather_rows
 from index.search import Index
 from index.sources import EmbeddingsSource
 from index.store import stored_vectors

@@ -12,7 +12,11 @@ random sample; ``PARTS/plan.json`` records the factory, dim, sample size and the
 ``part-<i>-of-<n>.faiss`` holds the vectors of EMB parts ``i, i+n, i+2n, ...`` with their ids, and
 ``part-<i>-of-<n>.parquet`` their metadata. Merging uses FAISS's own ``merge_from`` (RAM) or
 ``OnDiskInvertedLists`` (``faiss.contrib.ondisk.merge_ondisk``); the result is an ordinary index
-directory (``index.store``) that ``index.search.Index.load`` maps from disk. No torch.
+directory (``index.store``) that ``index.search.Index.load`` maps from disk. The training sample is the
+one ``index.build`` takes with the same seed (and ``PCA`` transforms are trained the same way), so a build
+in parts equals the single-machine build of the same factory. Only IVF factories merge: flat and HNSW have
+no inverted lists, and a ``,RFlat`` re-ranking store sits outside them (both refused with the reason).
+``python -m index.build --engine ray`` (``index/ray_build.py``) runs these three steps on a Ray cluster. No torch.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from index import devices
-from index.build import METRIC, gather_rows, new_index, resolve_choice
+from index.duplicates import duplicates_message
+from index.construct import METRIC, gather_rows, new_index, resolve_choice, uncentre_projections
 from index.select import choose_index, nlist_for, quantizer_for, train_size_for
 from index.sources import EmbeddingsSource
 from index.store import commit, next_generation, read_info, writer_lock
@@ -52,7 +57,8 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: str | None = None,
-          max_memory: int | None = None, train_size: int | None = None, use_gpu: bool | None = None, seed: int = 0) -> dict:
+          max_memory: int | None = None, train_size: int | None = None, use_gpu: bool | None = None,
+          seed: int = 0) -> dict:
     """Train the shared quantizer on a random sample of ``embeddings``; writes ``trained.faiss`` + ``plan.json``."""
     import faiss
 
@@ -65,30 +71,52 @@ def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: 
         else:
             factory = choice.factory
     choice = resolve_choice(source.count, source.dim, factory, max_memory)
-    index = new_index(source.dim, factory)
-    try:
-        faiss.extract_index_ivf(index)
-    except RuntimeError as error:
-        raise ValueError(f"{factory!r} has no inverted lists; only IVF indexes can be built in parts and merged") from error
+    index = check_mergeable(new_index(source.dim, factory), factory)
     count = min(source.count, int(train_size or choice.train_size or train_size_for("ivf", source.count, choice.nlist)))
-    rows = np.random.default_rng(seed).choice(source.count, size=count, replace=False)
+    # The same sample as index.build with this seed (the head of one permutation), so a build in parts trains
+    # the same quantizer as the single-machine build and finds the same neighbours.
+    rows = np.random.default_rng(seed).permutation(source.count)[:count]
     started = time.perf_counter()
     sample, _ = gather_rows(source, rows)
+    uncentre_projections(index, sample)
     index = devices.train(index, sample, use_gpu)
     output = Path(parts_dir)
     output.mkdir(parents=True, exist_ok=True)
     _write_atomic(output / TRAINED_FILE, lambda name: faiss.write_index(index, name))
-    plan = {"factory": factory, "family": choice.family, "dim": source.dim, "count": source.count, "nlist": choice.nlist,
-            "train_size": count, "train_seconds": round(time.perf_counter() - started, 3),
+    plan = {"factory": factory, "family": choice.family, "dim": source.dim, "count": source.count,
+            "nlist": choice.nlist, "train_size": count, "train_seconds": round(time.perf_counter() - started, 3),
             "embeddings": source.path, "encoder_fingerprint": source.fingerprint, "describe": source.describe()}
     _write_atomic(output / PLAN_FILE, lambda name: Path(name).write_text(json.dumps(plan, indent=2) + "\n"))
     return plan
 
 
+def check_mergeable(index: Any, factory: str) -> Any:
+    """``index`` when its parts can be merged (ids and vectors all inside inverted lists), else ``ValueError``.
+
+    Flat and HNSW have no inverted lists. A re-ranking ``,RFlat`` index keeps its full vectors in a separate
+    store behind an id map, which neither ``merge_from`` nor the on-disk merge can join."""
+    import faiss
+
+    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        if isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexRefine):
+            raise ValueError(f"{factory!r} re-ranks from a separate store (',RFlat'), which cannot be built in "
+                             "parts and merged; drop ',RFlat' (e.g. an IVF<n>,Flat or IVF<n>,PQ<m> factory), or "
+                             "build it on one machine with `python -m index.build --engine local`")
+        raise ValueError(f"{factory!r} keeps its ids outside inverted lists; only IVF indexes can be built in parts "
+                         "and merged")
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError as error:
+        raise ValueError(f"{factory!r} has no inverted lists; only IVF indexes can be built in parts "
+                         "and merged") from error
+    return index
+
+
 def read_plan(parts_dir: str | os.PathLike) -> dict:
     path = Path(parts_dir) / PLAN_FILE
     if not path.is_file() or not (Path(parts_dir) / TRAINED_FILE).is_file():
-        raise FileNotFoundError(f"{parts_dir} has no {PLAN_FILE}/{TRAINED_FILE}; run `python -m index.merge train` first")
+        raise FileNotFoundError(f"{parts_dir} has no {PLAN_FILE}/{TRAINED_FILE}; "
+                                "run `python -m index.merge train` first")
     return json.loads(path.read_text())
 
 
@@ -96,28 +124,43 @@ def add_part(parts_dir: str | os.PathLike, part: int, num_parts: int, embeddings
              use_gpu: bool | None = None) -> dict:
     """Fill a copy of the trained index with EMB parts ``part, part + num_parts, ...``; writes ``part-<i>-of-<n>``."""
     import faiss
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    from export.embeddings import METADATA_COLUMNS, part_names, read_part
 
     if not 0 <= part < num_parts:
         raise ValueError(f"--part must be in [0, {num_parts}), got {part}")
     plan = read_plan(parts_dir)
-    path = str(embeddings or plan["embeddings"])
     index = faiss.read_index(str(Path(parts_dir) / TRAINED_FILE))
-    index, keep_alive = devices.to_gpu(index, use_gpu)
+    index, table = fill_part(index, int(plan["dim"]), str(embeddings or plan["embeddings"]), part, num_parts, use_gpu)
+    return write_part(parts_dir, part, num_parts, index, table)
+
+
+def fill_part(trained: Any, dim: int, embeddings: str, part: int, num_parts: int,
+              use_gpu: bool | None = None) -> tuple[Any, Any]:
+    """``(cpu index, metadata table)``: ``trained`` (consumed) filled with EMB parts ``part, part + num_parts, ...``.
+
+    Needs only the embeddings, not the parts directory (``index.ray_build`` runs it on other machines)."""
+    import pyarrow as pa
+    from export.embeddings import METADATA_COLUMNS, part_names, read_part
+
+    index, keep_alive = devices.to_gpu(trained, use_gpu)
     tables = []
-    for name in part_names(path)[part::num_parts]:
-        vectors, table = read_part(path, name)
-        if vectors.shape[1] != plan["dim"]:
-            raise ValueError(f"dimension mismatch: part {name} is {vectors.shape[1]}-d, the trained index {plan['dim']}-d")
+    for name in part_names(embeddings)[part::num_parts]:
+        vectors, table = read_part(embeddings, name)
+        if vectors.shape[1] != dim:
+            raise ValueError(f"dimension mismatch: part {name} is {vectors.shape[1]}-d, the trained index {dim}-d")
         index.add_with_ids(vectors, table.column("id").to_numpy().astype(np.int64))
         tables.append(table.select(list(METADATA_COLUMNS)))
-    index = devices.to_cpu(index, keep_alive)
-    stem = Path(parts_dir) / f"part-{part:05d}-of-{num_parts:05d}"
     table = pa.concat_tables(tables) if tables else pa.table({c: [] for c in METADATA_COLUMNS})
+    return devices.to_cpu(index, keep_alive), table
+
+
+def write_part(parts_dir: str | os.PathLike, part: int, num_parts: int, index: Any, table: Any) -> dict:
+    """Write ``part-<i>-of-<n>.parquet`` then ``.faiss`` (the part's commit point) into ``parts_dir``."""
+    import faiss
+    import pyarrow.parquet as pq
+
+    stem = Path(parts_dir) / f"part-{part:05d}-of-{num_parts:05d}"
     _write_atomic(stem.with_suffix(".parquet"), lambda name: pq.write_table(table, name))
-    _write_atomic(stem.with_suffix(".faiss"), lambda name: faiss.write_index(index, name))  # last: the part's commit
+    _write_atomic(stem.with_suffix(".faiss"), lambda name: faiss.write_index(index, name))
     return {"part": part, "num_parts": num_parts, "count": int(index.ntotal), "file": str(stem.with_suffix(".faiss"))}
 
 
@@ -144,7 +187,7 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
     table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
     ids = table.column("id").to_numpy()
     if len(np.unique(ids)) != len(ids):
-        raise ValueError("duplicate sample ids across parts; ids must be unique in an index")
+        raise ValueError(duplicates_message([table], " across parts"))
     trained = faiss.read_index(str(Path(parts_dir) / TRAINED_FILE))
     with writer_lock(output):
         previous = read_info(output) if (output / "index.json").is_file() else None
@@ -163,11 +206,13 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
         tuning = {"params": {}, "recall": None, "k": recall_k, "queries": 0, "target": target_recall, "reached": False}
         if tune_queries:
             source = EmbeddingsSource(plan["embeddings"])
-            query_rows = np.random.default_rng(seed).choice(source.count, size=min(tune_queries, source.count), replace=False)
+            query_rows = np.random.default_rng(seed).choice(source.count, size=min(tune_queries, source.count),
+                                                            replace=False)
             queries, query_ids = gather_rows(source, query_rows)
             blocks = ((v, t.column("id").to_numpy()) for v, t in source.blocks())
             truth = drop_self(exact_neighbours(queries, blocks, recall_k + 1).ids, query_ids, recall_k)
-            tuning = tune(index, plan["family"], queries, truth, recall_k, target_recall, exclude=query_ids, nlist=plan["nlist"])
+            tuning = tune(index, plan["family"], queries, truth, recall_k, target_recall, exclude=query_ids,
+                          nlist=plan["nlist"])
         info = {
             "factory": plan["factory"], "family": plan["family"], "metric": METRIC, "dim": int(index.d),
             "count": int(index.ntotal), "count_at_build": int(index.ntotal),
@@ -211,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from index.select import parse_memory
 
             memory = parse_memory(args.max_memory) if args.max_memory else None
-            result: Any = train(args.embeddings, args.parts, args.factory, memory, args.train_size, False if args.cpu else None)
+            result: Any = train(args.embeddings, args.parts, args.factory, memory, args.train_size,
+                                False if args.cpu else None)
         elif args.command == "add":
             result = add_part(args.parts, args.part, args.num_parts, args.embeddings, False if args.cpu else None)
         else:

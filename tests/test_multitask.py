@@ -211,3 +211,11 @@ def test_tiny_evolution_writes_history_winner_and_plot(cifar_2k_shards, tmp_path
     assert record["best"]["fitness"] == min(every)
     with Image.open(out / "evolution.png") as plot:
         assert plot.format == "PNG" and plot.size[0] > 100
+
+
+def test_multitask_asks_its_tasks_whether_the_run_needs_text_or_dense_slots():
+    multitask = get_objective("multitask")
+    assert multitask.needs_dense_ids({"tasks": {"rotation": {}, "instdisc": {"weight": 0.5}}})
+    assert not multitask.needs_dense_ids({"tasks": {"rotation": {}, "simclr": None}})
+    assert multitask.needs_text({"tasks": {"clip": {}, "rotation": {}}})
+    assert not multitask.needs_text({"tasks": {"simclr": {}}})

@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING_MODULES = ["export.contract", "export.runtime", "export.tokenizer", "export.captions", "export.embeddings",
-                   "export.extract", "index.build",
+                   "export.extract", "export.extraction", "export.ray_extract", "index.build", "index.construct",
+                   "index.ray_build", "index.duplicates", "trainer.data.storage", "trainer.data.slots",
                    "index.search", "index.select", "index.store", "index.devices", "index.tune", "index.sources",
                    "index.add", "index.evaluate", "index.merge", "trainer.data.shards", "trainer.data.preprocess"]
 HEAVY = ["torch", "torchvision", "open_clip", "timm", "accelerate", "webdataset"]

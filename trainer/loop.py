@@ -189,9 +189,9 @@ def train(config: TrainConfig) -> dict:
     if config.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # process-wide, so it stays for the rest of this process
     set_seed(config.seed)  # identical initial weights on every process
-    if objective_cls.requires_text:
+    if objective_cls.needs_text(dict(config.objective_options)):
         refuse_shards_without_text(urls, config.data.max_missing_text)
-    slots = dense_slots(config, urls) if objective_cls.dense_sample_ids else None
+    slots = dense_slots(config, urls) if objective_cls.needs_dense_ids(dict(config.objective_options)) else None
     if slots is not None and not config.data.samples_per_epoch:
         num_samples = len(slots)  # counted while numbering: one pass over the tar headers
     else:
@@ -347,7 +347,8 @@ def run_steps(ctx: StepContext) -> dict:
     objective.train()
     skipped_total = missing_text_total = 0
     # Image-text objectives: samples without text are skipped and counted, up to this fraction (BuildViews).
-    max_missing_text = config.data.max_missing_text if task.requires_text else None
+    max_missing_text = (config.data.max_missing_text
+                        if get_objective(config.objective).needs_text(dict(config.objective_options)) else None)
     started = time.perf_counter()
     window_start, window_images = started, 0
     last: dict = {}

@@ -132,6 +132,17 @@ class Objective(nn.Module):
     # carries that dense slot on any shards, and checkpoints keep the numbering for --resume.
     dense_sample_ids: ClassVar[bool] = False
 
+    @classmethod
+    def needs_text(cls, options: dict) -> bool:
+        """Whether a run with these (raw) options reads captions: ``requires_text``; composites ask their parts."""
+        return cls.requires_text
+
+    @classmethod
+    def needs_dense_ids(cls, options: dict) -> bool:
+        """Whether a run with these (raw) options needs dense slots in ``batch["id"]``: ``dense_sample_ids``;
+        composites ask their parts."""
+        return cls.dense_sample_ids
+
     def __init__(self, spec: ObjectiveSpec, options: Any):
         super().__init__()
         if self.requires_patch_tokens and not is_vit_name(spec.backbone):

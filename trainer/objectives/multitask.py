@@ -135,10 +135,31 @@ def _share_encoder(key: str, task: Objective, shared: EmbeddingModel) -> None:
                                  f"shared encoder: {error}") from None
 
 
+def _task_classes(options: dict) -> list[tuple[type[Objective], dict]]:
+    """(objective class, its options) of each task of raw multitask options; unknown keys are left to the
+    constructor's error."""
+    parsed = MultitaskOptions(**{k: v for k, v in options.items() if k == "tasks"})
+    out = []
+    for key, entry in parsed.tasks.items():
+        try:
+            out.append((get_objective(key), entry["options"]))
+        except KeyError:
+            continue
+    return out
+
+
 @register
 class Multitask(Objective):
     key = "multitask"
     Options = MultitaskOptions
+
+    @classmethod
+    def needs_text(cls, options: dict) -> bool:
+        return any(task.needs_text(task_options) for task, task_options in _task_classes(options))
+
+    @classmethod
+    def needs_dense_ids(cls, options: dict) -> bool:
+        return any(task.needs_dense_ids(task_options) for task, task_options in _task_classes(options))
 
     def __init__(self, spec: ObjectiveSpec, options: MultitaskOptions):
         nn.Module.__init__(self)  # no encoder of its own: the first task's is shared
