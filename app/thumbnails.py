@@ -15,6 +15,7 @@ import threading
 from collections import OrderedDict
 from typing import Any, Sequence
 
+from trainer.data import storage
 from trainer.data.shards import IMAGE_EXTENSIONS, decode_image, iter_shard
 
 DEFAULT_BUDGET_BYTES = 512 << 20
@@ -92,7 +93,7 @@ class ThumbnailStore:
             by_shard.setdefault(str(record["shard"]), []).append(position)
         out: list[bytes | None] = [None] * len(records)
         for shard, positions in by_shard.items():
-            if not os.path.exists(shard):
+            if not storage.exists(shard):
                 raise FileNotFoundError(f"shard {shard!r} named in the index metadata does not exist")
             if shard in self._offsets or (shard not in self._cached and not _is_compressed(shard)):
                 offsets = self._offsets_of(shard)
@@ -122,7 +123,7 @@ class ThumbnailStore:
         so the first searches do not pay for decompression. Meant for a background thread; never raises."""
         for shard in shards:
             try:
-                if not os.path.exists(shard):
+                if not storage.exists(shard):
                     continue
                 if _is_compressed(shard):
                     if self.cached_bytes + os.path.getsize(shard) > self.budget_bytes:
@@ -138,6 +139,10 @@ class ThumbnailStore:
 
 
 def _is_compressed(path: str) -> bool:
+    """Whether ``path`` is read whole into the cache: a compressed tar (no member offsets to seek to), or a shard
+    at a URL (one streamed read instead of a request per image)."""
+    if storage.is_url(path):
+        return True
     with open(path, "rb") as handle:
         magic = handle.read(3)
     return magic[:2] == b"\x1f\x8b" or magic == b"BZh" or magic[:3] == b"\xfd7z"

@@ -73,6 +73,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from trainer.data import storage
+
 logger = logging.getLogger(__name__)
 
 OUTPUT_DIRNAME = "curation"
@@ -386,7 +388,7 @@ def iter_image_bytes(metadata: Any) -> Iterable[tuple[int, bytes]]:
     for row, (shard, key) in enumerate(zip(shards, keys)):
         by_shard.setdefault(str(shard), {})[str(key)] = row
     for shard, wanted in by_shard.items():
-        if not shard or not os.path.exists(shard):
+        if not shard or not storage.exists(shard):
             raise CurationError(f"shard {shard!r} named in the index metadata does not exist; exact duplicates "
                                 "are found and near-duplicates verified by reading the images from their shards "
                                 "(or pass --no-hash --verify none)")
@@ -802,7 +804,7 @@ def thumbnail_vectors(images: np.ndarray, grid: int = THUMB_GRID) -> np.ndarray:
 def shards_readable(metadata: Any) -> bool:
     """Whether every shard the metadata names exists (``--verify auto`` verifies only then)."""
     shards = set(str(shard) for shard in metadata.column("shard").to_pylist())
-    return bool(shards) and all(shard and os.path.exists(shard) for shard in shards)
+    return bool(shards) and all(shard and storage.exists(shard) for shard in shards)
 
 
 def curate_index(index: Any, params: Params | None = None, progress: bool = True,

@@ -22,6 +22,7 @@ import numpy as np
 from index import devices
 from index.devices import set_search_params
 from index.store import INFO_FILE, IndexLoadError, data_files, read_faiss, read_info, read_metadata, stored_ids
+from trainer.data import storage
 from trainer.data.shards import decode_image, iter_shard
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ class ShardCache:
             if shard in self._shards:
                 self._shards.move_to_end(shard)
                 return self._shards[shard]
-        if not os.path.exists(shard):
+        if not storage.exists(shard):
             raise FileNotFoundError(f"shard {shard!r} named in the index metadata does not exist")
         loaded = {sample.key: sample.image for sample in iter_shard(shard) if sample.image is not None}
         with self._lock:

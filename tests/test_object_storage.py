@@ -253,6 +253,12 @@ def test_extract_to_s3_resumes_and_builds_an_index(s3: Path, tmp_path_factory, t
     vectors, table = read_all(output)
     _, ids = index.search(vectors[:5], k=1)
     assert ids[:, 0].tolist() == table.column("id").to_pylist()[:5]
+    # The metadata names the shards by their s3:// URLs: the app's images and thumbnails are read from there.
+    from app.thumbnails import ThumbnailStore
+
+    record = index.records([int(ids[0, 0])])[0]
+    assert record["shard"].startswith("s3://") and index.image(int(ids[0, 0])).size[0] > 0
+    assert ThumbnailStore().images([record])[0].size == index.image(int(ids[0, 0])).size
 
     written = [storage.read_bytes(url).decode("utf-8") for url in _objects(f"s3://{BUCKET}") if url.endswith(".json")]
     written.append((local_index / "index.json").read_text())
