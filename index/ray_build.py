@@ -17,7 +17,9 @@ The steps of ``index.merge`` with a scheduler instead of hand-launched processes
 A flat or HNSW choice (too small for lists, or a graph) cannot be merged from parts: without ``--index``
 the factory is an ``IVF<n>,Flat`` as ``index.merge.train`` picks; ``--index`` must name an IVF factory
 (``,RFlat`` re-ranking is refused with the reason). The parts live in a temporary directory beside the
-output and are removed after the merge. No torch; Ray is imported only when this runs.
+output and are removed after the merge. An output URL (``s3://...``) is merged in a local staging directory
+(``--on-disk`` lists included) and uploaded, ``index.json`` last (``index.store.publish``). No torch; Ray is
+imported only when this runs.
 """
 from __future__ import annotations
 
@@ -67,11 +69,19 @@ def build_ray(
     import faiss
     from export.embeddings import part_names
 
+    from index.store import publish
+
     ray = require_ray()
     embeddings = storage.absolute(embeddings)  # a local path or a URL (export.embeddings reads both)
-    output = Path(output_dir).resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    parts_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
+    remote = storage.is_url(output_dir)
+    if remote:  # merged in a local staging directory, then uploaded with index.json last (index.store.publish)
+        staging = Path(tempfile.mkdtemp(prefix="manyview-ray-index-"))
+        output, parts_dir = staging / "index", staging / "parts"
+        parts_dir.mkdir()
+    else:
+        output = Path(output_dir).resolve()
+        output.parent.mkdir(parents=True, exist_ok=True)
+        parts_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
     started_ray = False
     try:
         started = time.perf_counter()
@@ -96,9 +106,11 @@ def build_ray(
         ray_seconds = time.perf_counter() - started
         info = merging.merge(parts_dir, output, on_disk=on_disk, target_recall=target_recall, recall_k=recall_k,
                              tune_queries=tune_queries)
+        if remote:
+            info = publish(output, os.fspath(output_dir))
     finally:
         if started_ray:
             ray.shutdown()
-        shutil.rmtree(parts_dir, ignore_errors=True)
-    logger.info("merged %d part(s) filled on Ray into %s", count, output)
+        shutil.rmtree(parts_dir.parent if remote else parts_dir, ignore_errors=True)
+    logger.info("merged %d part(s) filled on Ray into %s", count, storage.public(os.fspath(output_dir)))
     return {**info, "ray_parts": count, "ray_seconds": round(ray_seconds, 3)}

@@ -161,15 +161,23 @@ def commit_remote(url: str, cpu_index: Any, table: Any, info: dict, generation: 
         previous = None
     generation = generation or next_generation(previous)
     with tempfile.TemporaryDirectory(prefix="manyview-index-") as staging:
-        committed = commit(staging, cpu_index, table, info, generation)
-        for name in committed["files"].values():
-            storage.upload(os.path.join(staging, name), storage.join(url, name))
-        storage.upload(os.path.join(staging, INFO_FILE), storage.join(url, INFO_FILE))  # the commit point
+        commit(staging, cpu_index, table, info, generation)
+        return publish(staging, url)
+
+
+def publish(local_dir: str | os.PathLike, url: str) -> dict:
+    """Upload the index committed in ``local_dir`` to ``url``: the files of its generation (index, metadata,
+    on-disk lists), one PUT each, then ``index.json`` (the commit point), and only then delete the previous
+    generation's objects, so a reader of ``url`` never sees a half-written index. Returns the uploaded info."""
+    committed = read_info(local_dir)
+    for name in committed["files"].values():
+        storage.upload(os.path.join(local_dir, name), storage.join(url, name))
+    storage.upload(os.path.join(local_dir, INFO_FILE), storage.join(url, INFO_FILE))  # the commit point
     keep = set(committed["files"].values())
     for name in storage.listdir(url):
         if (_GENERATION.match(name) or name in LEGACY_FILES.values()) and name not in keep:
             storage.remove(storage.join(url, name))
-    logger.info("uploaded index generation %s to %s", generation, storage.public(url))
+    logger.info("uploaded %s to %s", committed["files"].get("index"), storage.public(url))
     return committed
 
 
