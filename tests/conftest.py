@@ -17,3 +17,14 @@ def cifar_2k_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cifar-2k")
     prepare(f"{CIFAR_DIR}/train-000000.tar.gz::{CIFAR_DIR}/test-000000.tar.gz", str(out), shard_size=1000, limit=2000)
     return out
+
+
+# The longest modules first: `make test` runs two xdist workers, one module each at a time, so a long module
+# started last would run alone at the end while the other worker idles.
+LONG_MODULES = ("test_serving_install.py", "test_smoke_every_objective.py", "test_learning_distill.py",
+                "test_learning.py", "test_moco.py", "test_end_to_end.py", "test_recipes.py", "test_batched_augment.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONG_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_MODULES)))  # stable: order within a module kept
