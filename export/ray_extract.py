@@ -75,7 +75,10 @@ def require_ray() -> Any:
 
 
 def connect(address: str | None) -> bool:
-    """Join the cluster at ``address`` (``auto``, ``HOST:PORT``; None: ``RAY_ADDRESS`` or a new local Ray).
+    """Join the cluster at ``address`` (``auto``, ``HOST:PORT``; None: ``RAY_ADDRESS``, else the cluster last
+    started on this machine with ``ray start`` (Ray's ``/tmp/ray/ray_current_cluster``), else a new local Ray).
+    One process should stay with one cluster: after a local Ray has been started and shut down, joining another
+    cluster from the same process leaves its tasks unable to reach their owner (seen with Ray 2.60).
 
     Returns True when this call started Ray (the caller then shuts it down). Already connected: no-op.
     """

@@ -275,33 +275,3 @@ def test_extract_to_s3_resumes_and_builds_an_index(s3: Path, tmp_path_factory, t
     with pytest.raises(AppError, match=f"cannot download index s3://{BUCKET}/missing"):
         app_index(f"s3://{BUCKET}/missing")
 
-
-def test_ray_build_uploads_its_index_to_s3(s3: Path, tmp_path: Path) -> None:
-    """``index.build --engine ray --output s3://...``: merged (lists on disk) in a local staging directory, then
-    uploaded with index.json last; the served copy holds every id."""
-    pytest.importorskip("ray")
-    from export.embeddings import finalize, metadata_table, open_output, write_part
-    from index.ray_build import build_ray
-    from index.search import Index
-    from index.store import local_copy, read_info
-
-    rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((600, 16)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(600, dtype=np.int64) + 7_000
-    emb = tmp_path / "emb"
-    open_output(emb, {"fingerprint": "e" * 64, "directory": "synthetic"}, 16, "float32")
-    for part in range(3):
-        rows = slice(part * 200, (part + 1) * 200)
-        table = metadata_table(ids[rows], [f"k{i}" for i in ids[rows]], ["s"] * 200, [-1] * 200, [""] * 200,
-                               [""] * 200)
-        write_part(emb, f"p{part}", vectors[rows], table)
-    finalize(emb)
-    url = f"s3://{BUCKET}/ray-index"
-    info = build_ray(emb, url, factory="IVF8,Flat", num_parts=2, on_disk=True, tune_queries=50, use_gpu=False)
-    assert info["count"] == 600 and "lists" in info["files"] and read_info(url)["files"] == info["files"]
-    names = sorted(name.rsplit("/", 1)[1] for name in _objects(url))
-    assert names == sorted(["index.json", *info["files"].values()])
-    served = Index.load(local_copy(url, tmp_path / "cache"))
-    assert sorted(served.ids.tolist()) == ids.tolist()
-    assert served.search(vectors[:3], k=1)[1][:, 0].tolist() == ids[:3].tolist()

@@ -25,6 +25,7 @@ import pytest
 from export.embeddings import part_names, read_all
 from export.extract import extract, main as extract_main
 from onnx_fixtures import make_shard, shared_onnx_dir
+from test_object_storage import BUCKET, _objects, s3  # noqa: F401  (s3: the moto S3 server fixture)
 
 BATCH, CHUNK = 8, 30
 
@@ -293,3 +294,35 @@ def test_ray_index_build_refuses_what_cannot_merge(clustered_embeddings, tmp_pat
         train(emb, tmp_path / "parts", factory="HNSW16")
     assert build_main(["--engine", "ray", "--encoder", "x", "--data", "y", "--output", str(tmp_path / "ix")]) == 2
     assert "python -m export.extract --engine ray" in capfd.readouterr().err
+
+
+def test_ray_build_uploads_its_index_to_s3(ray_cluster: str, s3: Path, tmp_path: Path) -> None:  # noqa: F811
+    """``index.build --engine ray --output s3://...``: merged (lists on disk) in a local staging directory, then
+    uploaded with index.json last; the served copy holds every id. (Here, not in test_object_storage.py: every Ray
+    test uses this module's cluster; a second Ray started by another xdist worker would join it.)"""
+    from export.embeddings import finalize, metadata_table, open_output, write_part
+    from index.ray_build import build_ray
+    from index.search import Index
+    from index.store import local_copy, read_info
+
+    rng = np.random.default_rng(1)
+    vectors = rng.standard_normal((600, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(600, dtype=np.int64) + 7_000
+    emb = tmp_path / "emb"
+    open_output(emb, {"fingerprint": "e" * 64, "directory": "synthetic"}, 16, "float32")
+    for part in range(3):
+        rows = slice(part * 200, (part + 1) * 200)
+        table = metadata_table(ids[rows], [f"k{i}" for i in ids[rows]], ["s"] * 200, [-1] * 200, [""] * 200,
+                               [""] * 200)
+        write_part(emb, f"p{part}", vectors[rows], table)
+    finalize(emb)
+    url = f"s3://{BUCKET}/ray-index"
+    info = build_ray(emb, url, factory="IVF8,Flat", num_parts=2, on_disk=True, address=ray_cluster, tune_queries=50,
+                     use_gpu=False)
+    assert info["count"] == 600 and "lists" in info["files"] and read_info(url)["files"] == info["files"]
+    names = sorted(name.rsplit("/", 1)[1] for name in _objects(url))
+    assert names == sorted(["index.json", *info["files"].values()])
+    served = Index.load(local_copy(url, tmp_path / "cache"))
+    assert sorted(served.ids.tolist()) == ids.tolist()
+    assert served.search(vectors[:3], k=1)[1][:, 0].tolist() == ids[:3].tolist()
