@@ -15,15 +15,14 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import pytest
 
+from server_helpers import free_port, stop_process, wait_until_listening
 from trainer.data.shards import expand_patterns, iter_samples, key_to_id
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("img2dataset") is None, reason="img2dataset is not "
@@ -62,12 +61,6 @@ if __name__ == "__main__":
 """ % PER_SHARD
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _serve_images(directory: Path) -> list[tuple[str, str]]:
     """Write IMAGES small images (PNG and JPEG alternately); (file name, caption) of each."""
     import numpy as np
@@ -83,19 +76,6 @@ def _serve_images(directory: Path) -> list[tuple[str, str]]:
     return files
 
 
-def _wait_for_server(port: int, process: subprocess.Popen, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"http.server exited with status {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"http.server did not listen on 127.0.0.1:{port} within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Two img2dataset outputs of the same image list: ``captioned`` (--caption_col caption) and
@@ -106,11 +86,11 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     www = root / "www"
     www.mkdir()
     files = _serve_images(www)
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port),
                                "--directory", str(www)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_for_server(port, server)
+        wait_until_listening(port, server, "http.server", timeout_s=20)
         url_list = root / "list.parquet"
         pd.DataFrame({"url": [f"http://127.0.0.1:{port}/{name}" for name, _ in files],
                       "caption": [caption for _, caption in files]}).to_parquet(url_list)
@@ -123,8 +103,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
         assert child.returncode == 0, f"img2dataset failed:\n{child.stdout.decode(errors='replace')[-3000:]}"
     finally:
-        server.kill()
-        server.wait()
+        stop_process(server)
     found = {name: root / name for name in outputs}
     for directory in found.values():
         assert len(expand_patterns(str(directory))) == 3, sorted(p.name for p in directory.iterdir())

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from onnx_fixtures import make_shard, shared_onnx_dir
+from server_helpers import free_port, stop_process, wait_until_listening
 from trainer.data import storage
 from trainer.data.shards import ShardPatternError, count_samples, expand_patterns, iter_shard, read_manifest
 
@@ -29,12 +28,6 @@ KEY_ID = "MANYVIEWTESTKEYID0000"
 SECRET = "manyview-test-secret-do-not-log-0123456789"
 BUCKET = "manyview-test"
 SHARDS = f"s3://{BUCKET}/shards"
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _moto_command(port: int) -> list[str]:
@@ -54,22 +47,14 @@ def _clear_s3_clients() -> None:
 def s3(tmp_path_factory):
     """A moto S3 server on 127.0.0.1 with bucket ``BUCKET`` holding ``shards/train-00000{0,1}.tar`` (24 samples
     each) and their ``manifest.json``; yields the local copy of the shards."""
-    port = _free_port()
+    port = free_port()
     local = tmp_path_factory.mktemp("s3-shards")
     make_shard(local / "train-000000.tar", count=24, start=0, seed=5)
     make_shard(local / "train-000001.tar", count=24, start=24, seed=6)
     process = subprocess.Popen(_moto_command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     with pytest.MonkeyPatch.context() as patch:
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if process.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"moto_server did not start on port {port}")
-                    time.sleep(0.05)
+            wait_until_listening(port, process, "moto_server")
             for name, value in {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
                                 "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
                                 "AWS_CONFIG_FILE": str(local / "no-aws-config"),
@@ -85,12 +70,7 @@ def s3(tmp_path_factory):
             yield local
         finally:
             _clear_s3_clients()
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
 
 
 def _objects(prefix: str) -> list[str]:
@@ -139,23 +119,14 @@ def test_remote_shards_expand_read_and_count_like_local_ones(s3: Path) -> None:
 @pytest.fixture(scope="module")
 def http_shards(s3: Path):
     """The same shards served by ``python -m http.server`` on 127.0.0.1 (stopped by its process id)."""
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(s3),
                                 str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"http.server did not start on port {port}")
-                time.sleep(0.05)
+        wait_until_listening(port, process, "http.server", timeout_s=20)
         yield f"http://127.0.0.1:{port}"
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        stop_process(process)
 
 
 def test_http_shards_read_through_brace_ranges(s3: Path, http_shards: str) -> None:

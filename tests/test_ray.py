@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,38 +24,10 @@ import pytest
 from export.embeddings import part_names, read_all
 from export.extract import extract, main as extract_main
 from onnx_fixtures import make_shard, shared_onnx_dir
+from server_helpers import free_port, process_tree
 from test_object_storage import BUCKET, _objects, s3  # noqa: F401  (s3: the moto S3 server fixture)
 
 BATCH, CHUNK = 8, 30
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _cluster_pids(markers: tuple[str, ...]) -> set[int]:
-    """Processes whose command line names one of ``markers`` (the temp dir, the GCS address), with their
-    descendants (workers and agents rename themselves ``ray::...``)."""
-    parents: dict[int, int] = {}
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if any(marker in command for marker in markers):
-            found.add(int(entry.name))
-    grown = True
-    while grown:
-        children = {pid for pid, parent in parents.items() if parent in found} - found
-        found |= children
-        grown = bool(children)
-    return found - {os.getpid()}
 
 
 class _Cluster:
@@ -65,7 +36,7 @@ class _Cluster:
 
     def __init__(self) -> None:
         self.temp = tempfile.mkdtemp(prefix="mvray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-        self.address = f"127.0.0.1:{_free_port()}"
+        self.address = f"127.0.0.1:{free_port()}"
         self.pids: set[int] = set()
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._start, daemon=True)
@@ -92,7 +63,7 @@ class _Cluster:
             for start in starts:
                 start.kill()
         finally:
-            self.pids |= _cluster_pids((self.temp, self.address))
+            self.pids |= process_tree((self.temp, self.address))
 
     def wait(self) -> str:
         self.thread.join()
@@ -102,7 +73,7 @@ class _Cluster:
 
     def stop(self) -> None:
         self.thread.join()
-        for pid in self.pids | _cluster_pids((self.temp, self.address)):
+        for pid in self.pids | process_tree((self.temp, self.address)):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

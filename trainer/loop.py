@@ -61,6 +61,8 @@ class StepContext:
     base_lr: float
     metrics_path: str
     slots: DenseSlots | None = None  # memory-bank objectives: the training samples' dense slots (batch["id"])
+    # Image-text objectives: samples without text are skipped and counted, up to this fraction (BuildViews).
+    max_missing_text: float | None = None
 
     @property
     def micro_batch_size(self) -> int | None:
@@ -189,7 +191,8 @@ def train(config: TrainConfig) -> dict:
     if config.keep_freed_memory and accelerator.device.type == "cpu":
         keep_freed_memory()  # process-wide, so it stays for the rest of this process
     set_seed(config.seed)  # identical initial weights on every process
-    if objective_cls.needs_text(dict(config.objective_options)):
+    needs_text = objective_cls.needs_text(dict(config.objective_options))
+    if needs_text:
         refuse_shards_without_text(urls, config.data.max_missing_text)
     slots = dense_slots(config, urls) if objective_cls.needs_dense_ids(dict(config.objective_options)) else None
     if slots is not None and not config.data.samples_per_epoch:
@@ -245,6 +248,7 @@ def train(config: TrainConfig) -> dict:
             accelerator=accelerator, objective=objective, task=accelerator.unwrap_model(objective), optimizer=optimizer,
             state=state, config=config, views=views, urls=urls, total_steps=total_steps, base_lr=base_lr,
             metrics_path=metrics_path, slots=slots,
+            max_missing_text=config.data.max_missing_text if needs_text else None,
         ))
     write_model(accelerator, objective, config, state.step)
     accelerator.end_training()
@@ -346,9 +350,6 @@ def run_steps(ctx: StepContext) -> dict:
                     desc=config.objective, dynamic_ncols=True)
     objective.train()
     skipped_total = missing_text_total = 0
-    # Image-text objectives: samples without text are skipped and counted, up to this fraction (BuildViews).
-    max_missing_text = (config.data.max_missing_text
-                        if get_objective(config.objective).needs_text(dict(config.objective_options)) else None)
     started = time.perf_counter()
     window_start, window_images = started, 0
     last: dict = {}
@@ -359,7 +360,8 @@ def run_steps(ctx: StepContext) -> dict:
         # checkpoint sees exactly the batches the uninterrupted run saw from there.
         seed = stream_seed(config.seed, accelerator.process_index, state.step)
         batches = train_batches(ctx.urls, ctx.views, config.batch_size, config.data.num_workers, seed,
-                                config.data.shuffle_buffer, max_missing_text=max_missing_text, slots=ctx.slots)
+                                config.data.shuffle_buffer, max_missing_text=ctx.max_missing_text,
+                                slots=ctx.slots)
         generator = None
         if on_device:
             generator = torch.Generator(device=accelerator.device)
@@ -387,7 +389,7 @@ def run_steps(ctx: StepContext) -> dict:
             if state.step % config.log_every == 0 or state.step == ctx.total_steps:
                 images_per_s = window_images / max(time.perf_counter() - window_start, 1e-9)
                 last = _metrics_row(ctx, outputs, lr, images_per_s, skipped_total, grad_norm)
-                if max_missing_text is not None:
+                if ctx.max_missing_text is not None:
                     last["missing_text_skipped"] = missing_text_total
                 window_start, window_images = time.perf_counter(), 0
                 if accelerator.is_main_process:

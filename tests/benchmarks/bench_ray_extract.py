@@ -31,7 +31,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,21 +45,13 @@ for path in (ROOT, ROOT / "tests"):
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10"
 TARGET_OVERHEAD = 0.10
 
+from bench_app_latency import cpu_model  # noqa: E402  (after the sys.path lines above)
+from server_helpers import free_port, process_tree  # noqa: E402
+
 try:
     import pytest
 except ImportError:  # run as a script without pytest
     pytest = None
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_encoder(kind: str, workdir: Path) -> Path:
@@ -89,9 +80,7 @@ def ray_env() -> dict:
 
 def start_cluster(temp: str) -> str:
     """``ray start --head`` on 127.0.0.1 with all cores, its files in ``temp``; returns its address."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     subprocess.run([str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
                     "--num-cpus", str(os.cpu_count()), "--node-ip-address", "127.0.0.1", "--include-dashboard=false",
                     "--disable-usage-stats", "--temp-dir", temp], env=ray_env(), check=True, capture_output=True)
@@ -100,20 +89,7 @@ def start_cluster(temp: str) -> str:
 
 def stop_cluster(markers: tuple[str, ...]) -> None:
     """Kill the cluster's processes (command line naming a marker, and their descendants) by pid."""
-    parents: dict[int, int] = {}
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if any(marker in command for marker in markers):
-                found.add(int(entry.name))
-    while children := {pid for pid, parent in parents.items() if parent in found} - found:
-        found |= children
-    for pid in found - {os.getpid()}:
+    for pid in process_tree(markers):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -173,18 +173,21 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return handle.read()
 
 
+def _look_up(url: str, question: str) -> bool:
+    """``fs.exists`` / ``fs.isdir`` of ``url``, never answered from fsspec's listing cache."""
+    fs, inner = filesystem(url)
+    try:
+        fs.invalidate_cache(inner)
+        return bool(getattr(fs, question)(inner))
+    except Exception as error:
+        raise _failure(url, "look up", error) from error
+
+
 def exists(path: str | os.PathLike) -> bool:
     text = os.fspath(path)
     if not is_url(text):
         return os.path.exists(text)
-    if is_pipe(text):
-        return True
-    fs, inner = filesystem(text)
-    try:
-        fs.invalidate_cache(inner)
-        return bool(fs.exists(inner))
-    except Exception as error:
-        raise _failure(text, "look up", error) from error
+    return True if is_pipe(text) else _look_up(text, "exists")
 
 
 def isdir(path: str | os.PathLike) -> bool:
@@ -192,14 +195,7 @@ def isdir(path: str | os.PathLike) -> bool:
     text = os.fspath(path)
     if not is_url(text):
         return os.path.isdir(text)
-    if is_pipe(text):
-        return False
-    fs, inner = filesystem(text)
-    try:
-        fs.invalidate_cache(inner)
-        return bool(fs.isdir(inner))
-    except Exception as error:
-        raise _failure(text, "look up", error) from error
+    return False if is_pipe(text) else _look_up(text, "isdir")
 
 
 def listdir(path: str | os.PathLike) -> list[str]:
