@@ -97,7 +97,8 @@ def index_fingerprint(index: Any) -> str:
             stats[role] = [path.name, stat.st_size, stat.st_mtime_ns]
         except OSError:
             stats[role] = [path.name, None, None]
-    identity = {"files": stats, "count": int(index.count), "dim": int(index.dim), "updated": info.get("updated"),
+    identity = {"files": stats, "members": info.get("members"), "count": int(index.count), "dim": int(index.dim),
+                "updated": info.get("updated"),
                 "created": info.get("created"), "version": CACHE_VERSION}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
 

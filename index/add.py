@@ -29,7 +29,7 @@ from index.construct import new_index
 from index.search import Index
 from index.select import choose_index, default_max_memory
 from index.sources import ArraySource, EmbeddingsSource
-from index.store import METADATA_COLUMNS, commit, stored_vectors, writer_lock
+from index.store import METADATA_COLUMNS, commit, is_set, read_info, stored_vectors, writer_lock
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ def _now() -> str:
 
 
 def _load_for_update(index_dir: str | os.PathLike) -> Index:
+    if is_set(read_info(index_dir)):
+        raise ValueError(f"{index_dir} is a set of indexes (index.merge --num-indexes / --max-index-size), which "
+                         "index.add and index.remove do not update; add the new embeddings as parts and merge again")
     index = Index.load(index_dir, use_gpu=False, mmap=False)
     if "lists" in (index.info.get("files") or {}):
         raise ValueError(f"{index_dir} is merged on disk (index.merge --on-disk); add a part and merge again instead")

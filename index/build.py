@@ -5,7 +5,8 @@
         [--target-recall 0.95] [--confidence 0.95] [--recall-k 10] [--query-batch 1] [--train-size N] [--cpu]
         [--precision auto|fp32|fp16|int8]
     python -m index.build --engine ray [--address auto|HOST:PORT] --embeddings EMB --output RUN/index \
-        [--num-parts N] [--on-disk] [--index IVF_FACTORY]      # see index/ray_build.py
+        [--num-parts N] [--on-disk] [--index IVF_FACTORY] [--max-index-size 40G | --num-indexes N]
+                                                               # see index/ray_build.py
 
 The index type comes from ``index.select.choose_index`` (Flat -> HNSW32 -> IVF<n>,Flat ->
 OPQ<m>,IVF<n>,PQ<m> as the collection outgrows ``--max-memory``; for searches of many queries per call,
@@ -42,6 +43,7 @@ from export.contract import describe_execution
 from index import devices
 from index.construct import METRIC, gather_rows, new_index, resolve_choice, uncentre_projections
 from index.duplicates import duplicates_message
+from index.merge import add_set_options, set_size_limit
 from index.select import default_max_memory, parse_memory
 from index.sources import ArraySource, EmbeddingsSource, ShardSource
 from index.store import commit, writer_lock
@@ -255,6 +257,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="--engine ray: parts filled in parallel (default: the cluster's CPUs or GPUs)")
     parser.add_argument("--on-disk", action="store_true",
                         help="--engine ray: merge the inverted lists into one memory-mapped file (larger than RAM)")
+    add_set_options(parser)
     return parser.parse_args(argv)
 
 
@@ -267,6 +270,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.engine == "ray":
         return _main_ray(args)
+    if args.num_indexes != 1 or args.max_index_size:
+        print("error: --num-indexes / --max-index-size merge parts into a set of indexes: use --engine ray, or "
+              "`python -m index.merge` (train, add, merge)", file=sys.stderr)
+        return 2
     try:
         info = build_index(
             args.encoder, args.data, args.output, batch_size=args.batch_size, limit=args.limit,
@@ -295,6 +302,7 @@ def _main_ray(args: argparse.Namespace) -> int:
         info = build_ray(args.embeddings, args.output, factory=args.factory,
                          max_memory=parse_memory(args.max_memory) if args.max_memory else None,
                          num_parts=args.num_parts, on_disk=args.on_disk, address=args.address,
+                         num_indexes=args.num_indexes, max_index_size=set_size_limit(args),
                          target_recall=args.target_recall, recall_k=args.recall_k or DEFAULT_RECALL_K,
                          train_size=args.train_size, use_gpu=False if args.cpu else None)
     except (ValueError, FileNotFoundError, RuntimeError) as error:

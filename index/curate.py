@@ -1033,7 +1033,7 @@ def curate_loaded(index: Any, output: str | os.PathLike | None = None, params: P
     started = time.perf_counter() if started is None else started
     result = curate_index(index, params, progress)
     result.summary.update({
-        "index": str(Path(index.directory).resolve()), "index_files": index.info.get("files"),
+        "index": str(Path(index.directory).resolve()), "index_files": generation_of(index.info),
         "index_created": index.info.get("created"), "encoder_fingerprint": index.info.get("encoder_fingerprint"),
         "seconds": round(time.perf_counter() - started, 3),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -1044,7 +1044,12 @@ def curate_loaded(index: Any, output: str | os.PathLike | None = None, params: P
 
 def is_stale(summary: dict, index: Any) -> bool:
     """Whether curation tables were computed from another generation of the index than the one loaded."""
-    return summary.get("index_files") != index.info.get("files") or summary.get("count") != index.count
+    return summary.get("index_files") != generation_of(index.info) or summary.get("count") != index.count
+
+
+def generation_of(info: dict) -> Any:
+    """What names one committed generation of an index: its files, or a set's member directories."""
+    return info.get("files") or info.get("members")
 
 
 def read_tables(directory: str | os.PathLike) -> tuple[dict[str, Any], dict]:

@@ -77,6 +77,11 @@ def to_gpu(cpu_index: Any, use_gpu: bool | None = None, shard: bool = True) -> t
     count = use_gpus(use_gpu)
     if count == 0:
         return cpu_index, None
+    from index.store import shard_members
+
+    members = shard_members(cpu_index)
+    if members is not None:
+        return _members_to_gpus(cpu_index, members, count)
     if not gpu_supported(cpu_index):
         logger.info("faiss cannot run %s on a GPU; it stays on the CPU", type(faiss.downcast_index(cpu_index)).__name__)
         return cpu_index, None
@@ -89,6 +94,33 @@ def to_gpu(cpu_index: Any, use_gpu: bool | None = None, shard: bool = True) -> t
     except Exception as error:  # noqa: BLE001 - the CPU can always do the work
         logger.warning("faiss could not copy the index to the GPU (%s); using the CPU", error)
         return cpu_index, None
+
+
+def _members_to_gpus(cpu_index: Any, members: list[Any], count: int) -> tuple[Any, Any]:
+    """A set's members (``IndexShards``), member ``j`` on GPU ``j % count``: each member fits one device, which
+    is why the collection is a set. Members faiss cannot move (on-disk lists) stay on the CPU."""
+    import faiss
+
+    placed = faiss.IndexShards(cpu_index.d, True, False)
+    keep_alive: list[Any] = [placed]
+    for number, member in enumerate(members):
+        device = number % count
+        if not gpu_supported(member):
+            placed.add_shard(member)
+            continue
+        try:
+            resources = faiss.StandardGpuResources()
+            moved = faiss.index_cpu_to_gpu(resources, device, member, _cloner_options(member, False))
+        except Exception as error:  # noqa: BLE001 - the CPU can always do the work
+            logger.warning("faiss could not copy set member %d to GPU %d (%s); it stays on the CPU", number, device,
+                           error)
+            placed.add_shard(member)
+            continue
+        placed.add_shard(moved)
+        keep_alive += [moved, resources]
+    if len(keep_alive) == 1:
+        return cpu_index, None
+    return placed, keep_alive
 
 
 def to_cpu(index: Any, keep_alive: Any) -> Any:

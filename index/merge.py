@@ -37,7 +37,8 @@ from index.duplicates import duplicates_message
 from index.construct import METRIC, gather_rows, new_index, resolve_choice, uncentre_projections
 from index.select import choose_index, nlist_for, quantizer_for, train_size_for
 from index.sources import EmbeddingsSource
-from index.store import commit, next_generation, read_info, writer_lock
+from index.store import (commit, commit_set, data_files, member_name, next_generation, read_faiss, read_info,
+                         update_info, writer_lock)
 from index.tune import drop_self, exact_neighbours, tune
 
 logger = logging.getLogger(__name__)
@@ -165,15 +166,66 @@ def write_part(parts_dir: str | os.PathLike, part: int, num_parts: int, index: A
 
 
 def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: bool = False,
-          target_recall: float = 0.95, recall_k: int = 10, tune_queries: int = 1000, seed: int = 0) -> dict:
+          target_recall: float = 0.95, recall_k: int = 10, tune_queries: int = 1000, seed: int = 0,
+          num_indexes: int = 1, max_index_size: int | None = None) -> dict:
     """Merge every ``part-*.faiss`` of ``parts_dir`` into one index directory; tunes ``nprobe`` against exact
-    search over the plan's embeddings (a full scan per query batch; ``tune_queries=0`` skips it)."""
+    search over the plan's embeddings (a full scan per query batch; ``tune_queries=0`` skips it).
+
+    When one index would not fit (``max_index_size`` bytes, estimated from the filled parts), or with
+    ``num_indexes`` > 1, the parts are merged into a *set* of member indexes instead (``index.store``): each an
+    ordinary index directory of about equal size, all sharing the trained quantizer, tuned together, and
+    loaded by ``Index.load`` as one index that searches every member."""
     import faiss
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from faiss.contrib.ondisk import merge_ondisk
 
     plan = read_plan(parts_dir)
+    part_files = complete_parts(parts_dir)
+    started = time.perf_counter()
+    table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
+    ids = table.column("id").to_numpy()
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(duplicates_message([table], " across parts"))
+    trained_file = Path(parts_dir) / TRAINED_FILE
+    groups = split_parts(part_files, indexes_needed(part_files, trained_file, num_indexes, max_index_size))
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    with writer_lock(output):
+        previous = read_info(output) if (output / "index.json").is_file() else None
+        generation = next_generation(previous)
+        if len(groups) == 1:
+            index, lists = _merged(trained_file, part_files, output, generation, on_disk)
+            tuning = _tuning(index, plan, tune_queries, recall_k, target_recall, seed)
+            info = _merged_info(plan, index, tuning, len(part_files), on_disk, started)
+            return commit(output, index, table, info, generation=generation, extra_files=lists)
+        names = []
+        for number, group in enumerate(groups):  # one member in memory at a time
+            name = member_name(generation, number, len(groups))
+            member_dir = output / name
+            member_dir.mkdir()
+            index, lists = _merged(trained_file, group, member_dir, generation, on_disk)
+            member_table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in group])
+            info = _merged_info(plan, index, None, len(group), on_disk, started)
+            commit(member_dir, index, member_table, {**info, "set_member": [number, len(groups)]},
+                   generation=generation, extra_files=lists)
+            names.append(name)
+            del index
+            logger.info("merged member %d of %d: %d vectors from %d part(s)", number + 1, len(groups),
+                        member_table.num_rows, len(group))
+        members = faiss.IndexShards(int(plan["dim"]), True, False)
+        for name in names:  # tuned as served: every member searched, merged by score (mapped, not read)
+            member_dir = output / name
+            members.add_shard(read_faiss(data_files(member_dir, read_info(member_dir))["index"], mmap=True,
+                                         family=plan["family"], on_disk=on_disk))
+        tuning = _tuning(members, plan, tune_queries, recall_k, target_recall, seed)
+        for name in names:  # a member served alone probes as many lists as the set
+            update_info(output / name, {"search_params": tuning["params"]})
+        info = _merged_info(plan, members, tuning, len(part_files), on_disk, started)
+        return commit_set(output, names, info)
+
+
+def complete_parts(parts_dir: str | os.PathLike) -> list[Path]:
+    """The ``part-*.faiss`` files of one complete split, in order (errors name what is missing)."""
     part_files = sorted(Path(parts_dir).glob("part-*-of-*.faiss"))
     if not part_files:
         raise FileNotFoundError(f"{parts_dir} holds no part-*.faiss; run `python -m index.merge add` first")
@@ -181,49 +233,117 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
     if len(totals) != 1 or len(part_files) != int(next(iter(totals)).split(".")[0]):
         raise ValueError(f"{parts_dir} holds {len(part_files)} part file(s) of differing or incomplete splits: "
                          f"{[p.name for p in part_files][:4]}...")
-    started = time.perf_counter()
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
-    ids = table.column("id").to_numpy()
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError(duplicates_message([table], " across parts"))
-    trained = faiss.read_index(str(Path(parts_dir) / TRAINED_FILE))
-    with writer_lock(output):
-        previous = read_info(output) if (output / "index.json").is_file() else None
-        generation = next_generation(previous)
-        extra = {}
-        if on_disk:
-            lists = f"lists-{generation}.ivfdata"
-            merge_ondisk(trained, [str(p) for p in part_files], str(output / lists))
-            extra["lists"] = lists
-        else:
-            for part_file in part_files:
-                trained.merge_from(faiss.read_index(str(part_file)), 0)
-        index = trained
-        if int(index.ntotal) != len(ids):
-            raise ValueError(f"the parts hold {index.ntotal} vectors but their metadata {len(ids)} rows")
-        tuning = {"params": {}, "recall": None, "k": recall_k, "queries": 0, "target": target_recall, "reached": False}
-        if tune_queries:
-            source = EmbeddingsSource(plan["embeddings"])
-            query_rows = np.random.default_rng(seed).choice(source.count, size=min(tune_queries, source.count),
-                                                            replace=False)
-            queries, query_ids = gather_rows(source, query_rows)
-            blocks = ((v, t.column("id").to_numpy()) for v, t in source.blocks())
-            truth = drop_self(exact_neighbours(queries, blocks, recall_k + 1).ids, query_ids, recall_k)
-            tuning = tune(index, plan["family"], queries, truth, recall_k, target_recall, exclude=query_ids,
-                          nlist=plan["nlist"])
-        info = {
-            "factory": plan["factory"], "family": plan["family"], "metric": METRIC, "dim": int(index.d),
-            "count": int(index.ntotal), "count_at_build": int(index.ntotal),
-            "choice": {"reason": "index.merge of independently built parts", "max_memory": None},
-            "train_size": plan["train_size"], "search_params": tuning["params"], "recall": tuning,
-            "merged_parts": len(part_files), "on_disk": on_disk, **plan["describe"],
-            "encoder_fingerprint": plan.get("encoder_fingerprint"),
-            "build_seconds": round(time.perf_counter() - started, 3),
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        return commit(output, index, table, info, generation=generation, extra_files=extra)
+    return part_files
+
+
+def indexes_needed(part_files: Sequence[Path], trained_file: Path, num_indexes: int = 1,
+                   max_index_size: int | None = None) -> int:
+    """How many member indexes the parts merge into: ``num_indexes``, or with ``max_index_size`` (bytes) the
+    fewest whose estimated size fits it (the parts' sizes, each less the trained index it repeats)."""
+    if num_indexes < 1:
+        raise ValueError(f"--num-indexes must be at least 1, got {num_indexes}")
+    count = num_indexes
+    if max_index_size is not None:
+        overhead = trained_file.stat().st_size
+        sizes = [max(0, p.stat().st_size - overhead) for p in part_files]
+        largest = max(sizes)
+        if overhead + largest > max_index_size:
+            raise ValueError(f"one filled part alone needs about {_gib(overhead + largest)} (its quantizer "
+                             f"{_gib(overhead)}), more than --max-index-size {_gib(max_index_size)}; fill more, "
+                             "smaller parts (--num-parts) or raise the limit")
+        count = max(count, -(-sum(sizes) // max(1, max_index_size - overhead)))
+        while count < len(part_files) and max(_group_sizes(sizes, count)) + overhead > max_index_size:
+            count += 1  # parts do not split evenly: one more member until the largest fits
+    if count > len(part_files):
+        raise ValueError(f"{count} indexes need at least {count} filled parts, and there are {len(part_files)}; "
+                         "fill more parts (--num-parts)")
+    return count
+
+
+def _gib(size: int) -> str:
+    return f"{size / 2**30:.2f} GiB"
+
+
+def _group_sizes(sizes: Sequence[int], count: int) -> list[int]:
+    return [sum(sizes[i] for i in group) for group in _balanced(sizes, count)]
+
+
+def _balanced(sizes: Sequence[int], count: int) -> list[list[int]]:
+    """Positions of ``sizes`` in ``count`` groups of about equal total: largest first into the lightest."""
+    groups: list[list[int]] = [[] for _ in range(count)]
+    totals = [0] * count
+    for position in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        lightest = totals.index(min(totals))
+        groups[lightest].append(position)
+        totals[lightest] += sizes[position]
+    return [sorted(group) for group in groups]
+
+
+def split_parts(part_files: Sequence[Path], count: int) -> list[list[Path]]:
+    """``part_files`` in ``count`` groups of about equal bytes, each in part order."""
+    if count == 1:
+        return [list(part_files)]
+    groups = _balanced([p.stat().st_size for p in part_files], count)
+    return [[part_files[i] for i in group] for group in groups]
+
+
+def _merged(trained_file: Path, part_files: Sequence[Path], output: Path, generation: str,
+            on_disk: bool) -> tuple[Any, dict[str, str]]:
+    """``(index, extra files)``: the trained index with ``part_files`` merged in, in RAM or with its inverted
+    lists in ``output/lists-<generation>.ivfdata`` (memory-mapped)."""
+    import faiss
+    from faiss.contrib.ondisk import merge_ondisk
+
+    index = faiss.read_index(str(trained_file))
+    if on_disk:
+        lists = f"lists-{generation}.ivfdata"
+        merge_ondisk(index, [str(p) for p in part_files], str(output / lists))
+        return index, {"lists": lists}
+    for part_file in part_files:
+        index.merge_from(faiss.read_index(str(part_file)), 0)
+    return index, {}
+
+
+def _tuning(index: Any, plan: dict, tune_queries: int, recall_k: int, target_recall: float, seed: int) -> dict:
+    """``index.tune.tune`` against exact search over the plan's embeddings (skipped when ``tune_queries`` is 0)."""
+    if not tune_queries:
+        return {"params": {}, "recall": None, "k": recall_k, "queries": 0, "target": target_recall, "reached": False}
+    source = EmbeddingsSource(plan["embeddings"])
+    query_rows = np.random.default_rng(seed).choice(source.count, size=min(tune_queries, source.count),
+                                                    replace=False)
+    queries, query_ids = gather_rows(source, query_rows)
+    blocks = ((v, t.column("id").to_numpy()) for v, t in source.blocks())
+    truth = drop_self(exact_neighbours(queries, blocks, recall_k + 1).ids, query_ids, recall_k)
+    return tune(index, plan["family"], queries, truth, recall_k, target_recall, exclude=query_ids,
+                nlist=plan["nlist"])
+
+
+def _merged_info(plan: dict, index: Any, tuning: dict | None, parts: int, on_disk: bool, started: float) -> dict:
+    tuning = tuning or {"params": {}, "recall": None, "queries": 0, "reached": False, "note": "tuned with its set"}
+    return {
+        "factory": plan["factory"], "family": plan["family"], "metric": METRIC, "dim": int(index.d),
+        "count": int(index.ntotal), "count_at_build": int(index.ntotal),
+        "choice": {"reason": "index.merge of independently built parts", "max_memory": None},
+        "train_size": plan["train_size"], "search_params": tuning["params"], "recall": tuning,
+        "merged_parts": parts, "on_disk": on_disk, **plan["describe"],
+        "encoder_fingerprint": plan.get("encoder_fingerprint"),
+        "build_seconds": round(time.perf_counter() - started, 3),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def add_set_options(parser: argparse.ArgumentParser) -> None:
+    """``--num-indexes`` / ``--max-index-size``: merge into a set of indexes when one would not fit."""
+    parser.add_argument("--num-indexes", type=int, default=1,
+                        help="merge into this many member indexes (a set, searched as one; default 1)")
+    parser.add_argument("--max-index-size",
+                        help="largest member index, e.g. 40G: the parts merge into as many members as it takes")
+
+
+def set_size_limit(args: argparse.Namespace) -> int | None:
+    from index.select import parse_memory
+
+    return parse_memory(args.max_index_size) if args.max_index_size else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -247,6 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     merge_cmd.add_argument("--target-recall", type=float, default=0.95)
     merge_cmd.add_argument("--recall-k", type=int, default=10)
     merge_cmd.add_argument("--tune-queries", type=int, default=1000, help="0 skips tuning (no exact scan)")
+    add_set_options(merge_cmd)
     for command in (train_cmd, add_cmd):
         command.add_argument("--cpu", action="store_true", help="keep FAISS on the CPU even if a GPU is present")
     args = parser.parse_args(argv)
@@ -261,7 +382,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "add":
             result = add_part(args.parts, args.part, args.num_parts, args.embeddings, False if args.cpu else None)
         else:
-            result = merge(args.parts, args.output, args.on_disk, args.target_recall, args.recall_k, args.tune_queries)
+            result = merge(args.parts, args.output, args.on_disk, args.target_recall, args.recall_k, args.tune_queries,
+                           num_indexes=args.num_indexes, max_index_size=set_size_limit(args))
             result = {key: value for key, value in result.items() if key not in ("recall", "shards", "skipped_keys")}
     except (ValueError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -12,7 +12,9 @@ The steps of ``index.merge`` with a scheduler instead of hand-launched processes
    access (workers read the embeddings: shared storage or URLs). A task whose worker or node dies is
    retried by Ray (``max_retries``); the tasks are pure, so a retry is safe;
 3. merge the parts (``index.merge.merge``): in RAM, or ``--on-disk`` into one memory-mapped inverted-list
-   file for collections larger than RAM, then tune ``nprobe`` against exact search as usual.
+   file for collections larger than RAM, then tune ``nprobe`` against exact search as usual. When one index
+   would not fit a serving machine, ``--max-index-size 40G`` (or ``--num-indexes N``) merges into a set of
+   member indexes instead, each at most that size, which ``Index.load`` searches as one (``index.store``).
 
 A flat or HNSW choice (too small for lists, or a graph) cannot be merged from parts: without ``--index``
 the factory is an ``IVF<n>,Flat`` as ``index.merge.train`` picks; ``--index`` must name an IVF factory
@@ -56,6 +58,8 @@ def build_ray(
     max_memory: int | None = None,
     num_parts: int | None = None,
     on_disk: bool = False,
+    num_indexes: int = 1,
+    max_index_size: int | None = None,
     address: str | None = None,
     target_recall: float = 0.95,
     recall_k: int = 10,
@@ -64,7 +68,8 @@ def build_ray(
     use_gpu: bool | None = None,
 ) -> dict:
     """Train once, fill ``num_parts`` parts on Ray (default: one per CPU, or GPU, of the cluster, at most one
-    per embeddings part), merge into ``output_dir``; returns the ``index.json`` dictionary (with
+    per embeddings part), merge into ``output_dir`` (a set of indexes with ``num_indexes`` > 1 or
+    ``max_index_size``); returns the ``index.json`` dictionary (with
     ``ray_parts`` and ``ray_seconds`` added)."""
     import faiss
     from export.embeddings import part_names
@@ -105,7 +110,7 @@ def build_ray(
             del data, table
         ray_seconds = time.perf_counter() - started
         info = merging.merge(parts_dir, output, on_disk=on_disk, target_recall=target_recall, recall_k=recall_k,
-                             tune_queries=tune_queries)
+                             tune_queries=tune_queries, num_indexes=num_indexes, max_index_size=max_index_size)
         if remote:
             info = publish(output, os.fspath(output_dir))
     finally:

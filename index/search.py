@@ -5,8 +5,9 @@
 ``efSearch``) and, when faiss sees GPUs, searches on a GPU copy (sharded over several). Searches whose
 ``k`` or ``nprobe`` exceed the GPU limits run on the CPU copy with a warning. ``mmap=True`` (or an
 index file larger than half the free memory) maps the index instead of reading it, for indexes larger
-than RAM. Sample images are read back from their shards through the metadata (shard path + key), with
-a small LRU cache of shard contents. No torch is imported.
+than RAM. A set of indexes (``index.merge merge --num-indexes N``) loads as one ``Index`` that searches
+every member and merges by score. Sample images are read back from their shards through the metadata
+(shard path + key), with a small LRU cache of shard contents. No torch is imported.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import numpy as np
 
 from index import devices
 from index.devices import set_search_params
-from index.store import INFO_FILE, IndexLoadError, data_files, read_faiss, read_info, read_metadata, stored_ids
+from index.store import (INFO_FILE, IndexLoadError, data_files, is_set, member_directories, read_faiss, read_info,
+                         read_metadata, stored_ids)
 from trainer.data import storage
 from trainer.data.shards import decode_image, iter_shard
 
@@ -99,17 +101,58 @@ class Index:
         if not directory.is_dir():
             raise FileNotFoundError(f"index directory {str(directory)!r} does not exist")
         info = read_info(directory)
+        if is_set(info):
+            return cls._load_set(directory, info, use_gpu, max_shards, mmap)
+        faiss_index, metadata, mmap = cls._read_checked(directory, info, mmap)
+        gpu = (False if use_gpu is None else use_gpu) if mmap else use_gpu  # a mapped index stays on the CPU by default
+        return cls(directory, faiss_index, metadata, info, max_shards, gpu)
+
+    @classmethod
+    def _read_checked(cls, directory: Path, info: dict, mmap: bool | None) -> tuple[Any, Any, bool]:
+        """``(faiss index, metadata table, mapped)`` of one index directory, cross-checked."""
         files = data_files(directory, info)
         for path in files.values():
             if not path.is_file():
                 raise FileNotFoundError(f"index file {str(path)!r} does not exist")
         if mmap is None:
             mmap = files["index"].stat().st_size > _available_memory() // 2
-        faiss_index = read_faiss(files["index"], mmap=mmap, family=info.get("family"))
+        faiss_index = read_faiss(files["index"], mmap=mmap, family=info.get("family"), on_disk="lists" in files)
         metadata = read_metadata(files["metadata"])
         cls._check_consistency(directory, info, faiss_index, metadata, files)
-        gpu = (False if use_gpu is None else use_gpu) if mmap else use_gpu  # a mapped index stays on the CPU by default
-        return cls(directory, faiss_index, metadata, info, max_shards, gpu)
+        return faiss_index, metadata, bool(mmap)
+
+    @classmethod
+    def _load_set(cls, directory: Path, info: dict, use_gpu: bool | None, max_shards: int,
+                  mmap: bool | None) -> "Index":
+        """A set of member indexes (``index.store``) searched as one: a ``faiss.IndexShards`` queries every
+        member in its own thread and keeps the best ``k`` by score; the metadata tables are concatenated in
+        member order. Each member is mapped rather than read when it alone is larger than half the free memory
+        (the set exists because the whole would not fit); with GPUs, member ``j`` goes to GPU ``j % count``."""
+        import faiss
+        import pyarrow as pa
+
+        members, tables, mapped = faiss.IndexShards(int(info["dim"]), True, False), [], False
+        for member in member_directories(directory, info):
+            member_dir = Path(member)
+            if not member_dir.is_dir():
+                raise FileNotFoundError(f"index set member {str(member_dir)!r} named in {directory / INFO_FILE} "
+                                        "does not exist")
+            member_index, table, member_mapped = cls._read_checked(member_dir, read_info(member_dir), mmap)
+            if int(member_index.d) != int(info["dim"]):
+                raise IndexLoadError(f"{directory / INFO_FILE} says dim={info['dim']} but member {member_dir.name} "
+                                     f"holds {member_index.d}-dimensional vectors")
+            members.add_shard(member_index)
+            tables.append(table)
+            mapped = mapped or member_mapped
+        if int(info.get("count", members.ntotal)) != int(members.ntotal):
+            raise IndexLoadError(f"{directory / INFO_FILE} says count={info['count']} but its members hold "
+                                 f"{members.ntotal} vectors")
+        metadata = pa.concat_tables(tables)
+        ids = metadata.column("id").to_numpy()
+        if len(ids) <= ID_CHECK_MAX and len(np.unique(ids)) != len(ids):
+            raise IndexLoadError(f"the members of {directory} share sample ids; rebuild the set")
+        gpu = (False if use_gpu is None else use_gpu) if mapped else use_gpu
+        return cls(directory, members, metadata, info, max_shards, gpu)
 
     @staticmethod
     def _check_consistency(directory: Path, info: dict, faiss_index: Any, metadata: Any, files: dict) -> None:

@@ -6,6 +6,17 @@
     RUN/index/metadata-<gen>.parquet     id, key, shard, label, label_name, caption (one row per vector)
     RUN/index/lists-<gen>.ivfdata        only for indexes merged on disk (``index.merge --on-disk``)
 
+A *set* of indexes (``index.merge merge --num-indexes N``, for collections one index cannot hold) is a
+directory whose ``index.json`` names ``members``: ordinary index directories beside it, each loadable and
+servable alone, all filled from one trained quantizer, so a search of every member merged by score equals
+the search of the one merged index:
+
+    RUN/index/index.json                 the set's commit point: members, dim, count, factory, tuned parameters
+    RUN/index/member-<gen>-<j>-of-<n>/   ordinary index directories (the layout above)
+
+Member names carry the set's generation: a new set is written beside the old one and replaces it when its
+``index.json`` is replaced (``commit_set``), after which the old members are deleted.
+
 A write (build, add, remove, merge) puts the new generation's files next to the old ones, then
 replaces ``index.json`` with ``os.replace`` and only then deletes the previous generation. A crash at
 any point leaves an ``index.json`` that names complete, mutually consistent files. Writers hold an
@@ -43,6 +54,8 @@ LEGACY_FILES = {"index": "index.faiss", "metadata": "metadata.parquet"}
 METADATA_COLUMNS = ("id", "key", "shard", "label", "label_name", "caption")
 LOCK_FILE = ".lock"
 _GENERATION = re.compile(r"^(index|metadata|lists)-(\d{6})-[0-9a-f]{6}\.(faiss|parquet|ivfdata)$")
+_MEMBER = re.compile(r"^member-(\d{6})-[0-9a-f]{6}-\d{5}-of-\d{5}$")
+MEMBERS_KEY = "members"
 
 
 class IndexLoadError(RuntimeError):
@@ -66,6 +79,52 @@ def read_info(directory: str | os.PathLike) -> dict:
     return info
 
 
+def is_set(info: dict) -> bool:
+    """Whether ``info`` (an ``index.json``) describes a set of member indexes rather than one index."""
+    return bool(info.get(MEMBERS_KEY))
+
+
+def member_name(generation: str, member: int, count: int) -> str:
+    """The directory name of member ``member`` of ``count`` in a set committed as ``generation``."""
+    return f"member-{generation}-{member:05d}-of-{count:05d}"
+
+
+def member_directories(directory: str | os.PathLike, info: dict) -> list[str]:
+    """The member directories (paths or URLs) a set's ``info`` names, in order."""
+    return [storage.join(directory, name) if storage.is_url(directory) else os.path.join(directory, name)
+            for name in info.get(MEMBERS_KEY) or []]
+
+
+def commit_set(directory: str | os.PathLike, members: list[str], info: dict) -> dict:
+    """Commit a set whose ``members`` (directory names under ``directory``) are already committed: write the
+    set's ``index.json`` (the commit point), then delete the previous set's members and any single index the
+    directory held before. Returns the committed info."""
+    output = Path(directory)
+    for name in members:
+        if not _MEMBER.match(name) or not (output / name / INFO_FILE).is_file():
+            raise ValueError(f"{output / name} is not a committed member of this set")
+    info = {**info, MEMBERS_KEY: list(members)}
+    info.pop("files", None)
+    update_info(output, info, replace=True)
+    remove_stale(output, info)
+    return info
+
+
+def update_info(directory: str | os.PathLike, changes: dict, replace: bool = False) -> dict:
+    """Rewrite ``directory/index.json`` atomically with ``changes`` merged in (or, with ``replace``, as
+    ``changes``); the data files are untouched. Returns the new info."""
+    output = Path(directory)
+    info = dict(changes) if replace else {**read_info(output), **changes}
+    temporary = output / f".{INFO_FILE}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        _write_json(temporary, info)
+        os.replace(temporary, output / INFO_FILE)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return info
+
+
 def data_files(directory: str | os.PathLike, info: dict) -> dict[str, Path]:
     """Paths of the current generation's files (``index``, ``metadata``, maybe ``lists``)."""
     names = dict(LEGACY_FILES)
@@ -80,6 +139,10 @@ def next_generation(info: dict | None) -> str:
         match = _GENERATION.match(name)
         if match:
             previous = max(previous, int(match.group(2)))
+    for name in (info or {}).get(MEMBERS_KEY) or []:  # a set's generation is in its member names
+        match = _MEMBER.match(name)
+        if match:
+            previous = max(previous, int(match.group(1)))
     return f"{previous + 1:06d}-{uuid.uuid4().hex[:6]}"
 
 
@@ -170,6 +233,16 @@ def publish(local_dir: str | os.PathLike, url: str) -> dict:
     on-disk lists), one PUT each, then ``index.json`` (the commit point), and only then delete the previous
     generation's objects, so a reader of ``url`` never sees a half-written index. Returns the uploaded info."""
     committed = read_info(local_dir)
+    if is_set(committed):  # every member first (each with its own commit point), the set's index.json last
+        for name in committed[MEMBERS_KEY]:
+            publish(os.path.join(local_dir, name), storage.join(url, name))
+        storage.upload(os.path.join(local_dir, INFO_FILE), storage.join(url, INFO_FILE))
+        for name in storage.listdir(url):
+            if (_MEMBER.match(name) and name not in committed[MEMBERS_KEY]) or _GENERATION.match(name):
+                for entry in storage.listdir(storage.join(url, name)) if _MEMBER.match(name) else [None]:
+                    storage.remove(storage.join(url, name, entry) if entry else storage.join(url, name))
+        logger.info("uploaded a set of %d indexes to %s", len(committed[MEMBERS_KEY]), storage.public(url))
+        return committed
     for name in committed["files"].values():
         storage.upload(os.path.join(local_dir, name), storage.join(url, name))
     storage.upload(os.path.join(local_dir, INFO_FILE), storage.join(url, INFO_FILE))  # the commit point
@@ -192,6 +265,12 @@ def fetch_index(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
         cache_dir = os.path.join(base, "manyview", "index", digest)
     local = Path(cache_dir)
     local.mkdir(parents=True, exist_ok=True)
+    if is_set(info):
+        for name in info[MEMBERS_KEY]:
+            fetch_index(storage.join(url, name), local / name)
+        _write_json(local / INFO_FILE, info)
+        remove_stale(local, info)
+        return local
     names = dict(LEGACY_FILES)
     names.update(info.get("files") or {})
     for name in names.values():
@@ -210,10 +289,15 @@ def local_copy(path: str | os.PathLike, cache_dir: str | os.PathLike | None = No
 
 
 def remove_stale(directory: str | os.PathLike, info: dict) -> None:
-    """Delete generation files (and legacy files) that ``info`` does not name."""
+    """Delete generation files, legacy files and set members that ``info`` does not name."""
+    import shutil
+
     output = Path(directory)
-    keep = set((info.get("files") or {}).values())
+    keep = set((info.get("files") or {}).values()) | set(info.get(MEMBERS_KEY) or [])
     for entry in output.iterdir():
+        if _MEMBER.match(entry.name) and entry.name not in keep:  # a previous set's member
+            shutil.rmtree(entry, ignore_errors=True)
+            continue
         stale_generation = _GENERATION.match(entry.name) is not None
         stale_legacy = entry.name in LEGACY_FILES.values()
         stale_temporary = entry.name.startswith(f".{INFO_FILE}.tmp-")
@@ -221,18 +305,20 @@ def remove_stale(directory: str | os.PathLike, info: dict) -> None:
             entry.unlink(missing_ok=True)
 
 
-def read_faiss(path: Path, mmap: bool = False, family: str | None = None) -> Any:
+def read_faiss(path: Path, mmap: bool = False, family: str | None = None, on_disk: bool = False) -> Any:
     """``faiss.read_index`` with clear errors; on-disk lists are looked up next to the index file.
 
     ``mmap`` maps the data instead of reading it (for indexes larger than RAM): IVF inverted lists
-    (``IO_FLAG_MMAP``, for ``family`` "ivf"/"ivfpq") or flat vector storage (``IO_FLAG_MMAP_IFC``).
+    (``IO_FLAG_MMAP``, for ``family`` "ivf"/"ivfpq") or flat vector storage (``IO_FLAG_MMAP_IFC``). An index
+    whose lists are ``on_disk`` (``index.merge --on-disk``) is mapped already: ``IO_FLAG_MMAP`` on it would
+    make faiss crash on the first search, so it is not set.
     """
     import faiss
 
     if not path.is_file():
         raise FileNotFoundError(f"index file {str(path)!r} does not exist")
     flags = faiss.IO_FLAG_ONDISK_SAME_DIR
-    if mmap:
+    if mmap and not on_disk:
         flags |= faiss.IO_FLAG_MMAP if family in ("ivf", "ivfpq") else faiss.IO_FLAG_MMAP_IFC
     try:
         return faiss.read_index(str(path), flags)
@@ -268,10 +354,24 @@ def _ivf(index: Any) -> Any:
         return None
 
 
+def shard_members(index: Any) -> list[Any] | None:
+    """The member indexes of a ``faiss.IndexShards`` (how a loaded set searches), else None."""
+    import faiss
+
+    outer = faiss.downcast_index(index)
+    if not isinstance(outer, faiss.IndexShards):
+        return None
+    return [outer.at(number) for number in range(outer.count())]
+
+
 def stored_ids(index: Any) -> np.ndarray | None:
     """Every id in ``index`` (IDMap's table or the inverted lists), or None when ids are positions."""
     import faiss
 
+    members = shard_members(index)
+    if members is not None:
+        found = [stored_ids(member) for member in members]
+        return None if any(ids is None for ids in found) else np.concatenate(found)
     outer = faiss.downcast_index(index)
     if hasattr(outer, "id_map"):
         return faiss.vector_to_array(outer.id_map).astype(np.int64)
@@ -294,8 +394,14 @@ def stored_vectors(index: Any, chunk: int = 65536) -> Iterator[tuple[np.ndarray,
     (Flat, HNSW over Flat storage, IVF-Flat, any index with exact re-ranking ``,RFlat``, whose refine stage
     holds them in id-map order); None for compressed ones (PQ), whose exact vectors
     must come from the embeddings they were built from."""
+    import itertools
+
     import faiss
 
+    members = shard_members(index)
+    if members is not None:  # a set: each member's blocks in turn
+        blocks = [stored_vectors(member, chunk) for member in members]
+        return None if any(block is None for block in blocks) else itertools.chain.from_iterable(blocks)
     outer = faiss.downcast_index(index)
     if hasattr(outer, "id_map"):
         inner = faiss.downcast_index(outer.index)

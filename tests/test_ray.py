@@ -297,3 +297,17 @@ def test_ray_build_uploads_its_index_to_s3(ray_cluster: str, s3: Path, tmp_path:
     served = Index.load(local_copy(url, tmp_path / "cache"))
     assert sorted(served.ids.tolist()) == ids.tolist()
     assert served.search(vectors[:3], k=1)[1][:, 0].tolist() == ids[:3].tolist()
+    # built again as a set of two indexes (when one would not fit): every member uploaded, then the set's
+    # index.json; the single index's objects are gone, and the served set finds what the single index found
+    info = build_ray(emb, url, factory="IVF8,Flat", num_parts=2, num_indexes=2, address=ray_cluster, tune_queries=50,
+                     use_gpu=False)
+    assert len(info["members"]) == 2 and info["count"] == 600
+    names = sorted(name.split(f"{BUCKET}/ray-index/", 1)[1] for name in _objects(url))
+    members = [read_info(f"{url}/{member}") for member in info["members"]]
+    assert names == sorted(["index.json"] + [f"{member}/{name}" for member, member_info in zip(info["members"], members)
+                                             for name in ["index.json", *member_info["files"].values()]])
+    served_set = Index.load(local_copy(url, tmp_path / "cache"))
+    assert sorted(served_set.ids.tolist()) == ids.tolist() and sum(m["count"] for m in members) == 600
+    queries = vectors[:20]
+    np.testing.assert_array_equal(served_set.search(queries, 5, params={"nprobe": 8})[1],
+                                  served.search(queries, 5, params={"nprobe": 8})[1])  # every list: exact
