@@ -172,7 +172,7 @@ def build_curate_tab(collection: Any, tab: Any = None, directory: str | os.PathL
     import gradio as gr
 
     folder = curation_dir(collection, directory)
-    state: dict[str, Any] = {"tables": None, "summary": None}
+    tables_state = gr.State(None)  # per browser session: one person's Load does not change another's view
     private = {"api_visibility": "private"}  # the page's own events, not part of the app's API
 
     status = gr.Markdown(f"Press **Load** to read the curation tables in `{html.escape(str(folder))}`.",
@@ -199,30 +199,28 @@ def build_curate_tab(collection: Any, tab: Any = None, directory: str | os.PathL
         export_status = gr.Markdown(elem_id="mv-curate-export-status")
         download = gr.File(label="Ids to drop", elem_id="mv-curate-download", interactive=False)
 
-    def load() -> tuple:
+    def load(current: Any) -> tuple:
         try:
             tables, summary = read_tables(folder)
         except CurationError as error:
             return (f"{html.escape(str(error))}. Or press **Compute now** (it reads every image once).",
-                    gr.update(value=[]))
-        state["tables"], state["summary"] = tables, summary
-        return summary_markdown(summary, folder, is_stale(summary, collection.index)), gr.update(value=[])
+                    gr.update(value=[]), current)
+        return summary_markdown(summary, folder, is_stale(summary, collection.index)), gr.update(value=[]), tables
 
-    def compute() -> tuple:
+    def compute(current: Any) -> tuple:
         from index.curate import curate_loaded
 
         try:
             curate_loaded(collection.index, folder, progress=False)
         except (CurationError, FileNotFoundError, KeyError) as error:
-            return f"⚠️ Curation failed: {html.escape(str(error))}", gr.update(value=[])
-        return load()
+            return f"⚠️ Curation failed: {html.escape(str(error))}", gr.update(value=[]), current
+        return load(current)
 
-    def show_overview(choice: str) -> Any:
-        tables = state["tables"] or {}
+    def show_overview(choice: str, tables: Any) -> Any:
+        tables = tables or {}
         return gr.update(value=group_overview(tables.get(VIEWS.get(choice, "near_duplicates"))))
 
-    def show_group(choice: str, group: Any) -> tuple:
-        tables = state["tables"]
+    def show_group(choice: str, group: Any, tables: Any) -> tuple:
         if tables is None:
             return gr.update(value=[]), "Load the tables first."
         try:
@@ -235,33 +233,35 @@ def build_curate_tab(collection: Any, tab: Any = None, directory: str | os.PathL
         return ([(image, member_caption(row)) for image, row in zip(images, shown)],
                 f"Group {int(group)}: {len(members)} members{more}.")
 
-    def on_row(choice: str, event: gr.SelectData) -> tuple:
-        tables = state["tables"] or {}
-        rows = group_overview(tables.get(VIEWS.get(choice, "near_duplicates")))
+    def on_row(choice: str, tables: Any, event: gr.SelectData) -> tuple:
+        rows = group_overview((tables or {}).get(VIEWS.get(choice, "near_duplicates")))
         position = event.index[0] if isinstance(event.index, (list, tuple)) else event.index
         if not rows or position is None or int(position) >= len(rows):
             return gr.skip(), gr.update(value=[]), "No group there."
         group = rows[int(position)][0]
-        gallery_value, message = show_group(choice, group)
+        gallery_value, message = show_group(choice, group, tables)
         return group, gallery_value, message
 
     on_row.__annotations__["event"] = gr.SelectData  # resolved here: this module's annotations are strings
 
-    def export(choices: list[str], chosen_format: str) -> tuple:
-        if state["tables"] is None:
+    def export(choices: list[str], chosen_format: str, tables: Any) -> tuple:
+        if tables is None:
             return None, "Load the tables first."
         try:
-            path, count = export_drop_list(state["tables"], choices, chosen_format)
+            path, count = export_drop_list(tables, choices, chosen_format)
         except (ExportError, CurationError) as error:
             return None, f"⚠️ {html.escape(str(error))}"
         return str(path), f"{count:,} ids to drop."
 
-    load_event = load_button.click(load, None, [status, gallery], **private)
-    load_event.then(show_overview, [view], [overview], **private)
-    compute_button.click(compute, None, [status, gallery], **private).then(show_overview, [view], [overview], **private)
-    view.change(show_overview, [view], [overview], **private)
-    group_box.submit(show_group, [view, group_box], [gallery, group_status], **private)
-    overview.select(on_row, [view], [group_box, gallery, group_status], **private)
-    export_button.click(export, [include, fmt], [download, export_status], **private)
+    loaded = [status, gallery, tables_state]
+    load_event = load_button.click(load, [tables_state], loaded, **private)
+    load_event.then(show_overview, [view, tables_state], [overview], **private)
+    compute_button.click(compute, [tables_state], loaded, **private).then(
+        show_overview, [view, tables_state], [overview], **private)
+    view.change(show_overview, [view, tables_state], [overview], **private)
+    group_box.submit(show_group, [view, group_box, tables_state], [gallery, group_status], **private)
+    overview.select(on_row, [view, tables_state], [group_box, gallery, group_status], **private)
+    export_button.click(export, [include, fmt, tables_state], [download, export_status], **private)
     if tab is not None:
-        tab.select(load, None, [status, gallery], **private).then(show_overview, [view], [overview], **private)
+        tab.select(load, [tables_state], loaded, **private).then(show_overview, [view, tables_state], [overview],
+                                                                 **private)
