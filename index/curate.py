@@ -93,7 +93,7 @@ VERIFY_MODES = ("auto", "thumbnail", "none")
 # Pixel verification, measured on CIFAR-10 with planted copies (tests/benchmarks/RESULTS_curate.md).
 DEFAULT_CANDIDATES = 32  # embedding neighbours per item proposed to verification
 DEFAULT_CANDIDATE_THRESHOLD = 0.8  # loose: the copies' cosine goes down to 0.87 with a 300-step simclr encoder
-DEFAULT_VERIFY_THRESHOLD = 0.97
+DEFAULT_VERIFY_THRESHOLD = 0.98  # recall and precision >= 0.95 on CIFAR-10 with hand-labelled duplicates
 THUMB_SIZE = 32  # every image is first brought to this square size (CIFAR's own)
 THUMB_GRID = 8  # then averaged down to grid x grid per channel: 192 numbers
 THUMB_BLUR = 0.0  # Gaussian radius (pixels at THUMB_SIZE) before averaging: 1 px measured no better (RESULTS_curate.md)

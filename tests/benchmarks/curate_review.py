@@ -185,7 +185,8 @@ def _pairs_within(groups: np.ndarray) -> int:
     return int((sizes * (sizes - 1) // 2).sum())
 
 
-def append_results(path: Path, rows: list[dict], encoder_name: str, labels: dict, reviewed: int, note: str) -> None:
+def append_results(path: Path, rows: list[dict], encoder_name: str, labels: dict, note: str) -> None:
+    """Append the labelled-truth table (thresholds whose kept edges are all planted or labelled) to ``path``."""
     from bench_app_latency import cpu_model
     from bench_curate import fmt
     from index.curate import DEFAULT_VERIFY_THRESHOLD
@@ -198,9 +199,10 @@ def append_results(path: Path, rows: list[dict], encoder_name: str, labels: dict
              f"--encoder {encoder_name}", "",
              f"Truth: the planted pairs plus the {len(labels):,} hand-labelled edges of `curate_labels.json` "
              f"({sum(v == 'same' for v in labels.values()):,} `same`, "
-             f"{sum(v == 'different' for v in labels.values()):,} `different`); {reviewed:,} unplanted edges kept "
-             f"at {DEFAULT_VERIFY_THRESHOLD} were put on sheets. Duplicate pairs are every pair inside a group; "
-             "right are those joined by right edges. An unlabelled edge counts as wrong.", "",
+             f"{sum(v == 'different' for v in labels.values()):,} `different`): every unplanted edge kept at "
+             f"{rows[0]['threshold']}, the lowest threshold shown (higher ones keep a subset). Duplicate pairs are "
+             "every pair inside a group; right are those joined by right edges. An unlabelled edge counts as "
+             "wrong.", "",
              "| verify threshold | dup recall | dup precision | pairs found | pairs right | leak recall "
              "| leak precision | train items flagged | kept edges | labelled different | unlabelled |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -238,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(pending):,} unplanted edges kept at {DEFAULT_VERIFY_THRESHOLD}; {len(listing):,} not yet "
               f"labelled, on {-(-len(listing) // (COLUMNS * ROWS))} sheet(s) in {args.out}")
         return 0
-    rows = labelled_rows(edges, labels, tuple(t for t in VERIFY_THRESHOLDS if t >= DEFAULT_VERIFY_THRESHOLD))
+    rows = [row for row in labelled_rows(edges, labels, VERIFY_THRESHOLDS) if row["unlabelled_edges"] == 0]
     for row in rows:
         print(json.dumps(row))
-    if args.output:
-        append_results(Path(args.output), rows, args.encoder, labels, len(pending), args.note)
+    if args.output and rows:
+        append_results(Path(args.output), rows, args.encoder, labels, args.note)
     return 0
 
 
