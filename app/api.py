@@ -11,7 +11,8 @@ Two faces, one code path (``run_query``):
       GET  /api/v1/items/{id}?k=8      metadata, thumbnail URL and the k nearest neighbours
       GET  /api/v1/items/{id}/thumbnail   the image (as stored in the shard when it is a small web image)
       GET  /api/v1/info                 collection size, dimension, labels, limits
-      GET  /api/v1/docs, /api/v1/openapi.json
+      GET  /api/v1/docs (a reference page that needs no internet), /api/v1/openapi.json,
+           /api/v1/swagger (Swagger UI, loaded from a CDN)
 
 Each result is ``{"id", "key", "shard", "score", "label", "label_id", "caption", "thumbnail"}``; the
 thumbnail is a URL on this server, so answers carry no image data and a query costs its encode + search
@@ -488,8 +489,14 @@ def build_api(collection: Any, auth: Sequence[tuple[str, str]] | None = None, ma
 
     @api.get("/docs", include_in_schema=False)
     def docs(request: Request) -> HTMLResponse:
+        from app.api_docs import render
+
+        return HTMLResponse(render(api.openapi(), root_url(request) + API_PREFIX))  # self-contained: works offline
+
+    @api.get("/swagger", include_in_schema=False)
+    def swagger(request: Request) -> HTMLResponse:
         return get_swagger_ui_html(openapi_url=root_url(request) + API_PREFIX + "/openapi.json",
-                                   title="manyview search API")
+                                   title="manyview search API")  # loads Swagger UI from a CDN
 
     @api.get("/info", summary="What is served: collection size, embedding dimension, labels, limits")
     def info() -> dict:

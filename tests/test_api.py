@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -225,7 +226,16 @@ def test_json_item_thumbnail_info_and_openapi(served: dict) -> None:
     status, document, _ = call(served, "GET", "/api/v1/openapi.json")
     assert status == 200 and {"/search", "/items/{item_id}", "/items/{item_id}/thumbnail"} <= set(document["paths"])
     assert "SearchRequest" in json.dumps(document["components"])
-    status, page, _ = call(served, "GET", "/api/v1/docs")
+    status, page, _ = call(served, "GET", "/api/v1/docs")  # rendered here: nothing loaded from elsewhere
+    text = page.decode("utf-8")
+    assert status == 200 and "/api/v1/openapi.json" in text and "<script" not in text
+    assert all(f"<code>{path}</code>" in text for path in document["paths"])
+    assert "<code>image_base64</code>" in text and "&lt;= 1000" in text  # SearchRequest's fields and k's limit
+    assert "curl -s -X POST" in text and "a photo of a ship" in text
+    external = [link for link in re.findall(r"(?:src|href)='([^']+)'", text) if "://" in link
+                and not link.startswith(text.split("Base URL <code>")[1].split("</code>")[0])]
+    assert not external, external
+    status, page, _ = call(served, "GET", "/api/v1/swagger")
     assert status == 200 and b"swagger" in page.lower() and b"/api/v1/openapi.json" in page
 
 
@@ -269,7 +279,8 @@ def test_json_errors_for_bad_json_unknown_items_and_chunked_bodies(served: dict)
 def test_json_api_needs_the_login(served: dict) -> None:
     for auth in (None, (USER, "wrong"), ("mallory", PASSWORD)):
         for method, path in (("POST", "/api/v1/search"), ("GET", "/api/v1/items/0/thumbnail"),
-                             ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/docs")):
+                             ("GET", "/api/v1/openapi.json"), ("GET", "/api/v1/docs"),
+                             ("GET", "/api/v1/swagger")):
             status, answer, headers = call(served, method, path, {"text": "a ship"} if method == "POST" else None,
                                            auth=auth)
             assert status == 401 and "Log in" in answer["error"], (auth, path)
