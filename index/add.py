@@ -8,7 +8,10 @@ already indexed; IVF indexes keep their quantizer (trained on the original colle
 suggests a rebuild once the collection has grown several times. Removal works on CPU indexes
 (Flat, IVF by ``remove_ids``; HNSW, whose graph cannot drop nodes, is rebuilt from its stored
 vectors). Each update is a new generation (``index.store.commit``): the metadata and the index
-change together or not at all, and a crash mid-update leaves the previous index usable. No torch.
+change together or not at all, and a crash mid-update leaves the previous index usable. A set of indexes
+(``index.merge --num-indexes``) takes new vectors into its smallest member, after checking their ids against
+every member, and removes ids from the members holding them (one atomic commit per member, then the set's
+count). No torch.
 """
 from __future__ import annotations
 
@@ -29,7 +32,8 @@ from index.construct import new_index
 from index.search import Index
 from index.select import choose_index, default_max_memory
 from index.sources import ArraySource, EmbeddingsSource
-from index.store import METADATA_COLUMNS, commit, is_set, read_info, stored_vectors, writer_lock
+from index.store import (METADATA_COLUMNS, commit, is_set, member_directories, read_info, stored_vectors, update_info,
+                         writer_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -41,19 +45,21 @@ def _now() -> str:
 
 
 def _load_for_update(index_dir: str | os.PathLike) -> Index:
-    if is_set(read_info(index_dir)):
-        raise ValueError(f"{index_dir} is a set of indexes (index.merge --num-indexes / --max-index-size), which "
-                         "index.add and index.remove do not update; add the new embeddings as parts and merge again")
     index = Index.load(index_dir, use_gpu=False, mmap=False)
     if "lists" in (index.info.get("files") or {}):
         raise ValueError(f"{index_dir} is merged on disk (index.merge --on-disk); add a part and merge again instead")
     return index
 
 
-def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None = None) -> dict:
-    """Append every vector of ``source`` (``index.sources``) to the index in ``index_dir``."""
+def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None = None,
+               whole_set: Index | None = None) -> dict:
+    """Append every vector of ``source`` (``index.sources``) to the index in ``index_dir``; a set of indexes
+    (``index.store``) takes them into its smallest member. ``whole_set``: the loaded set ``index_dir`` is a member
+    of, whose ids the new ones must not repeat."""
     import pyarrow as pa
 
+    if is_set(read_info(index_dir)):
+        return _add_to_set(index_dir, source, use_gpu)
     with writer_lock(index_dir):
         current = _load_for_update(index_dir)
         info = dict(current.info)
@@ -70,13 +76,14 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
             raise ValueError(f"encoder mismatch: the index was built with encoder {str(known)[:12]} "
                              f"but the new embeddings come from {str(incoming)[:12]}; rebuild the index")
         index, keep_alive = devices.to_gpu(current.faiss_index, use_gpu)
-        existing = current.ids
+        known = current if whole_set is None else whole_set
+        existing = known.ids
         tables, added = [], []
         for vectors, table in source.blocks():
             ids = table.column("id").to_numpy().astype(np.int64)
             clash = np.intersect1d(ids, existing)
             if len(clash):
-                raise ValueError(clash_message(table, current.metadata, clash))
+                raise ValueError(clash_message(table, known.metadata, clash))
             so_far = np.concatenate(added + [ids])
             if len(np.unique(so_far)) != len(so_far):
                 raise ValueError(duplicates_message(tables + [table], " within the new embeddings"))
@@ -102,6 +109,41 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
         return commit(index_dir, cpu_index, table, info)
 
 
+def _add_to_set(set_dir: str | os.PathLike, source: Any, use_gpu: bool | None) -> dict:
+    """``add_source`` for a set: ids checked against every member, vectors into the member holding the fewest (a
+    member commit is atomic; the set's ``index.json`` then records the new count)."""
+    with writer_lock(set_dir):
+        whole = Index.load(set_dir, use_gpu=False)
+        members = member_directories(set_dir, whole.info)
+        target = members[int(np.argmin([read_info(member)["count"] for member in members]))]
+        added = add_source(target, source, use_gpu, whole_set=whole)
+        return _refresh_set(set_dir, members, {**added["updates"][-1], "member": Path(target).name})
+
+
+def _refresh_set(set_dir: str | os.PathLike, members: list[str], update: dict) -> dict:
+    """Rewrite the set's ``index.json`` with its members' total count and one more ``updates`` entry."""
+    info = read_info(set_dir)
+    count = sum(int(read_info(member)["count"]) for member in members)
+    return update_info(set_dir, {"count": count, "updated": update.get("at", _now()),
+                                 "updates": list(info.get("updates", [])) + [update]})
+
+
+def _remove_from_set(set_dir: str | os.PathLike, wanted: np.ndarray) -> dict:
+    """``remove_ids`` for a set: each member loses the ids it holds (one atomic commit per member)."""
+    with writer_lock(set_dir):
+        whole = Index.load(set_dir, use_gpu=False)
+        rows = whole.rows(wanted)  # KeyError names the first id that is not indexed
+        if len(wanted) >= whole.count:
+            raise ValueError("removing every vector would leave an empty set; delete the directory instead")
+        members = member_directories(set_dir, whole.info)
+        ends = np.cumsum([read_info(member)["count"] for member in members])  # metadata rows are in member order
+        holder = np.searchsorted(ends, rows, side="right")
+        for number, member in enumerate(members):
+            if (holder == number).any():
+                remove_ids(member, wanted[holder == number])
+        return _refresh_set(set_dir, members, {"removed": int(len(wanted)), "at": _now()})
+
+
 def add_embeddings(index_dir: str | os.PathLike, embeddings: str | os.PathLike, use_gpu: bool | None = None) -> dict:
     """Append an ``export.extract`` embeddings directory to the index."""
     return add_source(index_dir, EmbeddingsSource(embeddings), use_gpu)
@@ -121,6 +163,8 @@ def remove_ids(index_dir: str | os.PathLike, ids: Sequence[int]) -> dict:
     wanted = np.unique(np.asarray(list(ids), dtype=np.int64))
     if len(wanted) == 0:
         raise ValueError("no ids to remove")
+    if is_set(read_info(index_dir)):
+        return _remove_from_set(index_dir, wanted)
     with writer_lock(index_dir):
         current = _load_for_update(index_dir)
         current.rows(wanted)  # KeyError names the first id that is not indexed
@@ -177,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, FileNotFoundError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"count": info["count"], "files": info["files"], "updates": info["updates"][-1]}, indent=2))
+    print(json.dumps({"count": info["count"], "files": info.get("files") or info.get("members"),
+                      "updates": info["updates"][-1]}, indent=2))
     return 0
 
 

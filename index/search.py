@@ -144,9 +144,9 @@ class Index:
             members.add_shard(member_index)
             tables.append(table)
             mapped = mapped or member_mapped
-        if int(info.get("count", members.ntotal)) != int(members.ntotal):
-            raise IndexLoadError(f"{directory / INFO_FILE} says count={info['count']} but its members hold "
-                                 f"{members.ntotal} vectors")
+        if int(info.get("count", members.ntotal)) != int(members.ntotal):  # an update stopped between commits
+            logger.warning("%s says count=%s but its members hold %d vectors (the members are what is searched)",
+                           directory / INFO_FILE, info.get("count"), members.ntotal)
         metadata = pa.concat_tables(tables)
         ids = metadata.column("id").to_numpy()
         if len(ids) <= ID_CHECK_MAX and len(np.unique(ids)) != len(ids):

@@ -420,8 +420,27 @@ def test_parts_merge_into_a_set_searched_as_one(vectors: np.ndarray, tmp_path: P
         assert member.search_params == served.search_params and ("lists" in member.info["files"]) == on_disk
         counts.append(member.count)
     assert sum(counts) == COUNT and max(counts) - min(counts) <= COUNT // 6  # 4 parts of 1000 in 3: 2000/1000/1000
-    with pytest.raises(ValueError, match="set of indexes"):
-        add_arrays(tmp_path / "ix", clustered(2, seed=1), np.array([10**6, 10**6 + 1]))
+    if on_disk:
+        with pytest.raises(ValueError, match="merged on disk"):
+            add_arrays(tmp_path / "ix", clustered(2, seed=1), np.array([10**6, 10**6 + 1]))
+    else:  # updates: new ids go to the smallest member, after a check against every member; removals anywhere
+        smallest = min(member_dirs := sorted((tmp_path / "ix").glob("member-*")), key=lambda m: read_info(m)["count"])
+        elsewhere = int(Index.load(next(m for m in member_dirs if m != smallest)).ids[0])
+        with pytest.raises(ValueError, match="already"):  # an id another member holds
+            add_arrays(tmp_path / "ix", clustered(2, seed=1), np.array([10**6, elsewhere]))
+        fresh = clustered(2, seed=1)
+        info = add_arrays(tmp_path / "ix", fresh, np.array([10**6, 10**6 + 1]))
+        assert info["count"] == COUNT + 2 and info["updates"][-1]["member"] == smallest.name
+        assert read_info(smallest)["count"] == min(counts) + 2
+        grown = Index.load(tmp_path / "ix")
+        assert grown.search(fresh, 1, params={"nprobe": 32})[1][:, 0].tolist() == [10**6, 10**6 + 1]
+        gone = [0, 3999, 10**6]  # in three members
+        info = remove_ids(tmp_path / "ix", gone)
+        assert info["count"] == COUNT - 1 and all(read_info(m)["count"] for m in member_dirs)
+        shrunk = Index.load(tmp_path / "ix")
+        assert shrunk.count == COUNT - 1 and not set(gone) & set(shrunk.ids.tolist())
+        with pytest.raises(KeyError, match="3999"):
+            remove_ids(tmp_path / "ix", [3999])
     # merged again as one index into the same directory: the set's members are gone, the index serves as before
     merge(tmp_path / "parts", tmp_path / "ix", on_disk=on_disk, tune_queries=0)
     assert not list((tmp_path / "ix").glob("member-*"))
