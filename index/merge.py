@@ -15,7 +15,9 @@ random sample; ``PARTS/plan.json`` records the factory, dim, sample size and the
 directory (``index.store``) that ``index.search.Index.load`` maps from disk. The training sample is the
 one ``index.build`` takes with the same seed (and ``PCA`` transforms are trained the same way), so a build
 in parts equals the single-machine build of the same factory. Only IVF factories merge: flat and HNSW have
-no inverted lists, and a ``,RFlat`` re-ranking store sits outside them (both refused with the reason).
+no inverted lists (refused with the reason). An IVF index with exact re-ranking (``,RFlat``, the batched-search
+choice) merges in RAM: its inverted lists, its re-ranking store and its id map are joined part by part
+(``merge_into``); not ``--on-disk``, since the re-ranking store is one array in RAM.
 ``python -m index.build --engine ray`` (``index/ray_build.py``) runs these three steps on a Ray cluster. No torch.
 """
 from __future__ import annotations
@@ -91,18 +93,26 @@ def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: 
     return plan
 
 
-def check_mergeable(index: Any, factory: str) -> Any:
-    """``index`` when its parts can be merged (ids and vectors all inside inverted lists), else ``ValueError``.
+def refines(index: Any) -> Any:
+    """The ``IndexRefine`` inside an ``,RFlat`` index (behind its id map), else None."""
+    import faiss
 
-    Flat and HNSW have no inverted lists. A re-ranking ``,RFlat`` index keeps its full vectors in a separate
-    store behind an id map, which neither ``merge_from`` nor the on-disk merge can join."""
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        inner = faiss.downcast_index(outer.index)
+        return inner if isinstance(inner, faiss.IndexRefine) else None
+    return None
+
+
+def check_mergeable(index: Any, factory: str) -> Any:
+    """``index`` when its parts can be merged (an IVF index, possibly with ``,RFlat`` re-ranking), else
+    ``ValueError``: flat and HNSW have no inverted lists."""
     import faiss
 
     if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        if isinstance(faiss.downcast_index(faiss.downcast_index(index).index), faiss.IndexRefine):
-            raise ValueError(f"{factory!r} re-ranks from a separate store (',RFlat'), which cannot be built in "
-                             "parts and merged; drop ',RFlat' (e.g. an IVF<n>,Flat or IVF<n>,PQ<m> factory), or "
-                             "build it on one machine with `python -m index.build --engine local`")
+        if refines(index) is not None:
+            faiss.extract_index_ivf(refines(index).base_index)  # an IVF under the re-ranking stage
+            return index
         raise ValueError(f"{factory!r} keeps its ids outside inverted lists; only IVF indexes can be built in parts "
                          "and merged")
     try:
@@ -111,6 +121,40 @@ def check_mergeable(index: Any, factory: str) -> Any:
         raise ValueError(f"{factory!r} has no inverted lists; only IVF indexes can be built in parts "
                          "and merged") from error
     return index
+
+
+def check_on_disk(factory: str, on_disk: bool) -> None:
+    """``ValueError`` for an on-disk merge of a re-ranking (``,RFlat``) factory."""
+    if on_disk and "RFlat" in factory:
+        raise ValueError(f"{factory!r} re-ranks from a store of every full vector, which stays in RAM: merge it "
+                         "without --on-disk (or drop ',RFlat' for on-disk inverted lists)")
+
+
+def merge_into(target: Any, part: Any) -> None:
+    """Merge the filled ``part`` into ``target`` (both copies of one trained index): ``merge_from`` for IVF; for
+    ``,RFlat`` the inverted lists (the part's internal ids shifted past the target's), the re-ranking store and the
+    id map, joined in the same order, which faiss's own ``merge_from`` does not do through the id map."""
+    import faiss
+
+    refine, other = refines(target), refines(part)
+    if refine is None:
+        target.merge_from(part, 0)
+        return
+    offset = int(refine.ntotal)
+    faiss.extract_index_ivf(refine.base_index).merge_from(faiss.extract_index_ivf(other.base_index), offset)
+    faiss.downcast_index(refine.refine_index).merge_from(faiss.downcast_index(other.refine_index), 0)
+    total = offset + int(other.ntotal)
+    base = faiss.downcast_index(refine.base_index)
+    while not isinstance(base, faiss.IndexIVF):  # pre-transform wrappers (PCA) count the vectors too
+        base.ntotal = total
+        base = faiss.downcast_index(base.index)
+    refine.ntotal = total
+    outer, other_outer = faiss.downcast_index(target), faiss.downcast_index(part)
+    ids = np.concatenate([faiss.vector_to_array(outer.id_map), faiss.vector_to_array(other_outer.id_map)])
+    faiss.copy_array_to_vector(ids.astype(np.int64), outer.id_map)
+    outer.ntotal = total
+    if isinstance(outer, faiss.IndexIDMap2):
+        outer.construct_rev_map()
 
 
 def read_plan(parts_dir: str | os.PathLike) -> dict:
@@ -180,6 +224,7 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
     import pyarrow.parquet as pq
 
     plan = read_plan(parts_dir)
+    check_on_disk(plan["factory"], on_disk)
     part_files = complete_parts(parts_dir)
     started = time.perf_counter()
     table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
@@ -300,7 +345,7 @@ def _merged(trained_file: Path, part_files: Sequence[Path], output: Path, genera
         merge_ondisk(index, [str(p) for p in part_files], str(output / lists))
         return index, {"lists": lists}
     for part_file in part_files:
-        index.merge_from(faiss.read_index(str(part_file)), 0)
+        merge_into(index, faiss.read_index(str(part_file)))
     return index, {}
 
 

@@ -18,7 +18,7 @@ The steps of ``index.merge`` with a scheduler instead of hand-launched processes
 
 A flat or HNSW choice (too small for lists, or a graph) cannot be merged from parts: without ``--index``
 the factory is an ``IVF<n>,Flat`` as ``index.merge.train`` picks; ``--index`` must name an IVF factory
-(``,RFlat`` re-ranking is refused with the reason). The parts live in a temporary directory beside the
+(with ``,RFlat`` re-ranking it merges in RAM, not ``--on-disk``). The parts live in a temporary directory beside the
 output and are removed after the merge. An output URL (``s3://...``) is merged in a local staging directory
 (``--on-disk`` lists included) and uploaded, ``index.json`` last (``index.store.publish``). No torch; Ray is
 imported only when this runs.
@@ -77,6 +77,8 @@ def build_ray(
     from index.store import publish
 
     ray = require_ray()
+    if factory:
+        merging.check_on_disk(factory, on_disk)  # before any work
     embeddings = storage.absolute(embeddings)  # a local path or a URL (export.embeddings reads both)
     remote = storage.is_url(output_dir)
     if remote:  # merged in a local staging directory, then uploaded with index.json last (index.store.publish)

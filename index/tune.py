@@ -169,10 +169,13 @@ def seconds_per_query(index: Any, queries: np.ndarray, k: int, batch_size: int) 
 
 
 def refine_stage(index: Any) -> Any:
-    """The ``IndexRefine`` (exact re-ranking, factory suffix ``,RFlat``) inside IDMap wrappers, or None."""
+    """The ``IndexRefine`` (exact re-ranking, factory suffix ``,RFlat``) inside IDMap wrappers, or None; for a set
+    of indexes (``faiss.IndexShards``), its first member's (the members share one factory)."""
     import faiss
 
     inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexShards) and inner.count():
+        inner = faiss.downcast_index(inner.at(0))
     while isinstance(inner, (faiss.IndexIDMap, faiss.IndexIDMap2)):
         inner = faiss.downcast_index(inner.index)
     return inner if isinstance(inner, faiss.IndexRefine) else None

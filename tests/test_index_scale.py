@@ -508,6 +508,41 @@ def test_set_size_limit_picks_the_number_of_indexes(vectors: np.ndarray, tmp_pat
     assert len(members) == 2 and Index.load(tmp_path / "ix").count == COUNT  # the failed runs left the set as it was
 
 
+def test_refined_parts_merge_in_ram(vectors: np.ndarray, tmp_path: Path) -> None:
+    """An ``,RFlat`` factory (the batched-search choice) built in parts: lists, re-ranking store and id map
+    joined, with the neighbours and scores of one fill; as one index and as a set; not on disk."""
+    import faiss
+
+    factory = "PCA16,IVF32,PQ16x4fs,RFlat"
+    emb = make_embeddings(tmp_path / "emb", vectors, 0, parts=3)
+    train(emb, tmp_path / "parts", factory=factory)
+    for part in range(3):
+        add_part(tmp_path / "parts", part, 3)
+    with pytest.raises(ValueError, match="stays in RAM"):
+        merge(tmp_path / "parts", tmp_path / "disk", on_disk=True)
+    info = merge(tmp_path / "parts", tmp_path / "ix", target_recall=0.9, tune_queries=200)
+    assert info["count"] == COUNT and "k_factor_rf" in info["search_params"] and info["recall"]["recall"] >= 0.9
+    single = faiss.read_index(str(tmp_path / "parts" / "trained.faiss"))
+    single.add_with_ids(vectors, np.arange(COUNT))
+    devices.set_search_params(single, info["search_params"])
+    queries = clustered(30, seed=17)
+    expected_scores, expected_ids = single.search(queries, 10)
+    merged = Index.load(tmp_path / "ix")
+    scores, ids = merged.search(queries, 10, params=info["search_params"])
+    np.testing.assert_array_equal(ids, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
+    # As a set each member re-ranks its own k_factor_rf x k candidates: never fewer true neighbours than one index.
+    set_info = merge(tmp_path / "parts", tmp_path / "set", tune_queries=200, target_recall=0.9, num_indexes=2)
+    assert "k_factor_rf" in set_info["search_params"]  # the set tunes its re-ranking depth too
+    members = Index.load(tmp_path / "set")
+    truth = brute_force(queries, vectors, np.arange(COUNT), 10)
+    found = members.search(queries, 10, params=info["search_params"])[1]
+    assert recall_at(found, truth, 10) >= recall_at(expected_ids, truth, 10)
+    for served in (merged, members):
+        seen = np.concatenate([block_ids for _, block_ids in stored_vectors(served.faiss_index)])
+        assert sorted(seen.tolist()) == list(range(COUNT))
+
+
 def test_merge_needs_ivf(vectors: np.ndarray, tmp_path: Path) -> None:
     emb = make_embeddings(tmp_path / "emb", vectors[:500], 0)
     with pytest.raises(ValueError, match="only IVF indexes"):

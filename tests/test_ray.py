@@ -257,10 +257,11 @@ def test_ray_index_build_equals_local_build(ray_cluster: str, clustered_embeddin
 def test_ray_index_build_refuses_what_cannot_merge(clustered_embeddings, tmp_path: Path, capfd) -> None:
     from index.build import main as build_main
     from index.merge import train
+    from index.ray_build import build_ray
 
     emb, _, _ = clustered_embeddings
-    with pytest.raises(ValueError, match=r"',RFlat'.*drop ',RFlat'"):
-        train(emb, tmp_path / "parts", factory="IVF32,PQ8x4fs,RFlat")
+    with pytest.raises(ValueError, match=r"stays in RAM: merge it without --on-disk"):  # before any Ray work
+        build_ray(emb, tmp_path / "ix", factory="IVF32,PQ8x4fs,RFlat", on_disk=True)
     with pytest.raises(ValueError, match="only IVF indexes"):
         train(emb, tmp_path / "parts", factory="HNSW16")
     assert build_main(["--engine", "ray", "--encoder", "x", "--data", "y", "--output", str(tmp_path / "ix")]) == 2
