@@ -109,14 +109,13 @@ def check_mergeable(index: Any, factory: str) -> Any:
     ``ValueError``: flat and HNSW have no inverted lists."""
     import faiss
 
-    if isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
-        if refines(index) is not None:
-            faiss.extract_index_ivf(refines(index).base_index)  # an IVF under the re-ranking stage
-            return index
+    refine = refines(index)
+    core = refine.base_index if refine is not None else index
+    if refine is None and isinstance(faiss.downcast_index(index), (faiss.IndexIDMap, faiss.IndexIDMap2)):
         raise ValueError(f"{factory!r} keeps its ids outside inverted lists; only IVF indexes can be built in parts "
                          "and merged")
     try:
-        faiss.extract_index_ivf(index)
+        faiss.extract_index_ivf(core)
     except RuntimeError as error:
         raise ValueError(f"{factory!r} has no inverted lists; only IVF indexes can be built in parts "
                          "and merged") from error

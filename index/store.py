@@ -9,7 +9,8 @@
 A *set* of indexes (``index.merge merge --num-indexes N``, for collections one index cannot hold) is a
 directory whose ``index.json`` names ``members``: ordinary index directories beside it, each loadable and
 servable alone, all filled from one trained quantizer, so a search of every member merged by score equals
-the search of the one merged index:
+the search of the one merged index (with ``,RFlat`` re-ranking, each member re-ranks its own candidates: at
+least as many true neighbours):
 
     RUN/index/index.json                 the set's commit point: members, dim, count, factory, tuned parameters
     RUN/index/member-<gen>-<j>-of-<n>/   ordinary index directories (the layout above)
