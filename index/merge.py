@@ -4,8 +4,10 @@
     python -m index.merge train --embeddings EMB --parts PARTS [--index 'IVF65536_HNSW32,Flat'] [--max-memory 64G]
     # 2. any number of processes / machines, each on its slice of EMB's parts:
     python -m index.merge add --embeddings EMB --parts PARTS --part 3 --num-parts 16
-    # 3. one machine: merge in RAM, or on disk (inverted lists memory-mapped, larger than RAM)
+    # 3. one machine: merge in RAM, or on disk (inverted lists memory-mapped, larger than RAM), into one index
+    #    or, when one would not fit a serving machine, a set of member indexes searched as one
     python -m index.merge merge --parts PARTS --output RUN/index [--on-disk] [--tune-queries 1000]
+        [--max-index-size 40G | --num-indexes N]
 
 ``PARTS/trained.faiss`` is the empty index with its coarse quantizer (and PQ / OPQ) trained on a
 random sample; ``PARTS/plan.json`` records the factory, dim, sample size and the embeddings. Each
