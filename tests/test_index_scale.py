@@ -480,7 +480,8 @@ def single_params(index) -> dict:
     return {"nprobe": int(index.nprobe)}
 
 
-def test_set_size_limit_picks_the_number_of_indexes(vectors: np.ndarray, tmp_path: Path, capsys) -> None:
+def test_set_size_limit_picks_the_number_of_indexes(vectors: np.ndarray, tmp_path: Path, capsys,
+                                                     monkeypatch) -> None:
     from index.merge import main as merge_main
 
     emb = make_embeddings(tmp_path / "emb", vectors, 0, parts=4)
@@ -505,6 +506,13 @@ def test_set_size_limit_picks_the_number_of_indexes(vectors: np.ndarray, tmp_pat
     assert "5 indexes need at least 5 filled parts, and there are 4" in capsys.readouterr().err
     assert build_main(["--embeddings", str(emb), "--output", str(tmp_path / "b"), "--num-indexes", "2"]) == 2
     assert "--engine ray" in capsys.readouterr().err
+    import index.ray_build as ray_build  # the Ray CLI passes the set options through (Ray itself: test_ray.py)
+
+    passed = {}
+    monkeypatch.setattr(ray_build, "build_ray", lambda *args, **kwargs: passed.update(kwargs) or {"count": 1})
+    assert build_main(["--engine", "ray", "--embeddings", str(emb), "--output", str(tmp_path / "r"),
+                       "--max-index-size", "3G", "--num-indexes", "2"]) == 0
+    assert passed["max_index_size"] == 3 * 2**30 and passed["num_indexes"] == 2
     assert len(members) == 2 and Index.load(tmp_path / "ix").count == COUNT  # the failed runs left the set as it was
 
 
