@@ -42,6 +42,7 @@ import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -234,6 +235,31 @@ def metadata_table(
             "caption": pa.array(list(captions), type=pa.string()),
         }
     )
+
+
+@dataclass
+class MetadataRows:
+    """The metadata columns of the samples gathered for one part or batch, in ``metadata_table``'s order."""
+
+    ids: list[int] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    label_names: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+
+    def append(self, sample: Any, shard: str, classes: Sequence[str]) -> None:
+        """One ``ShardSample``'s row; ``shard`` as it should be recorded, ``classes`` to name its label."""
+        label = int(sample.label)
+        self.ids.append(int(sample.sample_id))
+        self.keys.append(sample.key)
+        self.shards.append(shard)
+        self.labels.append(label)
+        self.label_names.append(str(classes[label]) if 0 <= label < len(classes) else "")
+        self.captions.append(sample.caption)
+
+    def table(self) -> Any:
+        return metadata_table(self.ids, self.keys, self.shards, self.labels, self.label_names, self.captions)
 
 
 def _check_metadata(metadata, rows: int) -> Any:

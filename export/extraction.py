@@ -22,7 +22,7 @@ import numpy as np
 
 from export.contract import Preprocess, empty_batch, prepare_image
 from export.embeddings import (
-    encoder_identity, mark_shard_done, metadata_table, open_output, part_info, part_names, part_rows, write_part,
+    MetadataRows, encoder_identity, mark_shard_done, open_output, part_info, part_names, part_rows, write_part,
 )
 from trainer.data import storage
 from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_shard, read_manifest
@@ -116,14 +116,8 @@ def _read_shard(url: str) -> Iterator[ShardSample]:
 
 
 @dataclass
-class _Chunk:
+class _Chunk(MetadataRows):
     vectors: list[np.ndarray] = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
     skipped: int = 0
     skipped_keys: list[str] = field(default_factory=list)
 
@@ -141,10 +135,6 @@ def _shard_totals(plan: Sequence[str], indices: Sequence[int]) -> int | None:
                 counts[str(entry["file"])] = int(entry["samples"])
     names = [os.path.basename(plan[i]) for i in indices]
     return sum(counts[name] for name in names) if all(name in counts for name in names) else None
-
-
-def _label_name(label: int, classes: Sequence[str]) -> str:
-    return str(classes[label]) if 0 <= label < len(classes) else ""
 
 
 def plan_shards(data_spec: str | list[str]) -> tuple[list[str], list[str]]:
@@ -201,12 +191,7 @@ class Assembler:
                     self.shard_keys.append(sample.key)
                     logger.warning("skipping %s in %s: %s", sample.key, url, error)
                 continue
-            chunk.ids.append(int(sample.sample_id))
-            chunk.keys.append(sample.key)
-            chunk.shards.append(url)
-            chunk.labels.append(int(sample.label))
-            chunk.label_names.append(_label_name(sample.label, self.classes))
-            chunk.captions.append(sample.caption)
+            chunk.append(sample, url, self.classes)
         if unit.chunk_end:
             self.written += _write_chunk(self.output_dir, unit, chunk, self.dim)
             self.chunk = _Chunk()
@@ -218,8 +203,7 @@ class Assembler:
 
 def _write_chunk(output_dir, unit: Unit, chunk: _Chunk, dim: int) -> int:
     vectors = np.concatenate(chunk.vectors) if chunk.vectors else np.zeros((0, dim), dtype=np.float32)
-    table = metadata_table(chunk.ids, chunk.keys, chunk.shards, chunk.labels, chunk.label_names, chunk.captions)
-    write_part(output_dir, part_name(unit.shard_index, unit.chunk), vectors, table,
+    write_part(output_dir, part_name(unit.shard_index, unit.chunk), vectors, chunk.table(),
                info={"skipped": chunk.skipped, "skipped_keys": chunk.skipped_keys})
     return len(vectors)
 

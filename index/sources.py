@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from export.contract import declares_text
+from export.embeddings import MetadataRows
 from index.duplicates import duplicate_id_message
 from trainer.data import storage
 from trainer.data.shards import ShardSample, decode_image, expand_patterns, iter_samples, read_manifest
@@ -28,16 +29,10 @@ MAX_SKIPPED_KEYS = 20
 
 
 @dataclass
-class _Pending:
+class _Pending(MetadataRows):
     """One batch of decoded images and their metadata, waiting for the encoder."""
 
     images: list = field(default_factory=list)
-    ids: list[int] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
-    shards: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-    label_names: list[str] = field(default_factory=list)
-    captions: list[str] = field(default_factory=list)
 
 
 def _expected_total(shards: Sequence[str], manifest: dict, limit: int | None) -> int | None:
@@ -57,14 +52,10 @@ def _expected_total(shards: Sequence[str], manifest: dict, limit: int | None) ->
 
 def embed_batch(encoder: Any, pending: _Pending, batch_size: int) -> tuple[np.ndarray, Any]:
     """Encode one batch; returns ``(vectors, metadata table)``."""
-    from export.embeddings import metadata_table
-
     vectors = encoder.encode_images(pending.images, batch_size=batch_size)
     if vectors.shape[1] != encoder.dim:
         raise ValueError(f"encoder produced {vectors.shape[1]}-dimensional embeddings but declares dim {encoder.dim}")
-    table = metadata_table(pending.ids, pending.keys, pending.shards, pending.labels, pending.label_names,
-                           pending.captions)
-    return np.ascontiguousarray(vectors, dtype=np.float32), table
+    return np.ascontiguousarray(vectors, dtype=np.float32), pending.table()
 
 
 class ShardSource:
@@ -128,13 +119,7 @@ class ShardSource:
                                                           (sample.key, sample.url)))
                 seen[sample.sample_id] = (sample.key, sample.url)
                 pending.images.append(image)
-                pending.ids.append(int(sample.sample_id))
-                pending.keys.append(sample.key)
-                pending.shards.append(storage.absolute(sample.url))
-                pending.labels.append(int(sample.label))
-                label = int(sample.label)
-                pending.label_names.append(self.classes[label] if 0 <= label < len(self.classes) else "")
-                pending.captions.append(sample.caption)
+                pending.append(sample, storage.absolute(sample.url), self.classes)
                 if len(pending.images) >= batch_size:
                     yield embed_batch(self.encoder, pending, batch_size)
                     bar.update(len(pending.images))

@@ -24,7 +24,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 PIPE = "pipe:"
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
@@ -249,16 +249,15 @@ def makedirs(path: str | os.PathLike) -> None:
         os.makedirs(text, exist_ok=True)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write one file/object whole: readers see the old content or the new one, never a part."""
-    text = os.fspath(path)
+def _write_whole(text: str, write_local: Callable[[str], None], write_remote: Callable[[Any, str], None]) -> None:
+    """Write one file or object so that readers see the old content or the new one, never a part: locally through
+    ``write_local(temporary path)`` and a rename, on object stores through ``write_remote(filesystem, path)``."""
     if is_pipe(text):
         raise StorageError(f"cannot write to {public(text)}: pipe: paths are for reading")
     if not is_url(text):
         temporary = _temporary(text)
         try:
-            with open(temporary, "wb") as handle:
-                handle.write(data)
+            write_local(temporary)
             os.replace(temporary, text)
         finally:
             if os.path.exists(temporary):
@@ -266,32 +265,26 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
         return
     fs, inner = filesystem(text)
     try:
-        fs.pipe_file(inner, bytes(data))
+        write_remote(fs, inner)
         fs.invalidate_cache(posixpath.dirname(inner))
     except Exception as error:
         raise _failure(text, "write", error) from error
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write one file/object whole: readers see the old content or the new one, never a part."""
+
+    def write_local(temporary: str) -> None:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+
+    _write_whole(os.fspath(path), write_local, lambda fs, inner: fs.pipe_file(inner, bytes(data)))
 
 
 def upload(local_file: str | os.PathLike, path: str | os.PathLike) -> None:
     """Copy a local file to ``path`` as one object (one PUT, or a local copy renamed into place)."""
-    text = os.fspath(path)
-    if is_pipe(text):
-        raise StorageError(f"cannot write to {public(text)}: pipe: paths are for reading")
-    if not is_url(text):
-        temporary = _temporary(text)
-        try:
-            shutil.copyfile(local_file, temporary)
-            os.replace(temporary, text)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        return
-    fs, inner = filesystem(text)
-    try:
-        fs.put_file(os.fspath(local_file), inner)
-        fs.invalidate_cache(posixpath.dirname(inner))
-    except Exception as error:
-        raise _failure(text, "write", error) from error
+    _write_whole(os.fspath(path), lambda temporary: shutil.copyfile(local_file, temporary),
+                 lambda fs, inner: fs.put_file(os.fspath(local_file), inner))
 
 
 def download(path: str | os.PathLike, local_file: str | os.PathLike) -> None:
