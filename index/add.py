@@ -32,8 +32,8 @@ from index.construct import new_index
 from index.search import Index
 from index.select import choose_index, default_max_memory
 from index.sources import ArraySource, EmbeddingsSource
-from index.store import (METADATA_COLUMNS, commit, is_set, member_directories, read_info, stored_vectors, update_info,
-                         writer_lock)
+from index.store import (METADATA_COLUMNS, commit, data_files, is_set, member_directories, read_info, read_metadata,
+                         stored_vectors, update_info, writer_lock)
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def _load_for_update(index_dir: str | os.PathLike) -> Index:
 
 
 def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None = None,
-               whole_set: Index | None = None) -> dict:
+               set_metadata: Any = None) -> dict:
     """Append every vector of ``source`` (``index.sources``) to the index in ``index_dir``; a set of indexes
-    (``index.store``) takes them into its smallest member. ``whole_set``: the loaded set ``index_dir`` is a member
-    of, whose ids the new ones must not repeat."""
+    (``index.store``) takes them into its smallest member. ``set_metadata``: the metadata table of the whole set
+    ``index_dir`` is a member of, whose ids the new ones must not repeat."""
     import pyarrow as pa
 
     if is_set(read_info(index_dir)):
@@ -76,14 +76,14 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
             raise ValueError(f"encoder mismatch: the index was built with encoder {str(known)[:12]} "
                              f"but the new embeddings come from {str(incoming)[:12]}; rebuild the index")
         index, keep_alive = devices.to_gpu(current.faiss_index, use_gpu)
-        known = current if whole_set is None else whole_set
-        existing = known.ids
+        indexed = current.metadata if set_metadata is None else set_metadata
+        existing = indexed.column("id").to_numpy()
         tables, added = [], []
         for vectors, table in source.blocks():
             ids = table.column("id").to_numpy().astype(np.int64)
             clash = np.intersect1d(ids, existing)
             if len(clash):
-                raise ValueError(clash_message(table, known.metadata, clash))
+                raise ValueError(clash_message(table, indexed, clash))
             so_far = np.concatenate(added + [ids])
             if len(np.unique(so_far)) != len(so_far):
                 raise ValueError(duplicates_message(tables + [table], " within the new embeddings"))
@@ -112,12 +112,19 @@ def add_source(index_dir: str | os.PathLike, source: Any, use_gpu: bool | None =
 def _add_to_set(set_dir: str | os.PathLike, source: Any, use_gpu: bool | None) -> dict:
     """``add_source`` for a set: ids checked against every member, vectors into the member holding the fewest (a
     member commit is atomic; the set's ``index.json`` then records the new count)."""
+    import pyarrow as pa
+
     with writer_lock(set_dir):
-        whole = Index.load(set_dir, use_gpu=False)
-        members = member_directories(set_dir, whole.info)
-        target = members[int(np.argmin([read_info(member)["count"] for member in members]))]
-        added = add_source(target, source, use_gpu, whole_set=whole)
+        members, tables = _member_metadata(set_dir)
+        target = members[int(np.argmin([table.num_rows for table in tables]))]
+        added = add_source(target, source, use_gpu, set_metadata=pa.concat_tables(tables))
         return _refresh_set(set_dir, members, {**added["updates"][-1], "member": Path(target).name})
+
+
+def _member_metadata(set_dir: str | os.PathLike) -> tuple[list[str], list[Any]]:
+    """The set's member directories and their metadata tables (memory-mapped; no FAISS index is read)."""
+    members = member_directories(set_dir, read_info(set_dir))
+    return members, [read_metadata(data_files(member, read_info(member))["metadata"]) for member in members]
 
 
 def _refresh_set(set_dir: str | os.PathLike, members: list[str], update: dict) -> dict:
@@ -131,16 +138,16 @@ def _refresh_set(set_dir: str | os.PathLike, members: list[str], update: dict) -
 def _remove_from_set(set_dir: str | os.PathLike, wanted: np.ndarray) -> dict:
     """``remove_ids`` for a set: each member loses the ids it holds (one atomic commit per member)."""
     with writer_lock(set_dir):
-        whole = Index.load(set_dir, use_gpu=False)
-        rows = whole.rows(wanted)  # KeyError names the first id that is not indexed
-        if len(wanted) >= whole.count:
+        members, tables = _member_metadata(set_dir)
+        held = [np.isin(wanted, table.column("id").to_numpy()) for table in tables]
+        unknown = wanted[~np.logical_or.reduce(held)]
+        if len(unknown):
+            raise KeyError(f"sample id {int(unknown[0])} is not in the index")
+        if len(wanted) >= sum(table.num_rows for table in tables):
             raise ValueError("removing every vector would leave an empty set; delete the directory instead")
-        members = member_directories(set_dir, whole.info)
-        ends = np.cumsum([read_info(member)["count"] for member in members])  # metadata rows are in member order
-        holder = np.searchsorted(ends, rows, side="right")
-        for number, member in enumerate(members):
-            if (holder == number).any():
-                remove_ids(member, wanted[holder == number])
+        for member, inside in zip(members, held):
+            if inside.any():
+                remove_ids(member, wanted[inside])
         return _refresh_set(set_dir, members, {"removed": int(len(wanted)), "at": _now()})
 
 

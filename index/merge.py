@@ -228,7 +228,8 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
     check_on_disk(plan["factory"], on_disk)
     part_files = complete_parts(parts_dir)
     started = time.perf_counter()
-    table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in part_files])
+    part_tables = {part: pq.read_table(str(part.with_suffix(".parquet"))) for part in part_files}
+    table = pa.concat_tables(part_tables.values())
     ids = table.column("id").to_numpy()
     if len(np.unique(ids)) != len(ids):
         raise ValueError(duplicates_message([table], " across parts"))
@@ -250,7 +251,7 @@ def merge(parts_dir: str | os.PathLike, output_dir: str | os.PathLike, on_disk: 
             member_dir = output / name
             member_dir.mkdir()
             index, lists = _merged(trained_file, group, member_dir, generation, on_disk)
-            member_table = pa.concat_tables([pq.read_table(str(p.with_suffix(".parquet"))) for p in group])
+            member_table = pa.concat_tables([part_tables[part] for part in group])
             info = _merged_info(plan, index, None, len(group), on_disk, started)
             commit(member_dir, index, member_table, {**info, "set_member": [number, len(groups)]},
                    generation=generation, extra_files=lists)
