@@ -6,8 +6,18 @@ queries. An exploration for issue 20's batched-ANN target; prints one line per s
     flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py factories \\
         'PCA32,IVF1024,PQ16x4fs,RFlat;PCA32,IVF2048,PQ32x4fs,RFlat;PCA24,IVF1024,PQ24x4fs,RFlat'
 
-``factories`` sweeps nprobe (3-12% of the lists) for each ``k_factor_rf`` in 4-64 and reports the fastest
-setting that reaches recall@10 0.95 (medians of 2 timed calls of all 1,000 queries).
+    flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py coverage 'IVF1024,Flat;IVF4096,Flat'
+    flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py stages \\
+        'PCA32,IVF1024,PQ32x4fs,RFlat;PCA32,IVF4096,PQ32x4fs,RFlat'
+
+``coverage`` (with ``IVF<n>,Flat`` factories) gives the recall of the cells alone, every probed vector ranked
+exactly, at 2-8% of the vectors probed: no code can do better at that share. ``factories`` sweeps nprobe (3-12%
+of the lists) for each ``k_factor_rf`` in 4-64 and reports the fastest setting that reaches recall@10 0.95
+(medians of 2 timed calls of all 1,000 queries). ``stages`` times the parts of one search call at the nprobe /
+``k_factor_rf`` that reach recall 0.95 (``STAGE_SETTINGS``): the projection, the coarse assignment (faiss's
+quantizer search: a small GEMM, then choosing nprobe of nlist lists per query), the fast-scan of the chosen lists
+for ``k_factor_rf`` x 10 candidates (the inverted file's own search less the assignment), and the exact re-ranking
+(the rest of the whole call), each against the 1/50 of exact search's time that the 50x target leaves for all.
 """
 from __future__ import annotations
 
@@ -32,6 +42,54 @@ def timed(fn, repeats: int = 3):
     return float(np.median(seconds)), out
 
 
+# nlist -> settings that reach recall@10 0.95 on these queries (the factories sweep's, and bench_index.py's tuning)
+STAGE_SETTINGS = {1024: {"nprobe": 92, "k_factor_rf": 8}, 2048: {"nprobe": 153, "k_factor_rf": 8},
+                  4096: {"nprobe": 245, "k_factor_rf": 8}}
+
+
+def stages(index, ivf, queries: np.ndarray, truth: np.ndarray, exact, params: dict, factory: str,
+           repeats: int = 7) -> None:
+    """Time each part of one 1,000-query call, interleaved with exact search, and print medians in ms."""
+    import faiss
+
+    from bench_index import recall10
+    from index import devices
+
+    devices.set_search_params(index, params)
+    transform = faiss.downcast_index(faiss.downcast_index(faiss.downcast_index(index).index).base_index)
+    projection = faiss.downcast_VectorTransform(transform.chain.at(0))
+    projected = projection.apply(queries)
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    nprobe, candidates = int(params["nprobe"]), int(params["k_factor_rf"]) * 10
+    centroids = quantizer.reconstruct_n(0, ivf.nlist)
+    parts = {"whole call": lambda: index.search(queries, 10),
+             # the IVF's own search: assignment + scan (search_preassigned takes a slower per-query path)
+             "inverted file search": lambda: ivf.search(projected, candidates),
+             "coarse assignment": lambda: quantizer.search(projected, nprobe),
+             "  of which the GEMM": lambda: projected @ centroids.T,
+             "projection": lambda: projection.apply(queries),
+             "exact": lambda: exact.search(queries, 10)}
+    seconds: dict[str, list[float]] = {name: [] for name in parts}
+    for _ in range(repeats):  # interleaved, so drift hits every part alike
+        for name, fn in parts.items():
+            started = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - started)
+    ms = {name: 1000 * float(np.median(values)) for name, values in seconds.items()}
+    ms["fast-scan (the difference)"] = ms.pop("inverted file search") - ms["coarse assignment"]
+    ms["re-ranking (the rest)"] = ms["whole call"] - ms["projection"] - ms["coarse assignment"] \
+        - ms["fast-scan (the difference)"]
+    budget = ms["exact"] / 50
+    _, found = index.search(queries, 10)
+    codes = len(queries) * ivf.ntotal * nprobe / ivf.nlist  # lists are near equal in size
+    per_code = 1e6 * ms["fast-scan (the difference)"] * faiss.omp_get_max_threads() / codes
+    print(f"{factory} {params}: recall {recall10(found, truth):.4f}, {ms['exact'] / ms['whole call']:.1f}x exact; "
+          f"the 50x budget is {budget:.1f} ms; fast-scan {per_code:.2f} ns per code per thread", flush=True)
+    for name in ("whole call", "projection", "coarse assignment", "  of which the GEMM", "fast-scan (the difference)",
+                 "re-ranking (the rest)"):
+        print(f"  {name:<26} {ms[name]:7.1f} ms  ({ms[name] / budget:.2f} x the 50x budget)", flush=True)
+
+
 def main(argv: list[str]) -> int:
     import faiss
 
@@ -49,6 +107,16 @@ def main(argv: list[str]) -> int:
         _, index = build_arrays(base, None, ids=np.arange(len(base)), factory=factory, tune_queries=0,
                                 train_size=160_000)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if mode == "coverage":  # IVF<n>,Flat: every probed vector ranked exactly, so recall is the cells' ceiling
+            for share in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08):
+                devices.set_search_params(index, {"nprobe": max(1, int(share * ivf.nlist))})
+                _, found = index.search(queries, 10)
+                print(f"{factory} nprobe {max(1, int(share * ivf.nlist))} ({share:.0%} of the vectors): "
+                      f"recall {recall10(found, truth):.4f}", flush=True)
+            continue
+        if mode == "stages":
+            stages(index, ivf, queries, truth, exact, STAGE_SETTINGS[ivf.nlist], factory)
+            continue
         if mode == "implem":
             for params in ({"nprobe": 64, "k_factor_rf": 8}, {"nprobe": 88, "k_factor_rf": 8},
                            {"nprobe": 128, "k_factor_rf": 8}, {"nprobe": 64, "k_factor_rf": 16}):
