@@ -7,11 +7,13 @@ queries. An exploration for issue 20's batched-ANN target; prints one line per s
         'PCA32,IVF1024,PQ16x4fs,RFlat;PCA32,IVF2048,PQ32x4fs,RFlat;PCA24,IVF1024,PQ24x4fs,RFlat'
 
     flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py coverage 'IVF1024,Flat;IVF4096,Flat'
+    flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py spill 1024
     flock /tmp/manyview-bench.lock python tests/benchmarks/explore_fastscan.py stages \\
         'PCA32,IVF1024,PQ32x4fs,RFlat;PCA32,IVF4096,PQ32x4fs,RFlat'
 
 ``coverage`` (with ``IVF<n>,Flat`` factories) gives the recall of the cells alone, every probed vector ranked
-exactly, at 2-8% of the vectors probed: no code can do better at that share. ``factories`` sweeps nprobe (3-12%
+exactly, at 2-8% of the vectors probed: no code can do better at that share; ``spill`` the same with each vector
+also stored in a second cell (``spill_coverage``). ``factories`` sweeps nprobe (3-12%
 of the lists) for each ``k_factor_rf`` in 4-64 and reports the fastest setting that reaches recall@10 0.95
 (medians of 2 timed calls of all 1,000 queries). ``stages`` times the parts of one search call at the nprobe /
 ``k_factor_rf`` that reach recall 0.95 (``STAGE_SETTINGS``): the projection, the coarse assignment (faiss's
@@ -90,6 +92,51 @@ def stages(index, ivf, queries: np.ndarray, truth: np.ndarray, exact, params: di
         print(f"  {name:<26} {ms[name]:7.1f} ms  ({ms[name] / budget:.2f} x the 50x budget)", flush=True)
 
 
+def spill_coverage(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, nlist: int, soar_weight: float = 1.0,
+                   candidates: int = 8) -> None:
+    """Recall of ``IVF<nlist>,Flat`` cells alone when every vector is also stored in a second cell, against the
+    share of the (now doubled) stored vectors scanned. The second cell is the next nearest centroid, or the one of
+    the ``candidates`` nearest that minimises SOAR's loss ||r'||^2 + w <r, r'>^2 / ||r||^2 (Sun et al. 2023,
+    r and r' the residuals to the first and the second centroid). Results are deduplicated before recall."""
+    import faiss
+
+    from bench_index import recall10
+
+    quantizer = faiss.IndexFlatIP(base.shape[1])
+    ivf = faiss.IndexIVFFlat(quantizer, base.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    ivf.train(base[:160_000])
+    centroids = quantizer.reconstruct_n(0, nlist)
+    _, nearest = quantizer.search(base, candidates)
+    residual = base - centroids[nearest[:, 0]]
+    soar = np.empty(len(base), dtype=np.int64)
+    for start in range(0, len(base), 100_000):  # blocks: [block, candidates - 1, d] residuals
+        rows = slice(start, start + 100_000)
+        others = nearest[rows, 1:]
+        second = base[rows, None, :] - centroids[others]
+        first = residual[rows, None, :]
+        loss = (second * second).sum(2) + soar_weight * (second * first).sum(2) ** 2 / (first * first).sum(2)
+        soar[rows] = others[np.arange(len(others)), loss.argmin(1)]
+    ids = np.arange(len(base), dtype=np.int64)
+    for name, seconds in (("one cell", None), ("+ next nearest", nearest[:, 1]), ("+ SOAR's choice", soar)):
+        ivf.reset()
+        for cells in [nearest[:, 0]] + ([] if seconds is None else [seconds]):
+            order = np.argsort(cells, kind="stable")
+            bounds = np.searchsorted(cells[order], np.arange(nlist + 1))
+            for cell in range(nlist):
+                rows = order[bounds[cell]:bounds[cell + 1]]
+                if len(rows):
+                    vectors, cell_ids = np.ascontiguousarray(base[rows]), np.ascontiguousarray(ids[rows])
+                    ivf.invlists.add_entries(cell, len(rows), faiss.swig_ptr(cell_ids),
+                                             faiss.swig_ptr(vectors.view(np.uint8)))
+            ivf.ntotal += len(base)
+        for nprobe in (10, 20, 30, 40, 61, 81):
+            ivf.nprobe = nprobe
+            _, found = ivf.search(queries, 40)
+            unique = np.array([(list(dict.fromkeys(row[row >= 0])) + [-1] * 10)[:10] for row in found])
+            print(f"IVF{nlist},Flat {name}: nprobe {nprobe}, {nprobe / nlist * ivf.ntotal / len(base):.1%} of the "
+                  f"vectors scanned: recall {recall10(unique, truth):.4f}", flush=True)
+
+
 def main(argv: list[str]) -> int:
     import faiss
 
@@ -103,6 +150,10 @@ def main(argv: list[str]) -> int:
     exact.add(base)
     exact_seconds, (_, truth) = timed(lambda: exact.search(queries, 10), 2)
     print(f"exact: {exact_seconds:.3f} s for 1,000 queries", flush=True)
+    if mode == "spill":
+        for nlist in factories:
+            spill_coverage(base, queries, truth, int(nlist))
+        return 0
     for factory in factories:
         _, index = build_arrays(base, None, ids=np.arange(len(base)), factory=factory, tune_queries=0,
                                 train_size=160_000)
