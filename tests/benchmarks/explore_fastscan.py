@@ -117,9 +117,9 @@ def spill_coverage(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, nli
         loss = (second * second).sum(2) + soar_weight * (second * first).sum(2) ** 2 / (first * first).sum(2)
         soar[rows] = others[np.arange(len(others)), loss.argmin(1)]
     ids = np.arange(len(base), dtype=np.int64)
-    for name, seconds in (("one cell", None), ("+ next nearest", nearest[:, 1]), ("+ SOAR's choice", soar)):
+    for name, second_cells in (("one cell", None), ("+ next nearest", nearest[:, 1]), ("+ SOAR's choice", soar)):
         ivf.reset()
-        for cells in [nearest[:, 0]] + ([] if seconds is None else [seconds]):
+        for cells in [nearest[:, 0]] + ([] if second_cells is None else [second_cells]):
             order = np.argsort(cells, kind="stable")
             bounds = np.searchsorted(cells[order], np.arange(nlist + 1))
             for cell in range(nlist):
@@ -137,6 +137,9 @@ def spill_coverage(base: np.ndarray, queries: np.ndarray, truth: np.ndarray, nli
                   f"vectors scanned: recall {recall10(unique, truth):.4f}", flush=True)
 
 
+MODES = ("implem", "factories", "coverage", "stages", "spill")
+
+
 def main(argv: list[str]) -> int:
     import faiss
 
@@ -144,6 +147,9 @@ def main(argv: list[str]) -> int:
     from index import devices
     from index.build import build_arrays
 
+    if len(argv) != 2 or argv[0] not in MODES:
+        print(f"usage: explore_fastscan.py {{{'|'.join(MODES)}}} 'FACTORY;...' (spill: 'NLIST;...')", file=sys.stderr)
+        return 2
     mode, factories = argv[0], argv[1].split(";")
     base, queries = hard_mixture(1_000_000), hard_mixture(1000, draw_seed=2)
     exact = faiss.IndexFlatIP(base.shape[1])
@@ -160,9 +166,10 @@ def main(argv: list[str]) -> int:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         if mode == "coverage":  # IVF<n>,Flat: every probed vector ranked exactly, so recall is the cells' ceiling
             for share in (0.02, 0.03, 0.04, 0.05, 0.06, 0.08):
-                devices.set_search_params(index, {"nprobe": max(1, int(share * ivf.nlist))})
+                nprobe = max(1, int(share * ivf.nlist))
+                devices.set_search_params(index, {"nprobe": nprobe})
                 _, found = index.search(queries, 10)
-                print(f"{factory} nprobe {max(1, int(share * ivf.nlist))} ({share:.0%} of the vectors): "
+                print(f"{factory} nprobe {nprobe} ({share:.0%} of the vectors): "
                       f"recall {recall10(found, truth):.4f}", flush=True)
             continue
         if mode == "stages":
