@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from index.curate import OUTPUT_DIRNAME, CurationError, ids_to_drop, is_stale, read_tables
+from trainer.data import storage
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +112,20 @@ def write_drop_file(rows: Sequence[dict], fmt: str, directory: str | os.PathLike
     folder = Path(directory) if directory is not None else Path(tempfile.gettempdir()) / "manyview-curate"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}-{uuid.uuid4().hex[:8]}.{fmt}"
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8", newline="") as handle:
-        if fmt == "csv":
-            writer = csv.writer(handle)
-            writer.writerow(["id", "key", "shard", "reasons"])
-            for row in rows:
-                writer.writerow([row["id"], row["key"], row["shard"], ";".join(row["reasons"])])
-        else:
-            json.dump({"count": len(rows), "ids": [row["id"] for row in rows], "items": list(rows)}, handle, indent=1)
-            handle.write("\n")
-    os.replace(temporary, path)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8", newline="") as handle:
+            if fmt == "csv":
+                writer = csv.writer(handle)
+                writer.writerow(["id", "key", "shard", "reasons"])
+                for row in rows:
+                    writer.writerow([row["id"], row["key"], row["shard"], ";".join(row["reasons"])])
+            else:
+                json.dump({"count": len(rows), "ids": [row["id"] for row in rows], "items": list(rows)}, handle,
+                          indent=1)
+                handle.write("\n")
+
+    storage.replace_local(path, write)
     return path
 
 

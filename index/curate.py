@@ -66,7 +66,6 @@ import re
 import sys
 import tempfile
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -975,17 +974,6 @@ def _score_table(base: dict, extra: dict) -> Any:
 # -- writing ----------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """``write(temporary path)``, then ``os.replace`` onto ``path``: readers see the old file or the new one."""
-    temporary = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def write_result(result: Result, output: str | os.PathLike) -> Path:
     """Write every table and then ``curation.json`` (the summary, last: its presence means complete)."""
     import pyarrow.parquet as pq
@@ -993,17 +981,17 @@ def write_result(result: Result, output: str | os.PathLike) -> Path:
     directory = Path(output)
     directory.mkdir(parents=True, exist_ok=True)
     for name, table in result.tables.items():
-        _atomic_write(directory / f"{name}.parquet",
-                      lambda temporary, table=table: pq.write_table(table, str(temporary)))
+        storage.replace_local(directory / f"{name}.parquet",
+                      lambda temporary, table=table: pq.write_table(table, temporary))
 
-    def dump(temporary: Path) -> None:
+    def dump(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump(result.summary, handle, indent=2)
             handle.write("\n")
             handle.flush()
             os.fsync(handle.fileno())
 
-    _atomic_write(directory / SUMMARY_FILE, dump)
+    storage.replace_local(directory / SUMMARY_FILE, dump)
     return directory
 
 

@@ -44,21 +44,13 @@ from index.sources import EmbeddingsSource
 from index.store import (commit, commit_set, data_files, member_name, next_generation, read_faiss, read_info,
                          update_info, writer_lock)
 from index.tune import drop_self, exact_neighbours, tune
+from trainer.data import storage
 
 logger = logging.getLogger(__name__)
 
 TRAINED_FILE = "trained.faiss"
 PLAN_FILE = "plan.json"
 
-
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(str(temporary))
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: str | None = None,
@@ -87,11 +79,11 @@ def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: 
     index = devices.train(index, sample, use_gpu)
     output = Path(parts_dir)
     output.mkdir(parents=True, exist_ok=True)
-    _write_atomic(output / TRAINED_FILE, lambda name: faiss.write_index(index, name))
+    storage.replace_local(output / TRAINED_FILE, lambda name: faiss.write_index(index, name))
     plan = {"factory": factory, "family": choice.family, "dim": source.dim, "count": source.count,
             "nlist": choice.nlist, "train_size": count, "train_seconds": round(time.perf_counter() - started, 3),
             "embeddings": source.path, "encoder_fingerprint": source.fingerprint, "describe": source.describe()}
-    _write_atomic(output / PLAN_FILE, lambda name: Path(name).write_text(json.dumps(plan, indent=2) + "\n"))
+    storage.replace_local(output / PLAN_FILE, lambda name: Path(name).write_text(json.dumps(plan, indent=2) + "\n"))
     return plan
 
 
@@ -205,8 +197,8 @@ def write_part(parts_dir: str | os.PathLike, part: int, num_parts: int, index: A
     import pyarrow.parquet as pq
 
     stem = Path(parts_dir) / f"part-{part:05d}-of-{num_parts:05d}"
-    _write_atomic(stem.with_suffix(".parquet"), lambda name: pq.write_table(table, name))
-    _write_atomic(stem.with_suffix(".faiss"), lambda name: faiss.write_index(index, name))
+    storage.replace_local(stem.with_suffix(".parquet"), lambda name: pq.write_table(table, name))
+    storage.replace_local(stem.with_suffix(".faiss"), lambda name: faiss.write_index(index, name))
     return {"part": part, "num_parts": num_parts, "count": int(index.ntotal), "file": str(stem.with_suffix(".faiss"))}
 
 

@@ -116,13 +116,7 @@ def update_info(directory: str | os.PathLike, changes: dict, replace: bool = Fal
     ``changes``); the data files are untouched. Returns the new info."""
     output = Path(directory)
     info = dict(changes) if replace else {**read_info(output), **changes}
-    temporary = output / f".{INFO_FILE}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        _write_json(temporary, info)
-        os.replace(temporary, output / INFO_FILE)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
+    storage.replace_local(output / INFO_FILE, lambda temporary: _write_json(Path(temporary), info))
     return info
 
 

@@ -93,6 +93,22 @@ def test_urls_are_named_without_credentials() -> None:
     assert storage.absolute("s3://b/k") == "s3://b/k" and storage.absolute("x.tar") == os.path.abspath("x.tar")
 
 
+def test_replace_local_writes_whole_and_leaves_nothing_behind_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "index.json"
+    target.write_text("old")
+    storage.replace_local(target, lambda temporary: Path(temporary).write_text("new"))
+    assert target.read_text() == "new"
+
+    def fail_halfway(temporary: str) -> None:
+        Path(temporary).write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        storage.replace_local(target, fail_halfway)
+    assert target.read_text() == "new"  # the old content, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.json"]  # no temporary file left
+
+
 def test_pipe_shards_expand_braces_stream_and_name_a_failing_command(tmp_path: Path) -> None:
     make_shard(tmp_path / "train-000000.tar", count=6, start=0)
     make_shard(tmp_path / "train-000001.tar", count=5, start=6)

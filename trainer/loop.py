@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from trainer.checkpoint import TrainState, checkpoint_slots, latest_checkpoint, save_checkpoint
 from trainer.config import TrainConfig
+from trainer.data import storage
 from trainer.data.batched_augment import device_views_from
 from trainer.data.pipeline import NO_TEXT_HINT, train_batches
 from trainer.data.shards import count_samples, expand_patterns, iter_shard, sample_text
@@ -175,10 +176,12 @@ def trim_metrics(path: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as handle:
         kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
-    staging = path + ".tmp"
-    with open(staging, "w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-    os.replace(staging, path)
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+
+    storage.replace_local(path, write)
 
 
 def train(config: TrainConfig) -> dict:

@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from trainer.data import storage
 from trainer.data.shards import IMAGE_EXTENSIONS, ShardPatternError, decode_image, expand_patterns, iter_shard
 
 log = logging.getLogger("manyview.prepare")
@@ -231,9 +232,12 @@ def write_shards(splits: dict[str, Iterator[Record]], classes: list[str], output
             next_id += 1
         manifest["splits"][split] = writer.close()
     manifest["samples"] = {split: sum(s["samples"] for s in shards) for split, shards in manifest["splits"].items()}
-    with open(os.path.join(output, "manifest.json.tmp"), "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1)
-    os.replace(os.path.join(output, "manifest.json.tmp"), os.path.join(output, "manifest.json"))
+
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=1)
+
+    storage.replace_local(os.path.join(output, "manifest.json"), write)
     return manifest
 
 

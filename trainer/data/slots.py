@@ -17,6 +17,7 @@ import json
 import os
 from typing import Callable
 
+from . import storage
 from .shards import shard_keys
 
 SLOTS_FILE = "sample_slots.json.gz"
@@ -96,10 +97,12 @@ class DenseSlots:
     def save(self, directory: str) -> str:
         """Write the mapping as ``directory/sample_slots.json.gz`` (atomically); returns the path."""
         path = os.path.join(directory, SLOTS_FILE)
-        staging = path + ".tmp"
-        with gzip.open(staging, "wt", encoding="utf-8") as handle:
-            json.dump({"version": 1, "shards": [{"url": url, "keys": keys} for url, keys in self.shards]}, handle)
-        os.replace(staging, path)
+
+        def write(temporary: str) -> None:
+            with gzip.open(temporary, "wt", encoding="utf-8") as handle:
+                json.dump({"version": 1, "shards": [{"url": url, "keys": keys} for url, keys in self.shards]}, handle)
+
+        storage.replace_local(path, write)
         return path
 
     @classmethod

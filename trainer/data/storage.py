@@ -240,6 +240,20 @@ def _temporary(path: str) -> str:
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def replace_local(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """Write the local file ``path`` whole: ``write(temporary)`` fills a uniquely named file beside it, which is then
+    renamed onto ``path``, so readers see the old file or the new one, never a part. The temporary file is removed
+    when ``write`` or the rename fails (the error propagates), so a failed write leaves nothing behind."""
+    text = os.fspath(path)
+    temporary = _temporary(text)
+    try:
+        write(temporary)
+        os.replace(temporary, text)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+
+
 def makedirs(path: str | os.PathLike) -> None:
     """Create a local directory and its parents; nothing to do on object stores (prefixes need no creation)."""
     text = os.fspath(path)
@@ -255,13 +269,7 @@ def _write_whole(text: str, write_local: Callable[[str], None], write_remote: Ca
     if is_pipe(text):
         raise StorageError(f"cannot write to {public(text)}: pipe: paths are for reading")
     if not is_url(text):
-        temporary = _temporary(text)
-        try:
-            write_local(temporary)
-            os.replace(temporary, text)
-        finally:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
+        replace_local(text, write_local)
         return
     fs, inner = filesystem(text)
     try:
@@ -289,14 +297,11 @@ def upload(local_file: str | os.PathLike, path: str | os.PathLike) -> None:
 
 def download(path: str | os.PathLike, local_file: str | os.PathLike) -> None:
     """Copy ``path`` (URL or local) to ``local_file`` through a temporary name."""
-    temporary = _temporary(os.fspath(local_file))
-    try:
+    def copy(temporary: str) -> None:
         with open_read(path) as source, open(temporary, "wb") as target:
             shutil.copyfileobj(source, target, 1 << 22)
-        os.replace(temporary, local_file)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+
+    replace_local(local_file, copy)
 
 
 def remove(path: str | os.PathLike) -> None:
