@@ -308,6 +308,23 @@ def test_ijepa_target_follows_the_linear_momentum_schedule():
     torch.testing.assert_close(next(objective.target_encoder.parameters()), m * before + (1 - m) * online)
 
 
+def test_ijepa_sincos_position_embedding_is_fixed_and_shared_with_the_target():
+    from trainer.models.vit import vit_backbone
+    from trainer.objectives.mae import sincos_2d
+
+    objective = _build("ijepa", position_embedding="sincos")
+    for encoder in (objective.encoder, objective.target_encoder):
+        embedding = vit_backbone(encoder, "ijepa").pos_embed
+        assert not embedding.requires_grad
+        prefix = embedding.shape[1] - 16  # 4 x 4 patches at SIZE
+        torch.testing.assert_close(embedding[0, prefix:], sincos_2d(embedding.shape[-1], 4, 4))
+        assert not embedding[0, :prefix].any()  # zero at the class and register tokens
+    trainable = {id(p) for group in objective.parameter_groups(0.05) for p in group["params"]}
+    assert id(vit_backbone(objective.encoder, "ijepa").pos_embed) not in trainable
+    learned = _build("ijepa")
+    assert learned.encoder.state_dict().keys() == objective.encoder.state_dict().keys()
+
+
 @pytest.mark.parametrize("key", ["ijepa", "capi"])
 def test_a_cnn_is_refused(key):
     with pytest.raises(ValueError, match=rf"{key} needs a ViT backbone \(vit-tiny-cifar, vit-small-cifar, "
@@ -323,6 +340,7 @@ def test_a_cnn_is_refused(key):
     ("ijepa", {"predictor_dim": 30, "predictor_heads": 3}, "predictor_dim must be a multiple"),
     ("ijepa", {"loss": "l1"}, "loss must be one of"),
     ("ijepa", {"momentum": 1.1}, "momentum"),
+    ("ijepa", {"position_embedding": "rope"}, "position_embedding must be one of sincos, learned"),
     ("capi", {"num_clusters": 1}, "num_clusters must be >= 2"),
     ("capi", {"mask_ratio": 1.0}, "mask_ratio"),
     ("capi", {"masking": "block"}, "masking must be one of"),
