@@ -34,8 +34,8 @@ Implementation choices and deviations:
   ``position_embedding: learned`` keeps timm's learnable one). It matters at small scale: on vit-micro-cifar with
   the learnable one the spread of the target features across images falls from 0.83 to 0.22 over 3,000 steps
   while the loss falls to 0.03 (the targets become predictable, apparently from position), and a linear probe
-  gains nothing over random init; with sin-cos the spread stays near 0.6 and the probe gains 3.5 points in
-  1,200 steps (``tests/benchmarks/test_objectives_v_learning.py``).
+  gains nothing over random init; with sin-cos the spread stays near 0.6 and the probe gains 3.0-3.5 points
+  in 1,200 steps (``tests/benchmarks/test_objectives_v_learning.py``).
 * The ViT is timm's, with its class token (the authors' ViT has none); the class token takes part in attention
   but in no loss, and the exported feature is the mean of the (normed) patch tokens (``vit_pool="avg"``), the
   average pooling I-JEPA evaluates with. The predictor's position embeddings are fixed 2-D sin-cos, as the
@@ -229,7 +229,7 @@ class IJEPA(Objective):
             if vit.embed_dim % 4:
                 raise ValueError(f"{self.key}: position_embedding 'sincos' needs a ViT width divisible by 4, got "
                                  f"{vit.embed_dim}")
-            sincos_position_embedding_(vit, self.grid)  # before the copy: the target encoder shares it
+            sincos_position_embedding_(vit, self.grid)  # before the copy: the target encoder gets it too
         # A deep copy draws no random numbers: every process builds the same target encoder.
         self.target_encoder = momentum_copy(self.encoder)
 
