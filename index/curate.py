@@ -982,7 +982,7 @@ def write_result(result: Result, output: str | os.PathLike) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     for name, table in result.tables.items():
         storage.replace_local(directory / f"{name}.parquet",
-                      lambda temporary, table=table: pq.write_table(table, temporary))
+                              lambda temporary, table=table: pq.write_table(table, temporary))
 
     def dump(temporary: str) -> None:
         with open(temporary, "w", encoding="utf-8") as handle:

@@ -52,7 +52,6 @@ TRAINED_FILE = "trained.faiss"
 PLAN_FILE = "plan.json"
 
 
-
 def train(embeddings: str | os.PathLike, parts_dir: str | os.PathLike, factory: str | None = None,
           max_memory: int | None = None, train_size: int | None = None, use_gpu: bool | None = None,
           seed: int = 0) -> dict:
