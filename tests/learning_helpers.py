@@ -32,9 +32,13 @@ def scores_after(shards: Path, run: Path, steps: int, args: list[str], batch_siz
                     zero_shot=zero_shot, num_workers=2)
 
 
-def assert_beats_floor(shards: Path, tmp_path: Path, name: str, steps: int, args: list[str], margin: float) -> None:
-    """Train ``steps`` steps and assert kNN top-1 >= the same command's ``--max-steps 0`` floor + ``margin``."""
-    floor = knn_after(shards, tmp_path / "floor", 0, args)
-    trained = knn_after(shards, tmp_path / "trained", steps, args)
-    print(json.dumps({"objective": name, "steps": steps, "floor_knn_top1": floor, "knn_top1": trained}))
-    assert trained >= floor + margin, f"{name}: kNN {trained:.3f} after {steps} steps vs floor {floor:.3f}"
+def assert_beats_floor(shards: Path, tmp_path: Path, name: str, steps: int, args: list[str], margin: float,
+                       metric: str = "knn_top1") -> None:
+    """Train ``steps`` steps and assert ``metric`` (kNN top-1, or ``linear_top1``: the logistic-regression probe) >=
+    the same command's ``--max-steps 0`` floor + ``margin``."""
+    linear = metric == "linear_top1"
+    floor = scores_after(shards, tmp_path / "floor", 0, args, linear=linear)[metric]
+    trained = scores_after(shards, tmp_path / "trained", steps, args, linear=linear)[metric]
+    print(json.dumps({"objective": name, "steps": steps, f"floor_{metric}": floor, metric: trained}))
+    label = "kNN" if metric == "knn_top1" else metric
+    assert trained >= floor + margin, f"{name}: {label} {trained:.3f} after {steps} steps vs floor {floor:.3f}"

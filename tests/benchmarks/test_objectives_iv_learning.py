@@ -19,8 +19,9 @@ Measured on the 2-core AMD EPYC (no GPU), 2,000 CIFAR-10 images, batch 64, seed 
   variants of msn gave 0.251-0.280 (lr 8e-3; lr 1e-3 or 4e-3 with SimCLR-strength colour jitter; no focal views;
   two random views masked at 30%). The probe does: 1000 steps with the rows' settings give msn linear 0.366
   and pmsn 0.374 against the 0.304 floor (+6.2 and +7.0), none collapsed (the same ``scores_after`` calls
-  outside pytest, about 10 minutes each alone; msn at lr 1e-3 for 600 steps: 0.324, +2.0). lightly's MSN example on the same ViT gives manyview's kNN within 0.3 points after the
-  same 20 steps (RESULTS.md, 2026-12-06 21:11).
+  outside pytest, about 10 minutes each alone; msn at lr 1e-3 for 600 steps: 0.324, +2.0). lightly's MSN
+  example on the same ViT gives manyview's kNN within 0.3 points after the same 20 steps (RESULTS.md,
+  2026-12-06 21:11).
 """
 import json
 
@@ -28,7 +29,7 @@ import pytest
 
 from bench_learning import SETTINGS  # the rows' settings: this file only adds steps (and the overrides below)
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import scores_after
+from learning_helpers import assert_beats_floor
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)]
 
@@ -41,11 +42,7 @@ pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), 
                                                           ["--lr", "3e-3", "--warmup-steps", "20"])])
 def test_longer_run_beats_random_init_floor(cifar_2k_shards, tmp_path, name, steps, metric, overrides):
     _, settings = SETTINGS[name]  # later flags win: the overrides replace the row's values
-    args = ["--objective", name, *settings, *overrides]
-    linear = metric == "linear_top1"
-    floor = scores_after(cifar_2k_shards, tmp_path / "floor", 0, args, linear=linear)[metric]
-    trained = scores_after(cifar_2k_shards, tmp_path / "trained", steps, args, linear=linear)[metric]
-    print(json.dumps({"objective": name, "steps": steps, "metric": metric, "floor": floor, "trained": trained}))
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, ["--objective", name, *settings, *overrides], 0.02,
+                       metric)
     records = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
     assert records and all("embedding_std" in r and r["collapsed"] is False for r in records)
-    assert trained >= floor + 0.02, f"{name}: {metric} {trained:.3f} after {steps} steps vs floor {floor:.3f}"

@@ -44,7 +44,7 @@ import pytest
 
 from bench_learning import SETTINGS  # the rows' settings: this file adds steps and the overrides below
 from conftest import CIFAR_DIR, CIFAR_SKIP_REASON
-from learning_helpers import scores_after
+from learning_helpers import assert_beats_floor
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.skipif(not CIFAR_DIR.exists(), reason=CIFAR_SKIP_REASON)]
 
@@ -60,11 +60,7 @@ CASES = [("capi", 300, "linear_top1", []), ("mae", 1200, "linear_top1", []), ("s
 @pytest.mark.parametrize("name,steps,metric,overrides", CASES)
 def test_longer_run_beats_random_init_floor(cifar_2k_shards, tmp_path, name, steps, metric, overrides):
     _, settings = SETTINGS[name]
-    args = ["--objective", name, *settings, *overrides]
-    linear = metric == "linear_top1"
-    floor = scores_after(cifar_2k_shards, tmp_path / "floor", 0, args, linear=linear)[metric]
-    trained = scores_after(cifar_2k_shards, tmp_path / "trained", steps, args, linear=linear)[metric]
-    print(json.dumps({"objective": name, "steps": steps, "metric": metric, "floor": floor, "trained": trained}))
+    assert_beats_floor(cifar_2k_shards, tmp_path, name, steps, ["--objective", name, *settings, *overrides], 0.02,
+                       metric)
     records = [json.loads(line) for line in (tmp_path / "trained" / "metrics.jsonl").read_text().splitlines()]
     assert records and all(r["collapsed"] is False for r in records)
-    assert trained >= floor + 0.02, f"{name}: {metric} {trained:.3f} after {steps} steps vs floor {floor:.3f}"
